@@ -1,0 +1,137 @@
+"""The base config every `configs/*.py` starts from, and its validation.
+
+Defaults are the Gradient Augmentation paper's code settings where it has
+one (SGD momentum 0.9, lr 1e-2, weight decay 1e-6, lr x0.1 every 50k steps,
+ResNet-18 + LSTM, embeddings of 512, eta 1e-3); GA itself is off here and
+switched on per config or on the command line.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "css_synth"
+  c.data.data_dir = ""          # "" = ~/.cache/irtf_jax/tfds
+  c.data.manual_dir = ""        # the user's copy of a dataset
+  c.data.options = ml_collections.ConfigDict()  # dataset-specific loader options
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "tirg_lastconv"
+  c.model.embed_dim = 512
+  c.model.normalization_scale = 4.0
+  c.model.conv_implementation = "auto"
+  c.model.image_encoder = ml_collections.ConfigDict()
+  c.model.image_encoder.depth = 18
+  c.model.text_encoder = ml_collections.ConfigDict()
+  c.model.text_encoder.word_embed_dim = 512
+  c.model.text_encoder.hidden_dim = 512
+  c.model.text_encoder.dropout = 0.1
+  c.model.text_encoder.max_length = 24
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "batch_classification"
+  c.loss.eta = 1e-3             # similarity matching weight
+
+  c.ga = ml_collections.ConfigDict()
+  c.ga.adversarial = ml_collections.ConfigDict()
+  c.ga.adversarial.epsilon = 0.0   # paper: 1e-6
+  c.ga.adversarial.q = 1.0
+  c.ga.adversarial.wrt = "query_image"
+  c.ga.isotropic = ml_collections.ConfigDict()
+  c.ga.isotropic.gamma = 0.0       # paper: 1e-2
+  c.ga.isotropic.distribution = "gaussian"
+
+  # The regularizers the paper compares GA with.
+  c.baselines = ml_collections.ConfigDict()
+  c.baselines.fgsm_epsilon = 0.0           # FGSM adversarial training
+  c.baselines.gradient_noise_eta = 0.0     # optax.add_noise (Neelakantan et al.)
+  c.baselines.gradient_noise_gamma = 0.55
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-2
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-6
+  c.optimizer.lr_decay_steps = 50_000
+  c.optimizer.lr_decay_factor = 0.1
+
+  c.batch_size = 32
+  c.num_train_steps = 160_000
+  c.log_every = 50
+  c.eval_every = 10_000
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128
+  c.eval.ks = (1, 5, 10, 50, 100)
+  c.eval.max_test_queries = 0      # 0 = all
+  c.eval.max_train_queries = 2000  # train-split recall (Ms) on a sample
+  c.eval.chunk_size = 1024
+  c.eval.whm_alpha = 1.0
+  c.eval.num_qualitative = 6
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.strategy = "jit"
+  c.precision = "float32"
+  return c
+
+
+_CHOICES = {
+    "ga.adversarial.wrt": ("query_image", "text_embedding"),
+    "ga.isotropic.distribution": ("gaussian", "linf", "sphere"),
+    "parallel.strategy": ("jit", "pmap"),
+}
+_NON_NEGATIVE = (
+    "loss.eta", "ga.adversarial.epsilon", "ga.isotropic.gamma",
+    "baselines.fgsm_epsilon", "baselines.gradient_noise_eta",
+    "baselines.gradient_noise_gamma", "optimizer.learning_rate",
+    "optimizer.momentum", "optimizer.weight_decay", "optimizer.lr_decay_factor",
+    "model.text_encoder.dropout",
+)
+_POSITIVE_INTS = (
+    "batch_size", "num_train_steps", "log_every", "eval_every",
+    "checkpoint_every", "optimizer.lr_decay_steps", "eval.batch_size",
+    "eval.chunk_size", "model.embed_dim", "model.text_encoder.max_length",
+)
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises ValueError naming the config field and the allowed values."""
+  for field, allowed in _CHOICES.items():
+    if _get(config, field) not in allowed:
+      raise ValueError(f"config.{field}: unknown {_get(config, field)!r}; "
+                       f"allowed: {', '.join(allowed)}")
+  for field in _NON_NEGATIVE:
+    value = _get(config, field)
+    if not (isinstance(value, (int, float)) and math.isfinite(value)
+            and value >= 0):
+      raise ValueError(f"config.{field}: must be a finite number >= 0, "
+                       f"got {value!r}")
+  for field in _POSITIVE_INTS:
+    value = _get(config, field)
+    if not (isinstance(value, int) and value > 0):
+      raise ValueError(f"config.{field}: must be a positive integer, "
+                       f"got {value!r}")
+  if config.ga.adversarial.q not in (1, 2, math.inf):
+    raise ValueError(f"config.ga.adversarial.q: {config.ga.adversarial.q!r}; "
+                     "allowed: 1, 2, inf")
+  if config.batch_size % num_devices:
+    raise ValueError(f"config.batch_size: {config.batch_size} is not divisible "
+                     f"by the {num_devices} devices; use a multiple of "
+                     f"{num_devices}")
+  if config.eval.whm_alpha < 0:
+    raise ValueError("config.eval.whm_alpha: must be >= 0")

@@ -1,0 +1,113 @@
+"""Text side: TIRG's word vocabulary and LSTM text encoder.
+
+The vocabulary lives on the host (strings never reach the device); the
+encoder sees int32 token ids padded to a fixed length plus the true lengths,
+so every batch has one shape and the train step compiles once.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Iterable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+PAD_ID = 0
+UNKNOWN_ID = 1
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def tokenize(text: str) -> list[str]:
+  """TIRG's tokenizer: ASCII only, lower case, punctuation removed, split on spaces."""
+  text = text.encode("ascii", "ignore").decode("ascii")
+  return text.lower().translate(_PUNCTUATION).split()
+
+
+class Vocabulary:
+  """Word -> id map built from training texts; id 0 pads, id 1 is unknown."""
+
+  def __init__(self, words: Sequence[str]):
+    self.words = list(words)
+    self._ids = {w: i + 2 for i, w in enumerate(self.words)}
+
+  @classmethod
+  def build(cls, texts: Iterable[str]) -> "Vocabulary":
+    """The sorted set of words of `texts` (sorted: the ids do not depend on order)."""
+    return cls(sorted({w for t in texts for w in tokenize(t)}))
+
+  def __len__(self) -> int:
+    """Number of ids, padding and unknown included (the embedding table size)."""
+    return len(self.words) + 2
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Vocabulary) and self.words == other.words
+
+  def encode(self, texts: Sequence[str], max_length: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (token ids (B, max_length) int32, lengths (B,) int32).
+
+    Texts longer than `max_length` words are truncated; an empty text becomes
+    one unknown token, so every sequence has a last valid step.
+    """
+    tokens = np.full((len(texts), max_length), PAD_ID, np.int32)
+    lengths = np.zeros((len(texts),), np.int32)
+    for row, text in enumerate(texts):
+      ids = [self._ids.get(w, UNKNOWN_ID) for w in tokenize(text)][:max_length]
+      ids = ids or [UNKNOWN_ID]
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    return tokens, lengths
+
+  def to_json(self) -> str:
+    return json.dumps({"words": self.words})
+
+  @classmethod
+  def from_json(cls, text: str) -> "Vocabulary":
+    return cls(json.loads(text)["words"])
+
+
+class LSTMTextEncoder(nn.Module):
+  """TIRG's text model: word embedding, one-layer LSTM, last valid output,
+  dropout, linear.
+
+  Attributes:
+    vocab_size: embedding table size (`len(Vocabulary)`).
+    word_embed_dim: word embedding size (512 in TIRG).
+    hidden_dim: LSTM size (512 in TIRG).
+    output_dim: text feature size (the embedding size).
+    dropout_rate: dropout before the output layer (0.1 in TIRG).
+  """
+  vocab_size: int
+  word_embed_dim: int = 512
+  hidden_dim: int = 512
+  output_dim: int = 512
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, tokens, lengths, *, train: bool,
+               embedding_perturbation=None):
+    """Encodes texts.
+
+    Args:
+      tokens: (B, T) int32 ids.
+      lengths: (B,) number of valid tokens (>= 1).
+      train: dropout on/off.
+      embedding_perturbation: optional (B, T, word_embed_dim) added to the word
+        embeddings: the input the adversarial penalty differentiates when it
+        perturbs the text side.
+
+    Returns:
+      (B, output_dim) text features.
+    """
+    x = nn.Embed(self.vocab_size, self.word_embed_dim, name="embedding")(tokens)
+    if embedding_perturbation is not None:
+      x = x + embedding_perturbation
+    outputs = nn.RNN(nn.OptimizedLSTMCell(self.hidden_dim), name="lstm")(
+        x, seq_lengths=lengths)
+    last = jnp.take_along_axis(
+        outputs, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    last = nn.Dropout(self.dropout_rate, deterministic=not train)(last)
+    return nn.Dense(self.output_dim, name="output")(last)

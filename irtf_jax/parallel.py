@@ -1,0 +1,103 @@
+"""Data parallelism over every device, one host or many.
+
+Two strategies run the same per-example computation:
+
+- "jit" (default): a 1-D ("data",) mesh over all devices; the batch is sharded
+  on its leading axis, the train state replicated; the step is written in the
+  global view (BatchNorm statistics and in-batch negatives cover the global
+  batch without any collective in user code).
+- "pmap": the step runs per device under `jax.pmap(axis_name="data")`; losses
+  all-gather targets and BatchNorm averages statistics over the axis, and
+  gradients are `lax.pmean`ed, so both strategies compute the same numbers.
+
+Multi-host: call `jax.distributed.initialize()` before anything else (main.py
+does when asked); each process then feeds its own slice of the global batch
+and `jax.make_array_from_process_local_data` assembles the global array.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+class DataParallel:
+  """Placement and compilation for one strategy ("jit" or "pmap")."""
+
+  def __init__(self, strategy: str = "jit", devices=None):
+    if strategy not in ("jit", "pmap"):
+      raise ValueError(f"config.parallel.strategy: unknown {strategy!r}; "
+                       "allowed: jit, pmap")
+    self.strategy = strategy
+    self.devices = list(devices if devices is not None else jax.devices())
+    self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @property
+  def axis_name(self) -> str | None:
+    """The mapped axis the per-device code reduces over (pmap only)."""
+    return AXIS if self.strategy == "pmap" else None
+
+  def _global_array(self, local: np.ndarray, sharding) -> jax.Array:
+    if jax.process_count() == 1:
+      return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+  def shard_batch(self, local_batch: Any) -> Any:
+    """This process's slice of the batch -> global batch arrays on devices.
+
+    Under "pmap" the leading axis is split into (devices, per-device batch).
+    """
+    if self.strategy == "jit":
+      return jax.tree.map(
+          lambda x: self._global_array(np.asarray(x), self.batch_sharding),
+          local_batch)
+    def split(x):
+      x = np.asarray(x)
+      x = x.reshape((self.num_devices, x.shape[0] // self.num_devices)
+                    + x.shape[1:])
+      return self._global_array(x, self.batch_sharding)
+    return jax.tree.map(split, local_batch)
+
+  def replicate(self, tree: Any) -> Any:
+    """Host or device pytree -> the placement the compiled step expects."""
+    if self.strategy == "jit":
+      return jax.device_put(tree, self.replicated)
+    return jax.tree.map(
+        lambda x: jax.device_put(
+            jnp.broadcast_to(x, (self.num_devices,) + jnp.shape(x)),
+            self.batch_sharding), tree)
+
+  def unreplicate(self, tree: Any) -> Any:
+    """The compiled step's state -> one host copy (numpy)."""
+    if self.strategy == "pmap":
+      tree = jax.tree.map(lambda x: x[0], tree)
+    return jax.device_get(tree)
+
+  def compile_step(self, step: Callable) -> Callable:
+    """step(state, batch, rng) -> (state, metrics), compiled and placed.
+
+    The state argument is donated: its buffers are reused for the new state.
+    """
+    if self.strategy == "jit":
+      return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding,
+                                         self.replicated),
+                     out_shardings=(self.replicated, self.replicated),
+                     donate_argnums=(0,))
+    pmapped = jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+    def run(state, batch, rng):
+      rngs = self.replicate(rng)
+      new_state, metrics = pmapped(state, batch, rngs)
+      return new_state, jax.tree.map(lambda x: x[0], metrics)
+    return run
