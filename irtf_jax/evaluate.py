@@ -174,3 +174,112 @@ def recall_from_neighbours(indices, query_target_ids, gallery_ids,
   # A query hits at K iff its first hit lies within the first K neighbours.
   first_hit = np.where(hits.any(axis=1), np.argmax(hits, axis=1), num_neighbours)
   return {k: float(np.mean(first_hit < k)) for k in ks}
+
+
+# ---------------------------------------------------------------------------
+# Evaluating a model on a dataset split.
+
+
+def _batches(n: int, batch_size: int):
+  for start in range(0, n, batch_size):
+    yield np.arange(start, min(start + batch_size, n))
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  if x.shape[0] == rows:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
+
+
+class FeatureExtractor:
+  """Query and gallery features of a model, batch by batch, data-parallel.
+
+  Batches are padded to one shape (so each function compiles once), sharded
+  over the devices, and the features stay on device until ranking.
+  """
+
+  def __init__(self, model, parallel, batch_size: int):
+    if batch_size % parallel.num_devices:
+      raise ValueError(f"config.eval.batch_size: {batch_size} is not divisible "
+                       f"by the {parallel.num_devices} devices")
+    self.parallel = parallel
+    self.batch_size = batch_size
+    from irtf_jax.train_step import normalize_images  # pylint: disable=g-import-not-at-top
+    replicated, sharded = parallel.replicated, parallel.batch_sharding
+
+    def embed_target(variables, images):
+      return model.apply(variables, normalize_images(images), train=False,
+                         method=model.embed_target)
+
+    def embed_query(variables, images, tokens, lengths):
+      return model.apply(variables, normalize_images(images), tokens, lengths,
+                         train=False, method=model.embed_query)
+
+    self._embed_target = jax.jit(
+        embed_target, in_shardings=(replicated, sharded),
+        out_shardings=sharded)
+    self._embed_query = jax.jit(
+        embed_query, in_shardings=(replicated, sharded, sharded, sharded),
+        out_shardings=sharded)
+
+  def _run(self, fn, variables, n, make_inputs):
+    chunks = []
+    for rows in _batches(n, self.batch_size):
+      inputs = [_pad_rows(x, self.batch_size) for x in make_inputs(rows)]
+      inputs = [jax.device_put(x, self.parallel.batch_sharding)
+                for x in inputs]
+      chunks.append(fn(variables, *inputs)[:len(rows)])
+    return jnp.concatenate(chunks)
+
+  def gallery(self, variables, split, indices: np.ndarray) -> jax.Array:
+    return self._run(self._embed_target, variables, len(indices),
+                     lambda rows: [split.images(indices[rows])])
+
+  def queries(self, variables, split, queries, vocab, max_length: int
+              ) -> jax.Array:
+    def make_inputs(rows):
+      chosen = [queries[i] for i in rows]
+      tokens, lengths = vocab.encode([q.text for q in chosen], max_length)
+      images = split.images(np.asarray([q.source_index for q in chosen]))
+      return [images, tokens, lengths]
+    return self._run(self._embed_query, variables, len(queries), make_inputs)
+
+
+def caption_ids(captions: Sequence[str], vocabulary: dict) -> np.ndarray:
+  """Captions -> integer ids, growing `vocabulary` (caption -> id) as needed."""
+  return np.asarray([vocabulary.setdefault(c, len(vocabulary))
+                     for c in captions], np.int64)
+
+
+def evaluate_split(extractor: FeatureExtractor, variables, split, queries,
+                   vocab, *, max_length: int, ks: Sequence[int],
+                   chunk_size: int = 1024) -> tuple[dict[str, float], np.ndarray]:
+  """Recall@K of `queries` against `split.gallery` (TIRG's protocol).
+
+  Returns:
+    ({"recall@K": r, "<view>/recall@K": r, ...}, top-k gallery image indices
+    of every query (Q, max(ks))), recall in [0, 1].
+  """
+  gallery = np.asarray(split.gallery)
+  position = {int(image): pos for pos, image in enumerate(gallery)}
+  exclude = np.asarray([position.get(q.source_index, -1) for q in queries],
+                       np.int64)
+  gallery_features = extractor.gallery(variables, split, gallery)
+  query_features = extractor.queries(variables, split, queries, vocab,
+                                     max_length)
+  k = min(max(ks), len(gallery))
+  ks = tuple(x for x in ks if x <= k)
+  _, neighbours = top_k_neighbours(query_features, gallery_features, k,
+                                   exclude=exclude, chunk_size=chunk_size)
+  gallery_captions = [split.captions[i] for i in gallery]
+  target_captions = [q.target_caption for q in queries]
+  results = {}
+  views = {"": lambda caption: caption, **dict(split.caption_views)}
+  for view, label_of in views.items():
+    ids: dict = {}
+    gallery_ids = caption_ids([label_of(c) for c in gallery_captions], ids)
+    target_ids = caption_ids([label_of(c) for c in target_captions], ids)
+    recall = recall_from_neighbours(neighbours, target_ids, gallery_ids, ks)
+    prefix = f"{view}/" if view else ""
+    results.update({f"{prefix}recall@{kk}": v for kk, v in recall.items()})
+  return results, gallery[np.maximum(neighbours, 0)]

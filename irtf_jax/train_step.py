@@ -161,7 +161,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     noise_norm = isotropic_noise_norm(opt_state)
     if noise_norm is not None:
       metrics["isotropic_noise_norm"] = noise_norm
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from irtf_jax.models.layers import Conv
 
-_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+# Depth 10 (one block per stage) is a small variant for tests and quick runs.
+_STAGES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 _WIDTHS = (64, 128, 256, 512)
 
 
@@ -46,10 +47,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet-18/34 trunk (He et al., CVPR 2016) as torchvision builds it.
+  """ResNet-10/18/34 trunk (He et al., CVPR 2016) as torchvision builds it.
 
   Attributes:
-    depth: 18 or 34.
+    depth: 10, 18 or 34.
     conv_implementation: see `irtf_jax.models.layers.Conv`.
     bn_axis_name: mapped axis over which BatchNorm averages statistics
       (set under pmap so statistics cover the global batch).

@@ -1,0 +1,42 @@
+r"""TIRG-LastConv on the built-in css_synth dataset (no download).
+
+  python -m irtf_jax.main --config=configs/css_synth.py --workdir=runs/css_synth
+  python -m irtf_jax.main --config=configs/css_synth.py:smoke --workdir=/tmp/x
+
+The default is sized to train on a 2-core CPU in minutes; the argument
+`smoke` is a tiny dataset and a handful of steps through the full code path.
+"""
+
+from irtf_jax.config_base import base_config
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  config.data.name = "css_synth"
+  config.model.name = "tirg_lastconv"
+  config.batch_size = 32
+  config.num_train_steps = 1000
+  config.optimizer.lr_decay_steps = 800
+  config.log_every = 20
+  config.eval_every = 1000
+  config.checkpoint_every = 500
+  config.eval.max_test_queries = 4000
+  config.eval.max_train_queries = 2000
+  if arg == "smoke":
+    config.data.options.num_train_scenes = 200
+    config.data.options.num_test_scenes = 100
+    config.model.embed_dim = 64
+    config.model.text_encoder.word_embed_dim = 32
+    config.model.text_encoder.hidden_dim = 32
+    config.batch_size = 16
+    config.num_train_steps = 6
+    config.log_every = 2
+    config.eval_every = 6
+    config.checkpoint_every = 3
+    config.eval.batch_size = 64
+    config.eval.max_test_queries = 200
+    config.eval.max_train_queries = 200
+  elif arg:
+    raise ValueError(f"configs/css_synth.py: unknown argument {arg!r}; "
+                     "allowed: '' or 'smoke'")
+  return config

@@ -1,0 +1,38 @@
+"""Small builders shared by tests: tiny configs, models and random batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from irtf_jax.config_base import base_config
+
+
+def tiny_config(**overrides):
+  """A base config with a small model (fast to compile and run on CPU)."""
+  config = base_config()
+  config.model.name = "tirg"
+  config.model.embed_dim = 32
+  config.model.image_encoder.depth = 10
+  config.model.text_encoder.word_embed_dim = 16
+  config.model.text_encoder.hidden_dim = 16
+  config.model.text_encoder.max_length = 6
+  config.batch_size = 8
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def random_batch(seed: int, batch_size: int, image_size: int = 32,
+                 max_length: int = 6, vocab_size: int = 12) -> dict:
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, max_length + 1, batch_size).astype(np.int32)
+  tokens = rng.integers(2, vocab_size, (batch_size, max_length)).astype(np.int32)
+  tokens[np.arange(max_length)[None, :] >= lengths[:, None]] = 0
+  shape = (batch_size, image_size, image_size, 3)
+  return {"query_image": rng.integers(0, 256, shape, dtype=np.uint8),
+          "target_image": rng.integers(0, 256, shape, dtype=np.uint8),
+          "tokens": tokens, "lengths": lengths}
