@@ -164,10 +164,10 @@ def recall_at_k(scores, query_target_ids, gallery_ids, ks: Sequence[int] = (1, 5
   num_queries, gallery_size = scores.shape
   if num_queries == 0:
     raise ValueError("scores has no rows: recall needs at least one query.")
-  ks = check_ks(ks, gallery_size)
   query_target_ids, gallery_ids = check_labels(query_target_ids, gallery_ids, num_queries,
                                                gallery_size)
   exclude = check_exclude(exclude, num_queries, gallery_size)
+  ks = check_ks(ks, gallery_size)
   block = max(1, _BLOCK_ENTRIES // max(gallery_size, 1))
   ranks = np.empty((num_queries,), np.int64)
   for start in range(0, num_queries, block):
