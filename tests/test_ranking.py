@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+import pathlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,3 +130,19 @@ def test_recall_from_neighbours_by_hand():
 def test_bad_input_is_rejected(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_ranking_benchmark_runs_and_agrees(tmp_path, capsys, monkeypatch):
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  ranking = importlib.import_module("ranking")
+  json_out = tmp_path / "ranking.json"
+  status = ranking.main(["--queries=40", "--gallery=150", "--dim=8", "--naive-queries=15",
+                         "--repeats=1", "--chunk-size=16", f"--json-out={json_out}"])
+  printed = json.loads(capsys.readouterr().out)
+  assert status == 0 and printed == json.loads(json_out.read_text())
+  assert printed["recalls_identical"] and printed["naive"]["extrapolated"]
+  assert printed["project"]["recall_on_naive_queries"] == printed["naive"]["recall"]
+  assert sorted(printed["project"]["recall"], key=int) == ["1", "5", "10", "50", "100"]
+  assert printed["queries"] == 40 and printed["gallery"] == 150
+  for method in ("project", "naive"):
+    assert printed[method]["seconds"] > 0 and printed[method]["peak_rss_mb"] > 0
