@@ -22,7 +22,8 @@ for K in {1, 5, 10, 50, 100}.
 
 Each method runs in its own spawned process, whose peak resident memory
 (`resource.getrusage`) is reported; it includes the interpreter, the imported
-libraries and the generated inputs. The recalls of both methods over the
+libraries and the generated inputs, whose share is the peak before ranking
+("peak_rss_mb_before_ranking"). The recalls of both methods over the
 queries the naive method ranked must be identical, else the script exits 1.
 JSON goes to stdout and to --json-out.
 """
@@ -83,6 +84,7 @@ def run_project(problem_args: dict, chunk_size: int, subset: int, repeats: int) 
   from irtf_jax import evaluate  # pylint: disable=import-outside-toplevel
 
   problem = make_problem(**problem_args)
+  inputs_peak_rss_mb = peak_rss_mb()
 
   def rank():
     _, indices = evaluate.top_k_neighbours(problem["query_features"], problem["gallery_features"],
@@ -104,7 +106,7 @@ def run_project(problem_args: dict, chunk_size: int, subset: int, repeats: int) 
       indices[:subset], problem["query_target_ids"][:subset], problem["gallery_ids"], KS)
   device = jax.devices()[0]
   return dict(seconds=seconds, first_call_seconds=first_call_seconds, peak_rss_mb=peak_rss_mb(),
-              chunk_size=chunk_size, recall={str(k): v for k, v in recall.items()},
+              peak_rss_mb_before_ranking=inputs_peak_rss_mb, chunk_size=chunk_size, recall={str(k): v for k, v in recall.items()},
               recall_on_naive_queries={str(k): v for k, v in subset_recall.items()},
               device=f"{device.platform}: {device.device_kind}, {os.cpu_count()} host CPU cores")
 
@@ -132,6 +134,7 @@ def naive_recall(queries, gallery_features, sources, targets, gallery_ids):
 def run_naive(problem_args: dict, subset: int, repeats: int) -> dict:
   """Child process: TIRG's evaluation on the first `subset` queries, fastest of `repeats` runs."""
   problem = make_problem(**problem_args)
+  inputs_peak_rss_mb = peak_rss_mb()
   runs = [naive_recall(problem["query_features"][:subset], problem["gallery_features"],
                        problem["source_index"][:subset], problem["query_target_ids"][:subset],
                        problem["gallery_ids"]) for _ in range(repeats)]
@@ -139,7 +142,8 @@ def run_naive(problem_args: dict, subset: int, repeats: int) -> dict:
   return dict(measured_seconds=similarity_seconds + ranking_seconds,
               measured_similarity_seconds=similarity_seconds,
               measured_argsort_seconds=ranking_seconds, measured_queries=subset,
-              peak_rss_mb=peak_rss_mb(), recall=recall)
+              peak_rss_mb=peak_rss_mb(), peak_rss_mb_before_ranking=inputs_peak_rss_mb,
+              recall=recall)
 
 
 def in_child(function, *args) -> dict:
@@ -182,8 +186,9 @@ def main(argv=None) -> int:
   naive["similarity_matrix_mb_at_full_size"] = args.queries * args.gallery * 4 / 2**20
   identical = project["recall_on_naive_queries"] == naive["recall"]
   result = dict(
-      project={key: project[key] for key in ("seconds", "first_call_seconds", "peak_rss_mb",
-                                             "chunk_size", "recall", "recall_on_naive_queries")},
+      project={key: project[key] for key in (
+          "seconds", "first_call_seconds", "peak_rss_mb", "peak_rss_mb_before_ranking",
+          "chunk_size", "recall", "recall_on_naive_queries")},
       naive=naive,
       speedup=naive["seconds"] / project["seconds"],
       recalls_identical=identical,
