@@ -106,7 +106,8 @@ def run_project(problem_args: dict, chunk_size: int, subset: int, repeats: int) 
       indices[:subset], problem["query_target_ids"][:subset], problem["gallery_ids"], KS)
   device = jax.devices()[0]
   return dict(seconds=seconds, first_call_seconds=first_call_seconds, peak_rss_mb=peak_rss_mb(),
-              peak_rss_mb_before_ranking=inputs_peak_rss_mb, chunk_size=chunk_size, recall={str(k): v for k, v in recall.items()},
+              peak_rss_mb_before_ranking=inputs_peak_rss_mb, chunk_size=chunk_size,
+              recall={str(k): v for k, v in recall.items()},
               recall_on_naive_queries={str(k): v for k, v in subset_recall.items()},
               device=f"{device.platform}: {device.device_kind}, {os.cpu_count()} host CPU cores")
 
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
   parser.add_argument("--json-out", type=str, default="", help="also write the JSON here")
   args = parser.parse_args(argv)
   if args.gallery < NAIVE_NEIGHBOURS or args.queries < 1 or args.repeats < 1:
-    parser.error(f"--gallery must be at least {NAIVE_NEIGHBOURS}, --queries and --repeats at least 1")
+    parser.error(f"--gallery must be at least {NAIVE_NEIGHBOURS}, --queries and --repeats "
+                 f"at least 1")
   captions = args.captions or max(1, args.gallery // 4)
   problem_args = dict(queries=args.queries, gallery=args.gallery, dim=args.dim, captions=captions,
                       noise=args.noise, seed=args.seed)

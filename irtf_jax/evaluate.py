@@ -93,7 +93,8 @@ def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chu
     raise ValueError(f"query_features have D={dim} but gallery_features D={gallery_dim}: "
                      f"both must come from the same embedding.")
   (k,) = metrics.check_ks((k,), gallery_size)
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1):
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (queries per chunk).")
   exclude = metrics.check_exclude(exclude, num_queries, gallery_size).astype(np.int32)
   if num_queries == 0:

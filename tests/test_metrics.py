@@ -19,7 +19,7 @@ def brute_force_recall(scores, query_target_ids, gallery_ids, ks, exclude):
     ranked = sorted((j for j in range(gallery_size) if j != exclude[i]),
                     key=lambda j: (-scores[i][j], j))
     for k in ks:
-      if any(int(gallery_ids[j]) == int(query_target_ids[i]) for j in ranked[:k]):
+      if any(gallery_ids[j] == query_target_ids[i] for j in ranked[:k]):
         hits_at[k] += 1
   return {k: hits_at[k] / num_queries for k in ks}
 
@@ -170,3 +170,20 @@ def test_whm_broadcasts_arrays():
 def test_whm_rejects_bad_input(ms, mt, alpha, message):
   with pytest.raises(ValueError, match=message):
     metrics.weighted_harmonic_mean(ms, mt, alpha)
+
+
+def test_caption_ids_preserve_caption_equality():
+  rng = np.random.default_rng(5)
+  words = ["red cube", "blue cube", "red sphere", "wet dog", "dry dog"]
+  gallery_captions = [words[i] for i in rng.integers(0, 4, size=26)]
+  target_captions = [words[i] for i in rng.integers(0, 5, size=15)]  # "dry dog" never in gallery
+  gallery_ids, target_ids = metrics.caption_ids(gallery_captions, target_captions)
+  for i, target in enumerate(target_captions):
+    for j, caption in enumerate(gallery_captions):
+      assert (target_ids[i] == gallery_ids[j]) == (target == caption)
+  assert (target_ids[[t == "dry dog" for t in target_captions]] == -1).all()
+  scores = rng.standard_normal((15, 26))
+  exclude = rng.integers(-1, 26, size=15)
+  expected = brute_force_recall(scores, target_captions, gallery_captions, (1, 5, 26), exclude)
+  recall = metrics.recall_at_k(scores, target_ids, gallery_ids, (1, 5, 26), exclude=exclude)
+  assert recall == expected

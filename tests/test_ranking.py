@@ -69,7 +69,8 @@ def test_recall_from_neighbours_matches_recall_at_k(chunk_size, features):
   rng = np.random.default_rng(3)
   num_queries, gallery_size, dim = 36, 40, 5
   if features == "integer":
-    queries, gallery = integer_features(rng, num_queries, dim), integer_features(rng, gallery_size, dim)
+    queries = integer_features(rng, num_queries, dim)
+    gallery = integer_features(rng, gallery_size, dim)
   else:
     queries = rng.standard_normal((num_queries, dim)).astype(np.float32)
     gallery = rng.standard_normal((gallery_size, dim)).astype(np.float32)
@@ -106,7 +107,8 @@ def test_recall_from_neighbours_by_hand():
   indices = np.array([[2, 0, -1], [1, 2, 0]])
   gallery_ids = np.array([5, 6, 5])
   # Query 0 (target 5): neighbour 2 is a hit at K=1. Query 1 (target 5): first hit at slot 1.
-  assert evaluate.recall_from_neighbours(indices, [5, 5], gallery_ids, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+  recall = evaluate.recall_from_neighbours(indices, [5, 5], gallery_ids, ks=(1, 2))
+  assert recall == {1: 0.5, 2: 1.0}
   # An empty slot (-1) is never a hit, whatever gallery_ids[-1] is.
   assert evaluate.recall_from_neighbours(indices[:1, 2:], [5], gallery_ids, ks=(1,)) == {1: 0.0}
 
