@@ -31,8 +31,8 @@ def _top_k_chunk(query_chunk: jax.Array, gallery_features: jax.Array, exclude_ch
   """Top-k gallery columns of one chunk of queries.
 
   Args:
-    query_chunk: (C, D) query features.
-    gallery_features: (N, D) gallery features.
+    query_chunk: (C, D) float32 query features.
+    gallery_features: (N, D) float32 gallery features.
     exclude_chunk: (C,) int32 column removed from each query's ranking, -1 for none.
     k: number of neighbours.
     precision: matmul precision of the scores.
@@ -41,8 +41,7 @@ def _top_k_chunk(query_chunk: jax.Array, gallery_features: jax.Array, exclude_ch
     scores (C, k) float32, descending, and indices (C, k) int32; a slot that
     could only be filled by the excluded column (k > N - 1) has index -1.
   """
-  scores = jnp.dot(query_chunk, gallery_features.T, precision=precision,
-                   preferred_element_type=jnp.float32)
+  scores = jnp.dot(query_chunk, gallery_features.T, precision=precision)
   columns = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
   is_excluded = columns == exclude_chunk[:, None]
   scores = jnp.where(is_excluded, -jnp.inf, scores)
@@ -82,8 +81,9 @@ def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chu
     ValueError: on mismatched shapes, k outside [1, N], a non-positive
       `chunk_size` or bad `exclude` entries.
   """
-  query_features = jnp.asarray(query_features)
-  gallery_features = jnp.asarray(gallery_features)
+  # Scores are float32 whatever the feature dtype (a no-op for float32 features).
+  query_features = jnp.asarray(query_features, jnp.float32)
+  gallery_features = jnp.asarray(gallery_features, jnp.float32)
   if query_features.ndim != 2 or gallery_features.ndim != 2:
     raise ValueError(f"query_features {query_features.shape} and gallery_features "
                      f"{gallery_features.shape} must be (Q, D) and (N, D) matrices.")
@@ -93,7 +93,8 @@ def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chu
     raise ValueError(f"query_features have D={dim} but gallery_features D={gallery_dim}: "
                      f"both must come from the same embedding.")
   (k,) = metrics.check_ks((k,), gallery_size)
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1):
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (queries per chunk).")
   exclude = metrics.check_exclude(exclude, num_queries, gallery_size).astype(np.int32)
   if num_queries == 0:

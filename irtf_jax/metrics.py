@@ -46,7 +46,8 @@ def check_ks(ks: Iterable[int], gallery_size: int) -> tuple[int, ...]:
       raise ValueError(f"ks contains {k!r}: every cut-off K must be a positive integer.")
     if not 1 <= k <= gallery_size:
       raise ValueError(f"ks contains K={k} but the gallery has N={gallery_size} images: "
-                       f"every K must lie in [1, {gallery_size}]; drop K={k} or enlarge the gallery.")
+                       f"every K must lie in [1, {gallery_size}]; drop K={k} or enlarge the "
+                       f"gallery.")
   return tuple(int(k) for k in ks)
 
 
@@ -73,7 +74,8 @@ def check_exclude(exclude, num_queries: int, gallery_size: int) -> np.ndarray:
     raise ValueError(f"exclude has shape {exclude.shape} but there are Q={num_queries} queries: "
                      f"pass one gallery column per query, shape ({num_queries},), -1 for none.")
   if exclude.size and not np.issubdtype(exclude.dtype, np.integer):
-    raise ValueError(f"exclude has dtype {exclude.dtype}: pass integer gallery columns (-1 for none).")
+    raise ValueError(f"exclude has dtype {exclude.dtype}: pass integer gallery columns "
+                     f"(-1 for none).")
   bad = np.flatnonzero((exclude < -1) | (exclude >= gallery_size))
   if bad.size:
     i = int(bad[0])
@@ -98,6 +100,29 @@ def check_labels(query_target_ids, gallery_ids, num_queries: int,
     raise ValueError(f"gallery_ids has shape {gallery_ids.shape} but the gallery has "
                      f"N={gallery_size} images: pass one caption id per gallery image.")
   return query_target_ids, gallery_ids
+
+
+def caption_ids(gallery_captions: Sequence, target_captions: Sequence
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Integer labels for recall from caption strings (or any hashable labels).
+
+  Equal captions get equal ids, so `gallery_ids[j] == target_ids[i]` holds
+  exactly when the captions are equal. A target caption absent from the
+  gallery gets -1, which matches no gallery image.
+
+  Args:
+    gallery_captions: one caption per gallery image (N).
+    target_captions: one target caption per query (Q).
+
+  Returns:
+    `(gallery_ids, target_ids)`, int64 arrays of shapes (N,) and (Q,).
+  """
+  ids = {caption: i for i, caption in enumerate(dict.fromkeys(gallery_captions))}
+  gallery_ids = np.fromiter((ids[caption] for caption in gallery_captions), np.int64,
+                            count=len(gallery_captions))
+  target_ids = np.fromiter((ids.get(caption, -1) for caption in target_captions), np.int64,
+                           count=len(target_captions))
+  return gallery_ids, target_ids
 
 
 def _first_hit_ranks(scores: np.ndarray, hits: np.ndarray, exclude: np.ndarray) -> np.ndarray:
@@ -160,14 +185,15 @@ def recall_at_k(scores, query_target_ids, gallery_ids, ks: Sequence[int] = (1, 5
   """
   scores = np.asarray(scores)
   if scores.ndim != 2:
-    raise ValueError(f"scores has shape {scores.shape}: pass a (Q, N) matrix of query-by-gallery scores.")
+    raise ValueError(f"scores has shape {scores.shape}: pass a (Q, N) matrix of "
+                     f"query-by-gallery scores.")
   num_queries, gallery_size = scores.shape
   if num_queries == 0:
     raise ValueError("scores has no rows: recall needs at least one query.")
-  ks = check_ks(ks, gallery_size)
   query_target_ids, gallery_ids = check_labels(query_target_ids, gallery_ids, num_queries,
                                                gallery_size)
   exclude = check_exclude(exclude, num_queries, gallery_size)
+  ks = check_ks(ks, gallery_size)
   block = max(1, _BLOCK_ENTRIES // max(gallery_size, 1))
   ranks = np.empty((num_queries,), np.int64)
   for start in range(0, num_queries, block):
@@ -232,7 +258,8 @@ def weighted_harmonic_mean(ms, mt, alpha):
       raise ValueError(f"{name}={value} must be a non-negative recall (a fraction in [0, 1] or "
                        f"a percentage; both recalls in the same unit).")
   if not np.isfinite(alpha_array).all() or (alpha_array < 0).any():
-    raise ValueError(f"alpha={alpha} must be a finite weight >= 0 (0 gives Mt, 1 the harmonic mean).")
+    raise ValueError(f"alpha={alpha} must be a finite weight >= 0 (0 gives Mt, 1 the "
+                     f"harmonic mean).")
   numerator = (1.0 + alpha_array) * ms_array * mt_array
   denominator = alpha_array * mt_array + ms_array
   with np.errstate(divide="ignore", invalid="ignore"):
