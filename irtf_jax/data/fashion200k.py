@@ -196,9 +196,11 @@ class Fashion200k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     splits = {split: read_labels(root, split) for split in ("train", "test")}
     self.info.metadata["test_queries"] = read_test_queries(
         root, {relative for relative, _ in splits["test"]})
-    return {split: image_files.generate_image_examples(self, root, split,
-                                                       entries)
+    return {split: self._generate_examples(root, split, entries)
             for split, entries in splits.items()}
+
+  def _generate_examples(self, root, split, entries):
+    return image_files.generate_image_examples(self, root, split, entries)
 
 
 class Fashion200kSplit(image_files.ImageFileSplit):

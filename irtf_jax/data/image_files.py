@@ -249,8 +249,11 @@ def prepare_with_metadata(builder_cls, *, data_dir: str | None,
                           on_bad_image: str
                           ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
   """Prepares `builder_cls` once; returns (split -> data source, metadata)."""
-  config = StorageConfig(short_side=stored_short_side(image_size),
-                         on_bad_image=on_bad_image)
+  short_side = stored_short_side(image_size)
+  # TFDS wants the class's own object for a config the class lists.
+  config = (builder_cls.builder_configs.get(
+      storage_config_name(short_side, on_bad_image)) or
+            StorageConfig(short_side=short_side, on_bad_image=on_bad_image))
   sources = prepare(builder_cls, data_dir=data_dir, manual_dir=manual_dir,
                     config=config)
   builder = builder_cls(data_dir=data_dir or default_data_dir(), config=config)

@@ -145,9 +145,11 @@ class MitStates(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     root = image_files.manual_root(dl_manager, NAME,
                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
-    return {split: image_files.generate_image_examples(self, root, split,
-                                                       entries)
+    return {split: self._generate_examples(root, split, entries)
             for split, entries in list_images(root).items()}
+
+  def _generate_examples(self, root, split, entries):
+    return image_files.generate_image_examples(self, root, split, entries)
 
 
 class MitStatesSplit(image_files.ImageFileSplit):
