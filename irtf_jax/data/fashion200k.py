@@ -47,6 +47,7 @@ Prepared once into `data_dir` as TFDS array_record files (see
 
 from __future__ import annotations
 
+import collections
 import glob
 import logging
 import os
@@ -95,6 +96,11 @@ def parents(caption: str) -> set[str]:
   """The captions one word shorter than `caption` (one word deleted)."""
   words = caption.split()
   return {" ".join(words[:i] + words[i + 1:]) for i in range(len(words))}
+
+
+def word_multiset(caption: str) -> tuple[str, ...]:
+  """A caption's words in sorted order: equal for reordered captions."""
+  return tuple(sorted(caption.split()))
 
 
 def read_label_file(root: str, path: str) -> list[tuple[str, str]]:
@@ -217,10 +223,9 @@ class Fashion200kSplit(image_files.ImageFileSplit):
     self.caption_to_indices: dict[str, list[int]] = {}
     for i, caption in enumerate(self.captions):
       self.caption_to_indices.setdefault(caption, []).append(i)
-    # caption -> for each of its parents with other children, those children.
-    self.caption_to_siblings = self._sibling_index()
+    self._index_parents()
     self._sources = np.asarray(
-        [i for i, c in enumerate(self.captions) if self.caption_to_siblings[c]],
+        [i for i, c in enumerate(self.captions) if self.caption_to_parents[c]],
         np.int64)
     if split == "test":
       self.queries = self._test_queries(test_pairs)
@@ -250,22 +255,34 @@ class Fashion200kSplit(image_files.ImageFileSplit):
       return target_caption
     return replacement_text(source_caption, target_caption)
 
-  def _sibling_index(self) -> dict[str, list[list[str]]]:
-    parent_to_children: dict[str, list[str]] = {}
+  def _index_parents(self) -> None:
+    """TIRG's parent-caption index, with one-word parents.
+
+    Sets `parent_to_children` (parent -> captions one word longer),
+    `caption_to_parents` (caption -> its parents that have a child pairing
+    with it, i.e. one that is not the caption's own words reordered) and
+    `_num_targets_at_least_two`. Pairing is tested through word multisets,
+    counted per parent, so a parent with many children costs no more than
+    their number.
+    """
+    self.parent_to_children: dict[str, list[str]] = {}
     for caption in self.caption_to_indices:
       for parent in sorted(parents(caption)):
-        parent_to_children.setdefault(parent, []).append(caption)
-    index = {}
+        self.parent_to_children.setdefault(parent, []).append(caption)
+    multisets = {parent: collections.Counter(map(word_multiset, children))
+                 for parent, children in self.parent_to_children.items()}
+    self.caption_to_parents: dict[str, list[str]] = {}
+    self._num_targets_at_least_two: dict[str, bool] = {}
     for caption in self.caption_to_indices:
-      words = sorted(caption.split())
-      groups = []
-      for parent in sorted(parents(caption)):
-        siblings = [c for c in parent_to_children[parent]
-                    if c != caption and sorted(c.split()) != words]
-        if siblings:
-          groups.append(siblings)
-      index[caption] = groups
-    return index
+      own = word_multiset(caption)
+      counts = {p: len(self.parent_to_children[p]) - multisets[p][own]
+                for p in sorted(parents(caption))}
+      self.caption_to_parents[caption] = [p for p, n in counts.items() if n]
+      # a target reached through several parents is counted once per parent
+      total = sum(counts.values())
+      self._num_targets_at_least_two[caption] = total > len(counts) or len(
+          {c for p in counts for c in self.parent_to_children[p]
+           if word_multiset(c) != own}) >= 2
 
   def _test_queries(self, pairs: Sequence[Sequence[str]]) -> list[Query]:
     path_to_index = {path: i for i, path in enumerate(self.paths)}  # last wins
@@ -285,17 +302,20 @@ class Fashion200kSplit(image_files.ImageFileSplit):
     return queries
 
   def _draw_target(self, rng: np.random.Generator, caption: str) -> str:
-    groups = self.caption_to_siblings[caption]
-    siblings = groups[rng.integers(len(groups))]
-    return siblings[rng.integers(len(siblings))]
+    """A parent of `caption`, then a child of it that pairs with `caption`."""
+    parents_ = self.caption_to_parents[caption]
+    children = self.parent_to_children[parents_[rng.integers(len(parents_))]]
+    own = word_multiset(caption)
+    while True:  # the parent has a pairing child: rejection ends
+      target = children[rng.integers(len(children))]
+      if word_multiset(target) != own:
+        return target
 
   def _draw_two(self, rng: np.random.Generator,
                 source: int) -> tuple[Query, Query]:
     caption = self.captions[source]
-    first = self._draw_target(rng, caption)
-    second = first
-    if len({c for group in self.caption_to_siblings[caption]
-            for c in group}) > 1:
+    first = second = self._draw_target(rng, caption)
+    if self._num_targets_at_least_two[caption]:
       while second == first:
         second = self._draw_target(rng, caption)
     queries = []
