@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import re
@@ -206,6 +205,7 @@ def test_images(dataset):
   images = test.images(np.array([0, 6, 0]))
   assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(images[0], images[2])
+  assert test.images(np.zeros((0,), np.int64)).shape == (0, 16, 16, 3)
   # write_jpeg colours each new image (29 * k % 256, 100, 200); k counts the
   # images written before it (12 training images, then the test ones)
   for image, index in zip(images, (0, 6)):
@@ -241,6 +241,12 @@ def test_malformed_label_lines(tmp_path):
                    + "\n")
   with pytest.raises(ValueError, match=re.escape(
       f"{label}:4: detection score 'high' is not a number")):
+    load_from(tmp_path, root)
+  label.write_bytes("\n".join(lines[:1]).encode() + b"\nwomen/x.jpeg\t0.5\t"
+                    b"caf\xe9 skirt\n")
+  with pytest.raises(ValueError, match=re.escape(
+      f"{label}:2: not UTF-8 text (invalid continuation byte at byte 20); "
+      f"save the file as UTF-8")):
     load_from(tmp_path, root)
 
 
@@ -313,6 +319,10 @@ def test_missing_files_print_instructions(tmp_path):
   with pytest.raises(FileNotFoundError, match=re.escape(
       f"fashion200k: missing label files "
       f"{root / 'labels' / '*_test_detect_all.txt'}")):
+    load_from(tmp_path, root)
+  os.rename(root / "labels", root / "old_labels")
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f"fashion200k: missing folder {root / 'labels'}. Pass the folder")):
     load_from(tmp_path, root)
 
 

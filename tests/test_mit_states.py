@@ -289,6 +289,12 @@ def test_bad_folder_name_and_options(tmp_path):
       f"'<adjective> <noun>'")):
     data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
               manual_dir=str(root))
+  os.rename(root / "images" / "very old car", root / "images" / "gold car")
+  (root / "images" / "gold car" / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match=re.escape(
+      f"{root / 'images' / 'gold car' / 'notes.txt'}: not a .jpg file")):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
   with pytest.raises(ValueError, match="on_bad_image: got 'ignore'"):
     data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
               manual_dir=str(root), on_bad_image="ignore")

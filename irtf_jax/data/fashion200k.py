@@ -111,27 +111,23 @@ def read_label_file(root: str, path: str) -> list[tuple[str, str]]:
     leaves `root`.
   """
   entries = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      fields = line.rstrip("\r\n").split("\t")
-      if len(fields) != 3:
-        raise ValueError(f"{where}: expected 3 tab-separated fields (image "
-                         f"path, detection score, caption), got {len(fields)}; "
-                         f"fix or remove the line")
-      relative, score, caption = fields
-      try:
-        float(score)
-      except ValueError:
-        raise ValueError(f"{where}: detection score {score!r} is not a "
-                         f"number; fix or remove the line") from None
-      caption = clean_caption(caption)
-      if not caption:
-        raise ValueError(f"{where}: empty caption; fix or remove the line")
-      image_files.resolve_inside(root, relative, where=where)
-      entries.append((relative, caption))
+  for where, line in image_files.numbered_lines(path):
+    fields = line.split("\t")
+    if len(fields) != 3:
+      raise ValueError(f"{where}: expected 3 tab-separated fields (image "
+                       f"path, detection score, caption), got {len(fields)}; "
+                       f"fix or remove the line")
+    relative, score, caption = fields
+    try:
+      float(score)
+    except ValueError:
+      raise ValueError(f"{where}: detection score {score!r} is not a "
+                       f"number; fix or remove the line") from None
+    caption = clean_caption(caption)
+    if not caption:
+      raise ValueError(f"{where}: empty caption; fix or remove the line")
+    image_files.resolve_inside(root, relative, where=where)
+    entries.append((relative, caption))
   return entries
 
 
@@ -162,26 +158,22 @@ def read_test_queries(root: str, test_paths: set[str]) -> list[list[str]]:
     raise image_files.missing_error(NAME, f"file {path}",
                                     MANUAL_DOWNLOAD_INSTRUCTIONS)
   pairs = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      fields = line.split()
-      if len(fields) != 2:
-        raise ValueError(f"{where}: expected '<source path> <target path>', "
-                         f"got {len(fields)} fields; fix or remove the line")
-      for relative in fields:
-        image_files.resolve_inside(root, relative, where=where)
-        if relative not in test_paths:
-          raise ValueError(f"{where}: {relative} is not an image of the test "
-                           f"label files (labels/*_test_detect_all.txt)")
-      pairs.append(fields)
+  for where, line in image_files.numbered_lines(path):
+    fields = line.split()
+    if len(fields) != 2:
+      raise ValueError(f"{where}: expected '<source path> <target path>', "
+                       f"got {len(fields)} fields; fix or remove the line")
+    for relative in fields:
+      image_files.resolve_inside(root, relative, where=where)
+      if relative not in test_paths:
+        raise ValueError(f"{where}: {relative} is not an image of the test "
+                         f"label files (labels/*_test_detect_all.txt)")
+    pairs.append(fields)
   return pairs
 
 
 class Fashion200k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Fashion200k images with captions; metadata holds captions and test pairs."""
+  """Fashion200k images; metadata holds captions, paths and test pairs."""
   name = NAME
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [image_files.StorageConfig()]
@@ -247,7 +239,7 @@ class Fashion200kSplit(image_files.ImageFileSplit):
 
   @property
   def vocabulary_texts(self) -> Sequence[str]:
-    """Every caption of the split (TIRG's `get_all_texts`) and "replace with"."""
+    """Every caption of the split (TIRG's `get_all_texts`), "replace with"."""
     return sorted(self.caption_to_indices) + [TEXT_TEMPLATE_WORDS]
 
   def _text(self, source_caption: str, target_caption: str) -> str:
@@ -293,8 +285,9 @@ class Fashion200kSplit(image_files.ImageFileSplit):
         continue
       source = path_to_index[source_path]
       target = path_to_index[target_path]
-      source_caption, target_caption = self.captions[source], self.captions[target]
-      queries.append(Query(source, self._text(source_caption, target_caption),
+      target_caption = self.captions[target]
+      queries.append(Query(source, self._text(self.captions[source],
+                                              target_caption),
                            target_caption, target))
     if dropped:
       logging.warning("%s: %d test queries dropped: their images were skipped "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -47,7 +47,7 @@ TRAIN_RECALL_STREAM = 2**31 - 1
 
 
 class BadImageError(ValueError):
-  """An image file that cannot be decoded (unreadable, truncated, not an image)."""
+  """An image file that cannot be decoded (unreadable, truncated, missing)."""
 
 
 def check_on_bad_image(value: str) -> str:
@@ -75,7 +75,8 @@ def storage_config_name(short_side: int, on_bad_image: str) -> str:
   return name + "_skip_bad" if on_bad_image == "skip" else name
 
 
-def missing_error(dataset: str, what: str, instructions: str) -> FileNotFoundError:
+def missing_error(dataset: str, what: str,
+                  instructions: str) -> FileNotFoundError:
   """The error for a missing dataset folder or file, with download help."""
   return FileNotFoundError(f"{dataset}: missing {what}. Pass the folder that "
                            f"holds the dataset as manual_dir.\n{instructions}")
@@ -107,8 +108,26 @@ def resolve_inside(root: str, relative: str, *, where: str) -> str:
   return real
 
 
+def numbered_lines(path: str) -> Iterator[tuple[str, str]]:
+  """The non-blank lines of a UTF-8 text file, each with its "path:line".
+
+  Raises:
+    ValueError naming the line that is not UTF-8.
+  """
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not UTF-8 text ({e.reason} at "
+                         f"byte {e.start}); save the file as UTF-8") from None
+      if line.strip():
+        yield f"{path}:{number}", line.rstrip("\r\n")
+
+
 def bad_image_message(path: str, error: Exception, *, skipped: bool) -> str:
-  what = f"{path}: unreadable or truncated image ({type(error).__name__}: {error})"
+  what = (f"{path}: unreadable or truncated image "
+          f"({type(error).__name__}: {error})")
   if skipped:
     return what + "; skipped (on_bad_image='skip')"
   return what + ("; stopping (on_bad_image='error'; pass on_bad_image='skip' "
@@ -116,7 +135,7 @@ def bad_image_message(path: str, error: Exception, *, skipped: bool) -> str:
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-  """(width, height) with the shorter side `size`: torchvision's `Resize(size)`."""
+  """(width, height) with the shorter side `size` (torchvision's `Resize`)."""
   if width <= height:
     return size, int(size * height / width)
   return int(size * width / height), size
@@ -159,8 +178,20 @@ class ImageFileSplit(RecordSplit):
     super().__init__(source, name=name, split=split, captions=captions)
     self.image_size = image_size
 
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    """uint8 (n, S, S, 3); one batched read of the records."""
+    indices = [int(i) for i in np.asarray(indices, np.int64).reshape(-1)]
+    if not indices:
+      return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+    records = self._source.__getitems__(indices)
+    return np.stack([self._decode_record(record, index)
+                     for record, index in zip(records, indices)])
+
   def _decode(self, index: int) -> np.ndarray:
-    encoded = self._source[int(index)]["image"]
+    return self._decode_record(self._source[int(index)], index)
+
+  def _decode_record(self, record, index: int) -> np.ndarray:
+    encoded = record["image"]
     source = f"{self.name}/{self.split}[{index}]"
     try:
       with Image.open(io.BytesIO(encoded)) as img:

@@ -194,7 +194,11 @@ class MitStatesSplit(image_files.ImageFileSplit):
 
   @property
   def vocabulary_texts(self) -> Sequence[str]:
-    """Every caption of the split (TIRG's `get_all_texts`): all adjectives and nouns."""
+    """Every caption of the split (TIRG's `get_all_texts`).
+
+    They hold every adjective and noun, so both the adjective texts and the
+    complete-text captions are covered.
+    """
     return sorted(self.caption_to_indices)
 
   def _text(self, target_caption: str) -> str:
@@ -260,4 +264,5 @@ def load(split: str, *, data_dir: str | None = None,
   return MitStatesSplit(
       sources[split], split=split, captions=metadata[split]["captions"],
       paths=metadata[split]["paths"], image_size=image_size,
-      complete_text=complete_text, num_train_queries=num_train_queries, train_query_seed=train_query_seed)
+      complete_text=complete_text, num_train_queries=num_train_queries,
+      train_query_seed=train_query_seed)
