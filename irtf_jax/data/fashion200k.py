@@ -54,11 +54,9 @@ import os
 from typing import Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from irtf_jax.data import image_files, register
 from irtf_jax.data.base import Query, step_rng
-from irtf_jax.data.storage import encoded_image_feature
 
 NAME = "fashion200k"
 TEST_QUERIES_FILE = "test_queries.txt"
@@ -172,21 +170,10 @@ def read_test_queries(root: str, test_paths: set[str]) -> list[list[str]]:
   return pairs
 
 
-class Fashion200k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class Fashion200k(image_files.ImageFilesBuilder, skip_registration=True):
   """Fashion200k images; metadata holds captions, paths and test pairs."""
   name = NAME
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [image_files.StorageConfig()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-
-  def _info(self):
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": encoded_image_feature(),
-            "path": tfds.features.Tensor(shape=(), dtype=np.object_),
-        }),
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True)  # record i is metadata entry i
 
   def _split_generators(self, dl_manager):
     root = image_files.manual_root(dl_manager, NAME,
@@ -196,9 +183,6 @@ class Fashion200k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         root, {relative for relative, _ in splits["test"]})
     return {split: self._generate_examples(root, split, entries)
             for split, entries in splits.items()}
-
-  def _generate_examples(self, root, split, entries):
-    return image_files.generate_image_examples(self, root, split, entries)
 
 
 class Fashion200kSplit(image_files.ImageFileSplit):

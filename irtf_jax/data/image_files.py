@@ -33,7 +33,8 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from irtf_jax.data.base import Query
-from irtf_jax.data.storage import RecordSplit, default_data_dir, prepare
+from irtf_jax.data.storage import (RecordSplit, default_data_dir,
+                                   encoded_image_feature, prepare)
 
 ON_BAD_IMAGE = ("error", "skip")
 DEFAULT_IMAGE_SIZE = 224
@@ -236,6 +237,36 @@ class StorageConfig(tfds.core.BuilderConfig):
                      f"{on_bad_image}"))
     self.short_side = short_side
     self.on_bad_image = on_bad_image
+
+
+class ImageFilesBuilder(tfds.core.GeneratorBasedBuilder,
+                        skip_registration=True):
+  """A TFDS builder of image files with captions (no TensorFlow needed).
+
+  A record holds the stored image ("image", JPEG bytes) and its "path"; the
+  builder's metadata holds, per split, the "paths" and "captions" of the
+  records in record order (`disable_shuffling`), so a split's captions load
+  without reading any image. Subclasses set `name` and
+  `MANUAL_DOWNLOAD_INSTRUCTIONS` and implement `_split_generators` with
+  `_generate_examples(root, split, [(relative path, caption)])`.
+  """
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [StorageConfig()]
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": encoded_image_feature(),
+            "path": tfds.features.Tensor(shape=(), dtype=np.object_),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    raise NotImplementedError
+
+  def _generate_examples(self, root, split, entries):
+    return generate_image_examples(self, root, split, entries)
 
 
 def manual_root(dl_manager, dataset: str, instructions: str) -> str:

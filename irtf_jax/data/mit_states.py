@@ -46,8 +46,6 @@ import numpy as np
 
 from irtf_jax.data import image_files, register
 from irtf_jax.data.base import Query, step_rng
-from irtf_jax.data.storage import encoded_image_feature
-import tensorflow_datasets as tfds
 
 NAME = "mit_states"
 
@@ -103,7 +101,8 @@ def list_images(root: str) -> dict[str, list[tuple[str, str]]]:
                        f"must be named '<adjective> <noun>' (two words); "
                        f"rename or remove it")
     adj, noun_ = words
-    if adj == PLACEHOLDER_ADJECTIVE:
+    if adj == PLACEHOLDER_ADJECTIVE or not os.path.isdir(
+        os.path.join(images_dir, folder)):
       continue
     folder_path = resolve_folder(root, folder)
     split = "test" if noun_ in TEST_NOUNS else "train"
@@ -126,30 +125,16 @@ def resolve_folder(root: str, folder: str) -> str:
                                     where=os.path.join(root, "images"))
 
 
-class MitStates(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class MitStates(image_files.ImageFilesBuilder, skip_registration=True):
   """MIT-States images with captions; metadata holds every split's captions."""
   name = NAME
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [image_files.StorageConfig()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-
-  def _info(self):
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": encoded_image_feature(),
-            "path": tfds.features.Tensor(shape=(), dtype=np.object_),
-        }),
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True)  # record i is metadata entry i
 
   def _split_generators(self, dl_manager):
     root = image_files.manual_root(dl_manager, NAME,
                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
     return {split: self._generate_examples(root, split, entries)
             for split, entries in list_images(root).items()}
-
-  def _generate_examples(self, root, split, entries):
-    return image_files.generate_image_examples(self, root, split, entries)
 
 
 class MitStatesSplit(image_files.ImageFileSplit):
