@@ -12,9 +12,10 @@ JPEG instead of a full-size photograph. At read time `images(indices)` applies
 TIRG's test transform, torchvision's `Resize(S)` + `CenterCrop(S)`: resize the
 shorter side to S (bilinear, the longer side to `int(S * long / short)`), then
 crop the centre S x S (offsets `round((size - S) / 2)`). Because the stored
-copy is already shrunk, a full-size image is resized twice (to 256, then to S);
-the difference from one direct resize is a slight extra blur, far below what
-the JPEG re-encoding and the training augmentation change.
+copy is already shrunk, a full-size image is resized twice (to 256, then to
+S) and JPEG-encoded twice: slightly blurrier than one direct resize of the
+original, in exchange for reads several times cheaper. `image_size` above 256
+stores larger copies (its own TFDS config), so nothing is ever enlarged.
 
 Bad images: `on_bad_image="error"` (default) stops the build with the image's
 path; `"skip"` leaves the image out, logs its path, and is prepared into its
@@ -172,7 +173,14 @@ def resize_and_center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 class ImageFileSplit(RecordSplit):
-  """A `RecordSplit` whose images come out resized and centre-cropped to S."""
+  """A `RecordSplit` whose images come out resized and centre-cropped to S.
+
+  Attributes (set by the dataset subclasses):
+    paths: each image's path relative to the dataset folder.
+    exclude_columns: per query, the gallery column removed from its ranking
+      (its source image), or -1 for none; the `exclude` argument of
+      `irtf_jax.metrics.recall_at_k`.
+  """
 
   def __init__(self, source, *, name: str, split: str,
                captions: Sequence[str], image_size: int):
