@@ -6,6 +6,7 @@ import collections
 import logging
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -301,3 +302,19 @@ def test_bad_folder_name_and_options(tmp_path):
   with pytest.raises(ValueError, match="image_size: got 0"):
     data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
               manual_dir=str(root), image_size=0)
+
+
+def test_prepared_data_needs_no_dataset_folder(tmp_path):
+  root = small_root(tmp_path)
+  first = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+                    manual_dir=str(root), image_size=8)
+  pixels = first.images(np.arange(2))
+  shutil.rmtree(root)
+  again = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+                    manual_dir=str(root), image_size=8)
+  assert again.captions == first.captions and again.paths == first.paths
+  np.testing.assert_array_equal(again.images(np.arange(2)), pixels)
+  # crops larger than the stored 256 need a larger stored copy: a new build
+  with pytest.raises(FileNotFoundError, match="mit_states: missing dataset"):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root), image_size=300)
