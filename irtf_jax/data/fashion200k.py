@@ -1,0 +1,342 @@
+"""Fashion200k (Han et al., ICCV 2017) under TIRG's protocol (Vo et al., CVPR 2019).
+
+  split = data.load("fashion200k", "test", manual_dir="/data/fashion200k")
+
+On disk (`manual_dir`):
+- `labels/<category>_{train,test}_detect_all.txt`: one image a line, three
+  tab-separated fields: image path (relative to `manual_dir`), detection
+  score, caption. Label files are read in sorted order; blank lines are
+  ignored; any other line without exactly three fields, with a score that is
+  not a number or with an empty caption is an error naming file and line.
+- `women/...`: the images.
+- `test_queries.txt`: one test query a line, "<source path> <target path>",
+  both paths of test images.
+
+Captions are cleaned as TIRG does: whitespace stripped, then "." -> "dotmark",
+"?" -> "questionmark", "&" -> "andmark", "*" -> "starmark" (`clean_caption`).
+
+Protocol (TIRG's):
+- test queries: the pairs of `test_queries.txt`, text
+  "replace <source word> with <target word>" (`replacement_text`: the first
+  source word absent from the target caption, and the first target word absent
+  from the source caption; where every word is present, the last word, as
+  TIRG's loop leaves it); a path listed twice in the label files means its last
+  occurrence, as in TIRG. The gallery is every test image, hits by caption,
+  and the evaluator removes the query's own image from its ranking.
+- training pairs: two captions are a pair when they differ in exactly one
+  word: deleting one word from each leaves the same "parent" caption and the
+  two are not the same words reordered. (TIRG deletes every occurrence of the
+  word as a substring, which also cuts it out of longer words; here exactly one
+  word is deleted.) A source is drawn uniformly from the images whose caption
+  has a pair, then one of its parents, then a caption of that parent and an
+  image with it; consecutive queries share their source and have different
+  target captions where the source has more than one. Text as for the test.
+- train-split recall (the Ms of WHM): `NUM_TRAIN_RECALL_QUERIES` (10,000, or
+  the number of training images if fewer) training queries drawn with a fixed
+  seed; the gallery is their target images, one column per query in query
+  order (repeats included, as in TIRG); nothing is excluded from their ranking
+  (`exclude_columns` is -1), as in TIRG.
+
+Option `complete_text=True` (ComposeAE's): the text is the whole target caption.
+It describes the target outright, so it is an easier protocol; do not compare
+its numbers with TIRG's.
+
+Prepared once into `data_dir` as TFDS array_record files (see
+`irtf_jax.data.image_files` for how images are stored and read).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import logging
+import os
+from typing import Sequence
+
+import numpy as np
+
+from irtf_jax.data import image_files, register
+from irtf_jax.data.base import Query, step_rng
+
+NAME = "fashion200k"
+TEST_QUERIES_FILE = "test_queries.txt"
+# Words of the training texts that captions need not contain.
+TEXT_TEMPLATE_WORDS = "replace with"
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Download Fashion200k (https://github.com/xthan/fashion-200k: the image archive
+and the detection label files) and unpack it so that manual_dir holds
+`labels/<category>_{train,test}_detect_all.txt` and `women/...` (the image
+paths in the label files are relative to manual_dir), and put TIRG's
+`test_queries.txt` (https://github.com/google/tirg) in manual_dir."""
+
+_CAPTION_REPLACEMENTS = (("." , "dotmark"), ("?", "questionmark"),
+                         ("&", "andmark"), ("*", "starmark"))
+
+
+def clean_caption(text: str) -> str:
+  """TIRG's caption clean-up: strip, then spell out . ? & * as words."""
+  text = text.strip()
+  for mark, word in _CAPTION_REPLACEMENTS:
+    text = text.replace(mark, word)
+  return text
+
+
+def replacement_text(source_caption: str, target_caption: str) -> str:
+  """TIRG's modification text, "replace <source word> with <target word>"."""
+  source, target = source_caption.split(), target_caption.split()
+  source_word = next((w for w in source if w not in target), source[-1])
+  target_word = next((w for w in target if w not in source), target[-1])
+  return f"replace {source_word} with {target_word}"
+
+
+def parents(caption: str) -> set[str]:
+  """The captions one word shorter than `caption` (one word deleted)."""
+  words = caption.split()
+  return {" ".join(words[:i] + words[i + 1:]) for i in range(len(words))}
+
+
+def word_multiset(caption: str) -> tuple[str, ...]:
+  """A caption's words in sorted order: equal for reordered captions."""
+  return tuple(sorted(caption.split()))
+
+
+def read_label_file(root: str, path: str) -> list[tuple[str, str]]:
+  """One label file -> [(relative image path, cleaned caption)].
+
+  Raises:
+    ValueError naming file and line for a malformed line or a path that
+    leaves `root`.
+  """
+  entries = []
+  for where, line in image_files.numbered_lines(path):
+    fields = line.split("\t")
+    if len(fields) != 3:
+      raise ValueError(f"{where}: expected 3 tab-separated fields (image "
+                       f"path, detection score, caption), got {len(fields)}; "
+                       f"fix or remove the line")
+    relative, score, caption = fields
+    try:
+      float(score)
+    except ValueError:
+      raise ValueError(f"{where}: detection score {score!r} is not a "
+                       f"number; fix or remove the line") from None
+    caption = clean_caption(caption)
+    if not caption:
+      raise ValueError(f"{where}: empty caption; fix or remove the line")
+    image_files.resolve_inside(root, relative, where=where)
+    entries.append((relative, caption))
+  return entries
+
+
+def read_labels(root: str, split: str) -> list[tuple[str, str]]:
+  """All label files of `split`, in sorted order."""
+  labels_dir = os.path.join(root, "labels")
+  if not os.path.isdir(labels_dir):
+    raise image_files.missing_error(NAME, f"folder {labels_dir}",
+                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
+  pattern = os.path.join(labels_dir, f"*_{split}_detect_all.txt")
+  files = sorted(glob.glob(pattern))
+  if not files:
+    raise image_files.missing_error(NAME, f"label files {pattern}",
+                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
+  return [entry for path in files for entry in read_label_file(root, path)]
+
+
+def read_test_queries(root: str, test_paths: set[str]) -> list[list[str]]:
+  """`test_queries.txt` -> [[source path, target path]], checked.
+
+  Raises:
+    FileNotFoundError (with download help) if the file is missing; ValueError
+    naming file and line for a malformed line, a path that leaves `root`, or
+    a path that is not a test image.
+  """
+  path = os.path.join(root, TEST_QUERIES_FILE)
+  if not os.path.isfile(path):
+    raise image_files.missing_error(NAME, f"file {path}",
+                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
+  pairs = []
+  for where, line in image_files.numbered_lines(path):
+    fields = line.split()
+    if len(fields) != 2:
+      raise ValueError(f"{where}: expected '<source path> <target path>', "
+                       f"got {len(fields)} fields; fix or remove the line")
+    for relative in fields:
+      image_files.resolve_inside(root, relative, where=where)
+      if relative not in test_paths:
+        raise ValueError(f"{where}: {relative} is not an image of the test "
+                         f"label files (labels/*_test_detect_all.txt)")
+    pairs.append(fields)
+  return pairs
+
+
+class Fashion200k(image_files.ImageFilesBuilder, skip_registration=True):
+  """Fashion200k images; metadata holds captions, paths and test pairs."""
+  name = NAME
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  def _split_generators(self, dl_manager):
+    root = image_files.manual_root(dl_manager, NAME,
+                                   MANUAL_DOWNLOAD_INSTRUCTIONS)
+    splits = {split: read_labels(root, split) for split in ("train", "test")}
+    self.info.metadata["test_queries"] = read_test_queries(
+        root, {relative for relative, _ in splits["test"]})
+    return {split: self._generate_examples(root, split, entries)
+            for split, entries in splits.items()}
+
+
+class Fashion200kSplit(image_files.ImageFileSplit):
+  """One split of Fashion200k with TIRG's queries; see the module docstring."""
+
+  def __init__(self, source, *, split: str, captions: Sequence[str],
+               paths: Sequence[str], test_pairs: Sequence[Sequence[str]],
+               image_size: int, complete_text: bool,
+               num_train_queries: int, train_query_seed: int):
+    super().__init__(source, name=NAME, split=split, captions=captions,
+                     image_size=image_size)
+    self.paths = list(paths)  # relative to the dataset folder
+    self.complete_text = complete_text
+    self.caption_to_indices: dict[str, list[int]] = {}
+    for i, caption in enumerate(self.captions):
+      self.caption_to_indices.setdefault(caption, []).append(i)
+    self._index_parents()
+    self._sources = np.asarray(
+        [i for i, c in enumerate(self.captions) if self.caption_to_parents[c]],
+        np.int64)
+    if split == "test":
+      self.queries = self._test_queries(test_pairs)
+      self._gallery = np.arange(len(self.captions))
+      self.exclude_columns = np.asarray(
+          [q.source_index for q in self.queries], np.int64)
+    else:
+      count = min(num_train_queries, len(self.captions))
+      self.queries = image_files.paired_queries(
+          step_rng(train_query_seed, image_files.TRAIN_RECALL_STREAM), count,
+          self._sources, self._draw_two) if count else []
+      self._gallery = np.asarray([q.target_index for q in self.queries],
+                                 np.int64)
+      self.exclude_columns = np.full(len(self.queries), -1, np.int64)
+
+  @property
+  def gallery(self) -> np.ndarray:
+    return self._gallery
+
+  @property
+  def vocabulary_texts(self) -> Sequence[str]:
+    """Every caption of the split (TIRG's `get_all_texts`), "replace with"."""
+    return sorted(self.caption_to_indices) + [TEXT_TEMPLATE_WORDS]
+
+  def _text(self, source_caption: str, target_caption: str) -> str:
+    if self.complete_text:
+      return target_caption
+    return replacement_text(source_caption, target_caption)
+
+  def _index_parents(self) -> None:
+    """TIRG's parent-caption index, with one-word parents.
+
+    Sets `parent_to_children` (parent -> captions one word longer),
+    `caption_to_parents` (caption -> its parents that have a child pairing
+    with it, i.e. one that is not the caption's own words reordered) and
+    `_num_targets_at_least_two`. Pairing is tested through word multisets,
+    counted per parent, so a parent with many children costs no more than
+    their number.
+    """
+    self.parent_to_children: dict[str, list[str]] = {}
+    for caption in self.caption_to_indices:
+      for parent in sorted(parents(caption)):
+        self.parent_to_children.setdefault(parent, []).append(caption)
+    multisets = {parent: collections.Counter(map(word_multiset, children))
+                 for parent, children in self.parent_to_children.items()}
+    self.caption_to_parents: dict[str, list[str]] = {}
+    self._num_targets_at_least_two: dict[str, bool] = {}
+    for caption in self.caption_to_indices:
+      own = word_multiset(caption)
+      counts = {p: len(self.parent_to_children[p]) - multisets[p][own]
+                for p in sorted(parents(caption))}
+      self.caption_to_parents[caption] = [p for p, n in counts.items() if n]
+      # a target reached through several parents is counted once per parent
+      total = sum(counts.values())
+      self._num_targets_at_least_two[caption] = total > len(counts) or len(
+          {c for p in counts for c in self.parent_to_children[p]
+           if word_multiset(c) != own}) >= 2
+
+  def _test_queries(self, pairs: Sequence[Sequence[str]]) -> list[Query]:
+    path_to_index = {path: i for i, path in enumerate(self.paths)}  # last wins
+    queries, dropped = [], 0
+    for source_path, target_path in pairs:
+      if source_path not in path_to_index or target_path not in path_to_index:
+        dropped += 1  # only after on_bad_image="skip" left an image out
+        continue
+      source = path_to_index[source_path]
+      target = path_to_index[target_path]
+      target_caption = self.captions[target]
+      queries.append(Query(source, self._text(self.captions[source],
+                                              target_caption),
+                           target_caption, target))
+    if dropped:
+      logging.warning("%s: %d test queries dropped: their images were skipped "
+                      "as bad (on_bad_image='skip')", NAME, dropped)
+    return queries
+
+  def _draw_target(self, rng: np.random.Generator, caption: str) -> str:
+    """A parent of `caption`, then a child of it that pairs with `caption`."""
+    parents_ = self.caption_to_parents[caption]
+    children = self.parent_to_children[parents_[rng.integers(len(parents_))]]
+    own = word_multiset(caption)
+    while True:  # the parent has a pairing child: rejection ends
+      target = children[rng.integers(len(children))]
+      if word_multiset(target) != own:
+        return target
+
+  def _draw_two(self, rng: np.random.Generator,
+                source: int) -> tuple[Query, Query]:
+    caption = self.captions[source]
+    first = second = self._draw_target(rng, caption)
+    if self._num_targets_at_least_two[caption]:
+      while second == first:
+        second = self._draw_target(rng, caption)
+    queries = []
+    for target_caption in (first, second):
+      candidates = self.caption_to_indices[target_caption]
+      target = candidates[rng.integers(len(candidates))]
+      queries.append(Query(source, self._text(caption, target_caption),
+                           target_caption, int(target)))
+    return queries[0], queries[1]
+
+  def sample_training_queries(self, seed: int, step: int,
+                              batch_size: int) -> list[Query]:
+    return image_files.paired_queries(step_rng(seed, step), batch_size,
+                                      self._sources, self._draw_two)
+
+
+@register(NAME)
+def load(split: str, *, data_dir: str | None = None,
+         manual_dir: str | None = None,
+         image_size: int = image_files.DEFAULT_IMAGE_SIZE,
+         on_bad_image: str = "error", complete_text: bool = False,
+         num_train_queries: int = image_files.NUM_TRAIN_RECALL_QUERIES,
+         train_query_seed: int = 0) -> Fashion200kSplit:
+  """Loads split "train" or "test" of Fashion200k, preparing it on first use.
+
+  Args:
+    split: "train" or "test".
+    data_dir: where the prepared array_record files are kept.
+    manual_dir: the folder holding `labels/`, `women/` and `test_queries.txt`
+      (only needed to prepare).
+    image_size: S of the S x S images `images` returns.
+    on_bad_image: "error" or "skip" (see `irtf_jax.data.image_files`).
+    complete_text: ComposeAE's easier texts (the whole target caption).
+    num_train_queries: train split: how many sampled queries measure
+      train-split recall (at most the number of images).
+    train_query_seed: seed of those queries.
+  """
+  image_size = image_files.check_image_size(image_size)
+  image_files.check_on_bad_image(on_bad_image)
+  sources, metadata = image_files.prepare_with_metadata(
+      Fashion200k, data_dir=data_dir, manual_dir=manual_dir,
+      image_size=image_size, on_bad_image=on_bad_image)
+  return Fashion200kSplit(
+      sources[split], split=split, captions=metadata[split]["captions"],
+      paths=metadata[split]["paths"], test_pairs=metadata["test_queries"],
+      image_size=image_size, complete_text=complete_text,
+      num_train_queries=num_train_queries, train_query_seed=train_query_seed)

@@ -1,0 +1,330 @@
+"""Shared pieces of the loaders for datasets of image files (MIT-States, Fashion200k).
+
+Paths: every image path read from a user's file (a label file, a query list, a
+folder listing) must stay inside the dataset folder: absolute paths, `..`
+escapes and symlinks pointing out are refused with the offending file and line
+(`resolve_inside`).
+
+Images: at build time each image is decoded once, converted to RGB, shrunk so
+its shorter side is at most `stored_short_side` (default 256, never enlarged)
+and stored as JPEG (quality 95). Reading a training batch then decodes a small
+JPEG instead of a full-size photograph. At read time `images(indices)` applies
+TIRG's test transform, torchvision's `Resize(S)` + `CenterCrop(S)`: resize the
+shorter side to S (bilinear, the longer side to `int(S * long / short)`), then
+crop the centre S x S (offsets `round((size - S) / 2)`). Because the stored
+copy is already shrunk, a full-size image is resized twice (to 256, then to
+S) and JPEG-encoded twice: slightly blurrier than one direct resize of the
+original, in exchange for reads several times cheaper. `image_size` above 256
+stores larger copies (its own TFDS config), so nothing is ever enlarged.
+
+Bad images: `on_bad_image="error"` (default) stops the build with the image's
+path; `"skip"` leaves the image out, logs its path, and is prepared into its
+own TFDS config so that a later strict load never reuses a skipped build.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from irtf_jax.data.base import Query
+from irtf_jax.data.storage import (RecordSplit, default_data_dir,
+                                   encoded_image_feature, prepare)
+
+ON_BAD_IMAGE = ("error", "skip")
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_STORED_SHORT_SIDE = 256
+JPEG_QUALITY = 95
+# Number of training queries that measure train-split recall (TIRG's).
+NUM_TRAIN_RECALL_QUERIES = 10_000
+# Stream id of the train-recall queries in `step_rng`-style seeding: far from
+# any training step, so they never repeat a training batch.
+TRAIN_RECALL_STREAM = 2**31 - 1
+
+
+class BadImageError(ValueError):
+  """An image file that cannot be decoded (unreadable, truncated, missing)."""
+
+
+def check_on_bad_image(value: str) -> str:
+  if value not in ON_BAD_IMAGE:
+    raise ValueError(f"on_bad_image: got {value!r}; use 'error' (stop at the "
+                     f"first bad image) or 'skip' (leave bad images out)")
+  return value
+
+
+def check_image_size(value: int) -> int:
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"image_size: got {value!r}; use a positive int (224 is "
+                     f"TIRG's)")
+  return int(value)
+
+
+def stored_short_side(image_size: int) -> int:
+  """Shorter side of the stored copies: 256, or more for larger crops."""
+  return max(DEFAULT_STORED_SHORT_SIDE, int(image_size))
+
+
+def storage_config_name(short_side: int, on_bad_image: str) -> str:
+  """TFDS config name: one prepared copy per stored size and bad-image rule."""
+  name = f"short{short_side}"
+  return name + "_skip_bad" if on_bad_image == "skip" else name
+
+
+def missing_error(dataset: str, what: str,
+                  instructions: str) -> FileNotFoundError:
+  """The error for a missing dataset folder or file, with download help."""
+  return FileNotFoundError(f"{dataset}: missing {what}. Pass the folder that "
+                           f"holds the dataset as manual_dir.\n{instructions}")
+
+
+def resolve_inside(root: str, relative: str, *, where: str) -> str:
+  """`root/relative`, refused unless it stays inside `root`.
+
+  Args:
+    root: the dataset folder.
+    relative: a path read from a user's file, relative to `root`.
+    where: "file:line" of `relative`, for the error message.
+
+  Returns:
+    The absolute path, with symlinks resolved.
+
+  Raises:
+    ValueError naming `where` for an absolute path, or a path that leaves
+    `root` through `..` or a symlink.
+  """
+  if not relative or os.path.isabs(relative) or relative.startswith("~"):
+    raise ValueError(f"{where}: image path {relative!r} is not a relative path "
+                     f"inside the dataset folder {root}; refused")
+  real_root = os.path.realpath(root)
+  real = os.path.realpath(os.path.join(real_root, relative))
+  if os.path.commonpath([real_root, real]) != real_root:
+    raise ValueError(f"{where}: image path {relative!r} escapes the dataset "
+                     f"folder {root} (through '..' or a symlink); refused")
+  return real
+
+
+def numbered_lines(path: str) -> Iterator[tuple[str, str]]:
+  """The non-blank lines of a UTF-8 text file, each with its "path:line".
+
+  Raises:
+    ValueError naming the line that is not UTF-8.
+  """
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not UTF-8 text ({e.reason} at "
+                         f"byte {e.start}); save the file as UTF-8") from None
+      if line.strip():
+        yield f"{path}:{number}", line.rstrip("\r\n")
+
+
+def bad_image_message(path: str, error: Exception, *, skipped: bool) -> str:
+  what = (f"{path}: unreadable or truncated image "
+          f"({type(error).__name__}: {error})")
+  if skipped:
+    return what + "; skipped (on_bad_image='skip')"
+  return what + ("; stopping (on_bad_image='error'; pass on_bad_image='skip' "
+                 "to leave bad images out)")
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+  """(width, height) with the shorter side `size` (torchvision's `Resize`)."""
+  if width <= height:
+    return size, int(size * height / width)
+  return int(size * width / height), size
+
+
+def read_for_storage(path: str, *, short_side: int) -> bytes:
+  """Reads an image file; returns it as JPEG, shorter side at most `short_side`.
+
+  Raises:
+    BadImageError naming `path` when the file is not a readable image.
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()
+      rgb = img.convert("RGB")
+  except Exception as e:  # Pillow raises several types for broken files.
+    raise BadImageError(bad_image_message(path, e, skipped=False)) from e
+  if min(rgb.size) > short_side:
+    rgb = rgb.resize(resized_size(*rgb.size, short_side), Image.BILINEAR)
+  buffer = io.BytesIO()
+  rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+  return buffer.getvalue()
+
+
+def resize_and_center_crop(img: Image.Image, size: int) -> np.ndarray:
+  """TIRG's test transform: shorter side to `size`, centre crop, uint8 HxWx3."""
+  img = img.convert("RGB").resize(resized_size(*img.size, size),
+                                  Image.BILINEAR)
+  width, height = img.size
+  left = int(round((width - size) / 2.0))
+  top = int(round((height - size) / 2.0))
+  return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+class ImageFileSplit(RecordSplit):
+  """A `RecordSplit` whose images come out resized and centre-cropped to S.
+
+  Attributes (set by the dataset subclasses):
+    paths: each image's path relative to the dataset folder.
+    exclude_columns: per query, the gallery column removed from its ranking
+      (its source image), or -1 for none; the `exclude` argument of
+      `irtf_jax.metrics.recall_at_k`.
+  """
+
+  def __init__(self, source, *, name: str, split: str,
+               captions: Sequence[str], image_size: int):
+    super().__init__(source, name=name, split=split, captions=captions)
+    self.image_size = image_size
+
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    """uint8 (n, S, S, 3); one batched read of the records."""
+    indices = [int(i) for i in np.asarray(indices, np.int64).reshape(-1)]
+    if not indices:
+      return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+    records = self._source.__getitems__(indices)
+    return np.stack([self._decode_record(record, index)
+                     for record, index in zip(records, indices)])
+
+  def _decode(self, index: int) -> np.ndarray:
+    return self._decode_record(self._source[int(index)], index)
+
+  def _decode_record(self, record, index: int) -> np.ndarray:
+    encoded = record["image"]
+    source = f"{self.name}/{self.split}[{index}]"
+    try:
+      with Image.open(io.BytesIO(encoded)) as img:
+        return resize_and_center_crop(img, self.image_size)
+    except Exception as e:
+      raise ValueError(f"{source}: unreadable stored image ({e}); delete the "
+                       f"prepared data and prepare again") from e
+
+
+def paired_queries(rng: np.random.Generator, count: int, sources: np.ndarray,
+                   draw_two: Callable[[np.random.Generator, int],
+                                      tuple[Query, Query]]) -> list[Query]:
+  """`count` training queries, two per source image (TIRG's pairing).
+
+  Queries 2k and 2k+1 share a uniformly drawn source from `sources`; `draw_two`
+  gives its two queries (with different modifications where the source has
+  more than one). An odd `count` drops the last query of the last pair.
+  """
+  if len(sources) == 0:
+    raise ValueError("this split has no image with a possible modification "
+                     "(every noun or caption has a single variant); training "
+                     "queries cannot be sampled")
+  queries: list[Query] = []
+  while len(queries) < count:
+    source = int(sources[rng.integers(len(sources))])
+    queries.extend(draw_two(rng, source))
+  return queries[:count]
+
+
+def log_skipped(path: str, error: Exception) -> None:
+  logging.warning(bad_image_message(path, error, skipped=True))
+
+
+class StorageConfig(tfds.core.BuilderConfig):
+  """A TFDS config per stored image size and bad-image rule."""
+
+  def __init__(self, *, short_side: int = DEFAULT_STORED_SHORT_SIDE,
+               on_bad_image: str = "error"):
+    super().__init__(
+        name=storage_config_name(short_side, on_bad_image),
+        description=(f"JPEG, shorter side <= {short_side}, bad images: "
+                     f"{on_bad_image}"))
+    self.short_side = short_side
+    self.on_bad_image = on_bad_image
+
+
+class ImageFilesBuilder(tfds.core.GeneratorBasedBuilder,
+                        skip_registration=True):
+  """A TFDS builder of image files with captions (no TensorFlow needed).
+
+  A record holds the stored image ("image", JPEG bytes) and its "path"; the
+  builder's metadata holds, per split, the "paths" and "captions" of the
+  records in record order (`disable_shuffling`), so a split's captions load
+  without reading any image. Subclasses set `name` and
+  `MANUAL_DOWNLOAD_INSTRUCTIONS` and implement `_split_generators` with
+  `_generate_examples(root, split, [(relative path, caption)])`.
+  """
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [StorageConfig()]
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": encoded_image_feature(),
+            "path": tfds.features.Tensor(shape=(), dtype=np.object_),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    raise NotImplementedError
+
+  def _generate_examples(self, root, split, entries):
+    return generate_image_examples(self, root, split, entries)
+
+
+def manual_root(dl_manager, dataset: str, instructions: str) -> str:
+  """The user's dataset folder, or a FileNotFoundError with download help."""
+  try:
+    return os.fspath(dl_manager.manual_dir)
+  except AssertionError as e:  # TFDS's check: absent or empty.
+    missing = getattr(dl_manager, "_manual_dir", None) or "manual_dir"
+    raise missing_error(dataset, f"dataset folder {missing} (absent or empty)",
+                        instructions) from e
+
+
+def generate_image_examples(builder, root: str, split: str,
+                            entries: Iterable[tuple[str, str]]):
+  """Yields the TFDS examples of `split`; records its metadata as it goes.
+
+  Each entry (relative path, caption) becomes record i = metadata entry i
+  (`disable_shuffling` keeps the order), unless its image is bad and the
+  builder's config skips bad images. `builder.info.metadata[split]` gets the
+  kept entries' "paths" and "captions", written with the prepared data.
+  """
+  paths, captions = [], []
+  builder.info.metadata[split] = {"paths": paths, "captions": captions}
+  config = builder.builder_config
+  for relative, caption in entries:
+    path = os.path.join(root, relative)
+    try:
+      encoded = read_for_storage(path, short_side=config.short_side)
+    except BadImageError as e:
+      if config.on_bad_image != "skip":
+        raise
+      log_skipped(path, e.__cause__)
+      continue
+    key = len(paths)
+    paths.append(relative)
+    captions.append(caption)
+    yield key, {"image": encoded, "path": relative}
+
+
+def prepare_with_metadata(builder_cls, *, data_dir: str | None,
+                          manual_dir: str | None, image_size: int,
+                          on_bad_image: str
+                          ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+  """Prepares `builder_cls` once; returns (split -> data source, metadata)."""
+  short_side = stored_short_side(image_size)
+  # TFDS wants the class's own object for a config the class lists.
+  config = (builder_cls.builder_configs.get(
+      storage_config_name(short_side, on_bad_image)) or
+            StorageConfig(short_side=short_side, on_bad_image=on_bad_image))
+  sources = prepare(builder_cls, data_dir=data_dir, manual_dir=manual_dir,
+                    config=config)
+  builder = builder_cls(data_dir=data_dir or default_data_dir(), config=config)
+  return sources, builder.info.metadata

@@ -1,0 +1,320 @@
+"""MIT-States loader: TIRG's protocol on a small fixture in the exact on-disk format."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from irtf_jax import data
+from irtf_jax.data import image_files, mit_states
+import image_fixtures
+
+# (adjective, noun) folders and image counts. fish, tomato and wool are among
+# TIRG's 49 test nouns; apple, car and bag are not. bag and wool have a single
+# adjective (no query can start from them).
+FOLDERS = {
+    "ripe apple": 2, "rotten apple": 2, "sliced apple": 1,
+    "old car": 2, "new car": 1,
+    "raw fish": 2, "fried fish": 1, "dried fish": 2,
+    "ripe tomato": 1, "rotten tomato": 2,
+    "dyed wool": 1,
+    # not classes: placeholders and a folder without a space
+    "adj apple": 1, "adj fish": 2, "misc": 1,
+}
+# bag's images test the resize and crop: (file, width, height), 2:1 banded.
+BANDED = (("landscape.jpg", 96, 48), ("portrait.jpg", 48, 96),
+          ("large.jpg", 1200, 600))
+TEST_NOUNS_HERE = {"fish", "tomato", "wool"}
+
+
+def class_folders():
+  """Expected classes: split -> {caption: image count}, from FOLDERS alone."""
+  classes = {"train": {"striped bag": len(BANDED)}, "test": {}}
+  for folder, count in FOLDERS.items():
+    words = folder.split(" ")
+    if len(words) != 2 or words[0] == "adj":
+      continue
+    classes["test" if words[1] in TEST_NOUNS_HERE else "train"][folder] = count
+  return classes
+
+
+def write_fixture(root):
+  written = image_fixtures.write_mit_states(str(root), FOLDERS)
+  for name, width, height in BANDED:
+    image_fixtures.write_banded_jpeg(
+        os.path.join(root, "images", "striped bag", name), width, height)
+  return written
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mit_states")
+  written = write_fixture(root)
+  data_dir = str(tmp_path_factory.mktemp("data"))
+  def load(split, **options):
+    options.setdefault("image_size", 16)
+    return data.load("mit_states", split, data_dir=data_dir,
+                     manual_dir=str(root), **options)
+
+  return {"root": root, "written": written, "load": load,
+          "train": load("train"), "test": load("test")}
+
+
+def test_tirg_test_nouns_are_49_and_include_known_ones():
+  assert len(mit_states.TEST_NOUNS) == 49
+  assert TEST_NOUNS_HERE <= mit_states.TEST_NOUNS
+  assert not {"apple", "car", "bag"} & mit_states.TEST_NOUNS
+
+
+def test_split_by_noun_and_captions(dataset):
+  for split in ("train", "test"):
+    got = collections.Counter(dataset[split].captions)
+    assert got == collections.Counter(class_folders()[split])
+  # each image's caption is its folder's name, and paths stay per split
+  for split in ("train", "test"):
+    s = dataset[split]
+    for path, caption in zip(s.paths, s.captions):
+      assert path.split(os.sep)[1] == caption
+
+
+def test_test_queries_follow_tirg(dataset):
+  split = dataset["test"]
+  expected = collections.Counter()
+  classes = class_folders()["test"]
+  for caption, count in classes.items():
+    adj, noun = caption.split()
+    for target in classes:
+      target_adj, target_noun = target.split()
+      if target_noun == noun and target_adj != adj:
+        expected[(caption, target_adj, target)] += count
+  got = collections.Counter((split.captions[q.source_index], q.text,
+                             q.target_caption) for q in split.queries)
+  assert sum(expected.values()) == 13  # fish 2*2+1*2+2*2, tomato 1+2
+  assert got == expected
+  for q in split.queries:
+    assert split.captions[q.target_index] == q.target_caption
+  np.testing.assert_array_equal(split.gallery, np.arange(len(split.captions)))
+  np.testing.assert_array_equal(split.exclude_columns,
+                                [q.source_index for q in split.queries])
+
+
+def test_hits_are_the_images_of_the_target_folder(dataset):
+  split = dataset["test"]
+  for q in split.queries:
+    hits = {i for i in split.gallery if split.captions[i] == q.target_caption}
+    folder = {i for i, p in enumerate(split.paths)
+              if p.split(os.sep)[1] == q.target_caption}
+    assert hits == folder and len(hits) == class_folders()["test"][
+        q.target_caption]
+
+
+def test_caption_views(dataset):
+  views = dataset["test"].caption_views
+  assert views["adjective"]("dried fish") == "dried"
+  assert views["noun"]("dried fish") == "fish"
+
+
+def test_complete_text_uses_the_target_caption(dataset):
+  split = dataset["load"]("test", complete_text=True)
+  assert [q.text for q in split.queries] == [
+      q.target_caption for q in dataset["test"].queries]
+
+
+def check_training_query_rules(split, queries):
+  """Independent check of the sampling rules, from captions alone."""
+  adjs_of = collections.defaultdict(set)
+  for caption in split.captions:
+    adjs_of[caption.split()[1]].add(caption.split()[0])
+  for q in queries:
+    source_adj, source_noun = split.captions[q.source_index].split()
+    target_adj, target_noun = split.captions[q.target_index].split()
+    assert target_noun == source_noun and target_adj != source_adj
+    assert q.text == target_adj
+    assert q.target_caption == split.captions[q.target_index]
+    assert len(adjs_of[source_noun]) >= 2
+  for first, second in zip(queries[0::2], queries[1::2]):
+    assert first.source_index == second.source_index
+    noun = split.captions[first.source_index].split()[1]
+    if len(adjs_of[noun]) >= 3:
+      assert first.text != second.text
+
+
+def test_training_sampler_pairs_and_rules(dataset):
+  split = dataset["train"]
+  batches = [split.sample_training_queries(seed=3, step=s, batch_size=32)
+             for s in range(4)]
+  for batch in batches:
+    assert len(batch) == 32
+    check_training_query_rules(split, batch)
+  sources = {q.source_index for b in batches for q in b}
+  captions = {split.captions[i] for i in sources}
+  # every source with a second adjective shows up; bag (one adjective) never
+  assert {c.split()[1] for c in captions} == {"apple", "car"}
+  # apple has three adjectives: both other adjectives are drawn
+  pairs = {(split.captions[a.source_index], a.text, b.text)
+           for b0 in batches for a, b in zip(b0[0::2], b0[1::2])}
+  assert ("ripe apple", "rotten", "sliced") in pairs or (
+      "ripe apple", "sliced", "rotten") in pairs
+  assert split.sample_training_queries(3, 1, 32) == batches[1]
+  assert split.sample_training_queries(3, 2, 32) != batches[1]
+  assert split.sample_training_queries(4, 1, 32) != batches[1]
+  assert len(split.sample_training_queries(3, 1, 7)) == 7
+
+
+def test_train_recall_queries(dataset):
+  split = dataset["train"]
+  assert len(split.queries) == len(split.captions)  # fewer than 10,000 images
+  check_training_query_rules(split, split.queries)
+  np.testing.assert_array_equal(split.gallery,
+                                [q.target_index for q in split.queries])
+  np.testing.assert_array_equal(split.exclude_columns, -1)
+  assert dataset["load"]("train").queries == split.queries
+  assert dataset["load"]("train", train_query_seed=1).queries != split.queries
+  assert len(dataset["load"]("train", num_train_queries=5).queries) == 5
+  assert set(split.vocabulary_texts) == set(class_folders()["train"])
+
+
+def test_images_match_their_files(dataset):
+  """Records line up with captions: 24x16 files at S=16 are cropped, not resized."""
+  split = dataset["test"]
+  images = split.images(np.arange(len(split.captions)))
+  assert images.shape == (len(split.captions), 16, 16, 3)
+  assert images.dtype == np.uint8
+  for i, path in enumerate(split.paths):
+    original = np.asarray(Image.open(os.path.join(dataset["root"], path)),
+                          np.float64)
+    # shorter side already 16: the centre crop keeps columns 4..19
+    assert np.abs(images[i] - original[:, 4:20]).mean() < 6
+
+
+def test_resize_shorter_side_then_center_crop(dataset):
+  """2:1 banded images: the crop keeps exactly the red and blue halves."""
+  split = dataset["train"]
+  for name, width, height in BANDED:
+    index = split.paths.index(os.path.join("images", "striped bag", name))
+    image = split.image(index).astype(np.int64)
+    if height > width:
+      image = image.transpose(1, 0, 2)
+    # columns 0..7 from red, 8..15 from blue; edges blur, so test the insides
+    assert np.abs(image[:, 1:7] - image_fixtures.RED).max() < 50
+    assert np.abs(image[:, 9:15] - image_fixtures.BLUE).max() < 50
+    assert image[:, :, 1].max() < 80  # no green band inside the crop
+
+
+def test_image_size_option(dataset):
+  split = dataset["load"]("test", image_size=8)
+  assert split.images(np.array([0, 1])).shape == (2, 8, 8, 3)
+
+
+def test_missing_dataset_folder_prints_instructions(tmp_path):
+  missing = tmp_path / "nowhere"
+  with pytest.raises(FileNotFoundError,
+                     match=rf"mit_states: missing dataset folder {missing}"):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(missing))
+  root = tmp_path / "no_images"
+  root.mkdir()
+  (root / "README").write_text("x")
+  with pytest.raises(FileNotFoundError) as info:
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
+  assert str(info.value).startswith(
+      f"mit_states: missing folder {root / 'images'}. Pass the folder")
+  assert mit_states.MANUAL_DOWNLOAD_INSTRUCTIONS in str(info.value)
+
+
+def small_root(tmp_path):
+  root = tmp_path / "mit"
+  image_fixtures.write_mit_states(str(root), {"raw fish": 1, "dried fish": 1,
+                                              "old car": 1, "new car": 1})
+  return root
+
+
+def test_truncated_image_error_or_skip(tmp_path, caplog):
+  root = small_root(tmp_path)
+  bad = os.path.join(root, "images", "raw fish", "broken.jpg")
+  image_fixtures.write_truncated_jpeg(bad)
+  with pytest.raises(image_files.BadImageError) as info:
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
+  message = str(info.value)
+  assert message.startswith(f"{bad}: unreadable or truncated image (")
+  assert message.endswith("; stopping (on_bad_image='error'; pass "
+                          "on_bad_image='skip' to leave bad images out)")
+  with caplog.at_level(logging.WARNING):
+    split = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+                      manual_dir=str(root), on_bad_image="skip")
+  assert sorted(split.captions) == ["dried fish", "raw fish"]
+  assert any(r.getMessage().startswith(f"{bad}: unreadable or truncated")
+             and r.getMessage().endswith("; skipped (on_bad_image='skip')")
+             for r in caplog.records)
+  # a strict load never reuses the build that skipped the bad image
+  with pytest.raises(image_files.BadImageError):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
+
+
+def test_symlinks_out_of_the_dataset_are_refused(tmp_path):
+  outside = tmp_path / "outside"
+  image_fixtures.write_jpeg(str(outside / "x.jpg"), (1, 2, 3))
+  root = small_root(tmp_path)
+  os.symlink(outside, root / "images" / "wet fish")
+  with pytest.raises(ValueError) as info:
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
+  assert str(info.value) == (
+      f"{root / 'images'}: image path 'images/wet fish' escapes the dataset "
+      f"folder {root} (through '..' or a symlink); refused")
+  os.remove(root / "images" / "wet fish")
+  os.symlink(outside / "x.jpg", root / "images" / "raw fish" / "y.jpg")
+  with pytest.raises(ValueError, match=re.escape(
+      f"{root / 'images' / 'raw fish'}: image path 'images/raw fish/y.jpg' "
+      f"escapes the dataset folder")):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
+
+
+def test_bad_folder_name_and_options(tmp_path):
+  root = small_root(tmp_path)
+  image_fixtures.write_jpeg(str(root / "images" / "very old car" / "a.jpg"),
+                            (1, 2, 3))
+  with pytest.raises(ValueError, match=re.escape(
+      f"{root / 'images' / 'very old car'}: a class folder must be named "
+      f"'<adjective> <noun>'")):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
+  os.rename(root / "images" / "very old car", root / "images" / "gold car")
+  (root / "images" / "gold car" / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match=re.escape(
+      f"{root / 'images' / 'gold car' / 'notes.txt'}: not a .jpg file")):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root))
+  with pytest.raises(ValueError, match="on_bad_image: got 'ignore'"):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root), on_bad_image="ignore")
+  with pytest.raises(ValueError, match="image_size: got 0"):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root), image_size=0)
+
+
+def test_prepared_data_needs_no_dataset_folder(tmp_path):
+  root = small_root(tmp_path)
+  first = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+                    manual_dir=str(root), image_size=8)
+  pixels = first.images(np.arange(2))
+  shutil.rmtree(root)
+  again = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+                    manual_dir=str(root), image_size=8)
+  assert again.captions == first.captions and again.paths == first.paths
+  np.testing.assert_array_equal(again.images(np.arange(2)), pixels)
+  # crops larger than the stored 256 need a larger stored copy: a new build
+  with pytest.raises(FileNotFoundError, match="mit_states: missing dataset"):
+    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
+              manual_dir=str(root), image_size=300)
