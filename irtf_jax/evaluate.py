@@ -246,25 +246,29 @@ class FeatureExtractor:
     return self._run(self._embed_query, variables, len(queries), make_inputs)
 
 
-def caption_ids(captions: Sequence[str], vocabulary: dict) -> np.ndarray:
-  """Captions -> integer ids, growing `vocabulary` (caption -> id) as needed."""
-  return np.asarray([vocabulary.setdefault(c, len(vocabulary))
-                     for c in captions], np.int64)
+def evaluate_split(extractor: FeatureExtractor, variables, split, *,
+                   vocab, max_length: int, ks: Sequence[int],
+                   max_queries: int = 0, seed: int = 0,
+                   chunk_size: int = 1024
+                   ) -> tuple[dict[str, float], list, np.ndarray]:
+  """Recall@K of `split.queries` against `split.gallery` (TIRG's protocol).
 
-
-def evaluate_split(extractor: FeatureExtractor, variables, split, queries,
-                   vocab, *, max_length: int, ks: Sequence[int],
-                   chunk_size: int = 1024) -> tuple[dict[str, float], np.ndarray]:
-  """Recall@K of `queries` against `split.gallery` (TIRG's protocol).
+  Args:
+    max_queries: evaluate a fixed random subset of this many queries
+      (0: all), drawn from `seed`.
 
   Returns:
-    ({"recall@K": r, "<view>/recall@K": r, ...}, top-k gallery image indices
-    of every query (Q, max(ks))), recall in [0, 1].
+    ({"recall@K": r, "<view>/recall@K": r, ...} in [0, 1], the queries
+    evaluated, and the top-k gallery image indices of each (Q, max(ks))).
   """
   gallery = np.asarray(split.gallery)
-  position = {int(image): pos for pos, image in enumerate(gallery)}
-  exclude = np.asarray([position.get(q.source_index, -1) for q in queries],
-                       np.int64)
+  queries = list(split.queries)
+  exclude = split.excluded_columns()
+  if max_queries and len(queries) > max_queries:
+    chosen = np.sort(np.random.default_rng(seed).choice(
+        len(queries), max_queries, replace=False))
+    queries = [queries[i] for i in chosen]
+    exclude = exclude[chosen]
   gallery_features = extractor.gallery(variables, split, gallery)
   query_features = extractor.queries(variables, split, queries, vocab,
                                      max_length)
@@ -277,10 +281,10 @@ def evaluate_split(extractor: FeatureExtractor, variables, split, queries,
   results = {}
   views = {"": lambda caption: caption, **dict(split.caption_views)}
   for view, label_of in views.items():
-    ids: dict = {}
-    gallery_ids = caption_ids([label_of(c) for c in gallery_captions], ids)
-    target_ids = caption_ids([label_of(c) for c in target_captions], ids)
+    gallery_ids, target_ids = metrics.caption_ids(
+        [label_of(c) for c in gallery_captions],
+        [label_of(c) for c in target_captions])
     recall = recall_from_neighbours(neighbours, target_ids, gallery_ids, ks)
     prefix = f"{view}/" if view else ""
     results.update({f"{prefix}recall@{kk}": v for kk, v in recall.items()})
-  return results, gallery[np.maximum(neighbours, 0)]
+  return results, queries, gallery[np.maximum(neighbours, 0)]

@@ -179,14 +179,10 @@ class Trainer:
     for prefix, split, limit in (
         ("test", self.test_split, config.eval.max_test_queries),
         ("train", self.train_split, config.eval.max_train_queries)):
-      queries = list(split.queries)
-      if limit and len(queries) > limit:
-        rng = np.random.default_rng(config.seed)
-        queries = [queries[i] for i in
-                   np.sort(rng.choice(len(queries), limit, replace=False))]
-      recall, neighbours = evaluate.evaluate_split(
-          self.extractor, variables, split, queries, self.vocab,
+      recall, queries, neighbours = evaluate.evaluate_split(
+          self.extractor, variables, split, vocab=self.vocab,
           max_length=config.model.text_encoder.max_length, ks=config.eval.ks,
+          max_queries=limit, seed=config.seed,
           chunk_size=config.eval.chunk_size)
       results.update({f"{prefix}/{k}": v for k, v in recall.items()})
       if prefix == "test":

@@ -46,6 +46,9 @@ class Split:
       (test split: the published test queries; train split: the queries that
       measure train-split recall).
     gallery: indices of the images ranked for `queries` (default: all).
+    exclude_columns: per query, the gallery column removed from its ranking,
+      or -1 for none; None (the default) means "the query's source image",
+      wherever it stands in the gallery (TIRG's protocol).
     caption_views: extra, coarser labels for recall (e.g. MIT-States'
       "adjective" and "noun"): name -> function caption -> label.
     vocabulary_texts: every text that training may produce (builds the word
@@ -56,10 +59,19 @@ class Split:
   captions: Sequence[str] = ()
   queries: Sequence[Query] = ()
   caption_views: Mapping[str, Callable[[str], str]] = {}
+  exclude_columns: np.ndarray | None = None
 
   @property
   def gallery(self) -> np.ndarray:
     return np.arange(len(self.captions))
+
+  def excluded_columns(self) -> np.ndarray:
+    """`exclude_columns`, or each query's source position in the gallery."""
+    if self.exclude_columns is not None:
+      return np.asarray(self.exclude_columns, np.int64)
+    position = {int(image): pos for pos, image in enumerate(self.gallery)}
+    return np.asarray([position.get(q.source_index, -1) for q in self.queries],
+                      np.int64)
 
   @property
   def vocabulary_texts(self) -> Sequence[str]:
