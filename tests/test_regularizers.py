@@ -129,9 +129,9 @@ def test_zero_epsilon_is_an_exact_no_op():
   assert ga.fgsm_adversarial_loss(mlp_loss, epsilon=0) is mlp_loss
   logged = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.0, q=2.0,
                                            with_penalty_in_aux=True)
-  (total, terms), grads = jax.value_and_grad(logged, has_aux=True)(
+  (total, terms), grads = jax.jit(jax.value_and_grad(logged, has_aux=True))(
       params, x, y)
-  clean, clean_grads = jax.value_and_grad(mlp_loss)(params, x, y)
+  clean, clean_grads = jax.jit(jax.value_and_grad(mlp_loss))(params, x, y)
   assert np.array_equal(total, clean) and np.array_equal(terms.loss, clean)
   assert terms.penalty == 0
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(clean_grads)):
@@ -183,10 +183,10 @@ def test_zero_input_gradient_gives_finite_parameter_gradient():
     masked = x.at[0].set(jax.lax.stop_gradient(x[0]))
     return mlp_loss(params, masked, y)
 
-  for q in DUAL_NORMS:
-    grads = jax.grad(ga.adversarial_gradient_penalty(loss, epsilon=0.1, q=q))(
-        params, x, y)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # The 2-norm is the one with an infinite derivative at 0 (sqrt).
+  grads = jax.jit(jax.grad(
+      ga.adversarial_gradient_penalty(loss, epsilon=0.1, q=2.0)))(params, x, y)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -320,7 +320,7 @@ def test_gaussian_noise_std_per_leaf_in_one_draw():
   gamma = 2.0
   grads = {"big": jnp.zeros((100, 200)), "small": jnp.zeros((50,))}
   transform = ga.isotropic_gradient_augmentation(gamma, seed=7)
-  updates, _ = transform.update(grads, transform.init(grads))
+  updates, _ = jax.jit(transform.update)(grads, transform.init(grads))
   for name, n in (("big", 20000), ("small", 50)):
     values = np.asarray(updates[name]).ravel()
     np.testing.assert_allclose(values.std(), gamma / n,
@@ -365,15 +365,20 @@ def test_sphere_noise_norm_and_uniform_direction():
                 5 * second_moment_se)
 
 
-def test_noise_is_reproducible_and_fresh_every_step():
+def _eager_noise(seed, steps=3):
+  """(steps, elements) noise of un-jitted updates from a fresh transform."""
+  transform = ga.isotropic_gradient_augmentation(1.0, seed=seed)
   grads = _zero_grads()
-  first, _ = _noise_sequence(ga.isotropic_gradient_augmentation(1.0, seed=3),
-                             grads, 3)
-  again, _ = _noise_sequence(ga.isotropic_gradient_augmentation(1.0, seed=3),
-                             grads, 3)
-  other, _ = _noise_sequence(ga.isotropic_gradient_augmentation(1.0, seed=4),
-                             grads, 3)
-  first, again, other = map(_flat_samples, (first, again, other))
+  state = transform.init(grads)
+  rows = []
+  for _ in range(steps):
+    updates, state = transform.update(grads, state)
+    rows.append(ravel_pytree(updates)[0])
+  return np.stack(rows)
+
+
+def test_noise_is_reproducible_and_fresh_every_step():
+  first, again, other = _eager_noise(3), _eager_noise(3), _eager_noise(4)
   assert np.array_equal(first, again)
   assert not np.any(first == other)
   assert not np.any(first[0] == first[1]) and not np.any(first[1] == first[2])
@@ -460,8 +465,9 @@ def _make_tx():
                      optax.sgd(0.1, momentum=0.9))
 
 
-@pytest.mark.parametrize("q", DUAL_NORMS)
-def test_sharded_jit_equals_one_device(q):
+# One dual norm here: the others differ only in the per-example reduction,
+# which the closed-form and finite-difference tests cover.
+def test_sharded_jit_equals_one_device(q=1.0):
   assert jax.device_count() == 8
   params, x, y = _mlp_data(batch=16)
   tx = _make_tx()
@@ -486,8 +492,7 @@ def test_sharded_jit_equals_one_device(q):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("q", DUAL_NORMS)
-def test_pmap_with_pmean_equals_global_batch(q):
+def test_pmap_with_pmean_equals_global_batch(q=2.0):
   devices = jax.device_count()
   params, x, y = _mlp_data(batch=16)
   tx = _make_tx()
