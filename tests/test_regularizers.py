@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -152,15 +153,40 @@ def test_aux_is_passed_through_and_penalty_reported():
       with_penalty_in_aux=True)
   total, aux = plain(params, x, y)
   total_logged, (aux_logged, terms) = logged(params, x, y)
-  reference = ga.adversarial_gradient_penalty(mlp_loss, epsilon=epsilon, q=q)
-  np.testing.assert_allclose(total, reference(params, x, y), rtol=1e-6)
+  reference = ga.adversarial_penalty(mlp_loss, epsilon=epsilon, q=q)
+  np.testing.assert_allclose(terms.penalty, reference(params, x, y), rtol=1e-6)
+  np.testing.assert_allclose(terms.loss, mlp_loss(params, x, y), rtol=1e-6)
+  np.testing.assert_allclose(total, terms.loss + terms.penalty, rtol=1e-6)
   np.testing.assert_allclose(total_logged, total, rtol=1e-6)
-  np.testing.assert_allclose(terms.loss + terms.penalty, total, rtol=1e-6)
-  np.testing.assert_allclose(terms.penalty, ga.adversarial_penalty(
-      loss_with_aux, epsilon=epsilon, q=q, has_aux=True)(params, x, y),
-                             rtol=1e-6)
   for got in (aux, aux_logged):
     np.testing.assert_array_equal(got["batch_mean"], jnp.mean(x, axis=0))
+
+
+def test_batchnorm_statistics_pass_through_double_backprop():
+  model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False),
+                         jnp.tanh, nn.Dense(2)])
+  _, x, y = _mlp_data()
+  variables = model.init(jax.random.key(0), x)
+
+  def loss_fn(params, x, y, batch_stats):
+    out, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                               x, mutable=["batch_stats"])
+    return jnp.mean(0.5 * jnp.sum((out - y)**2, axis=1)), updates
+
+  regularized = ga.adversarial_gradient_penalty(
+      loss_fn, epsilon=0.1, has_aux=True, with_penalty_in_aux=True)
+  args = (variables["params"], x, y, variables["batch_stats"])
+  total, (updates, terms) = jax.jit(regularized)(*args)
+  clean = loss_fn(*args)[0]
+  batch_mean = np.asarray(x @ variables["params"]["layers_0"]["kernel"] +
+                          variables["params"]["layers_0"]["bias"]).mean(0)
+  # Flax's running mean after one step with momentum 0.99 from zeros.
+  np.testing.assert_allclose(
+      updates["batch_stats"]["layers_1"]["mean"], 0.01 * batch_mean,
+      rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(terms.loss, clean, rtol=1e-6)
+  np.testing.assert_allclose(total, clean + terms.penalty, rtol=1e-6)
+  assert terms.penalty > 0
 
 
 def test_penalty_with_keyword_arguments_and_other_argnum():
