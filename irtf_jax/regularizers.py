@@ -168,7 +168,12 @@ def dual_norm_penalty(input_grad: Any, *, epsilon: float,
 def _loss_and_input_grad(loss_fn: Callable[..., Any], args: tuple,
                          kwargs: dict, argnum: int, has_aux: bool,
                          caller: str):
-  """(loss, aux, dL/dx): one forward and one backward pass of loss_fn."""
+  """One forward and one backward pass of loss_fn w.r.t. argument `argnum`.
+
+  Returns:
+    (loss, aux or None, dL/dx, loss_of_inputs), the last being loss_fn as a
+    function of argument `argnum` alone, the other arguments fixed.
+  """
   _check_argnum(argnum, len(args), caller)
   inputs = args[argnum]
   _batch_size(inputs, caller, f"argument {argnum}")
@@ -186,7 +191,7 @@ def adversarial_gradient_penalty(
     loss_fn: Callable[..., Any], *, epsilon: float, q: float = 1.0,
     argnum: int = 1, has_aux: bool = False,
     with_penalty_in_aux: bool = False) -> Callable[..., Any]:
-  r"""Wraps a loss with the explicit adversarial gradient augmentation penalty.
+  """Wraps a loss with the explicit adversarial gradient augmentation penalty.
 
   The returned function has loss_fn's signature and returns `L + P` where L is
   loss_fn's value (a mean over the batch) and
@@ -197,7 +202,7 @@ def adversarial_gradient_penalty(
   batch axis of size B), x_i its example i with all leaves flattened together
   and d the number of elements of one example.
 
-  Derivation (Huang et al., TMM 2023, Sec. III-B). FGSM adversarial training
+  Derivation (Huang et al., TMM 2023). FGSM adversarial training
   minimises the mean of the clean and adversarial losses,
   `(L(x) + max_{||delta||_p <= eps} L(x + delta)) / 2`. To first order
   `L(x + delta) ~ L(x) + <grad_x L, delta>`, and by Hoelder's inequality the
@@ -208,7 +213,10 @@ def adversarial_gradient_penalty(
   B (which turns the gradient of a batch-mean loss into the gradient of
   example i's own term) and the dimension factor d ** (1 - 1/q) (so eps keeps
   one scale across norms: ||v||_1 <= d ** (1 - 1/q) * ||v||_q) follow the
-  official implementation, so eps = 1e-6 with q = 1 means what it meant there.
+  official implementation, so eps means what it meant there. That code uses
+  eps = 1e-6 and q = 1 on the query-image pixels (after ImageNet
+  normalisation), penalising the gradient of the batch-based classification
+  loss only.
 
   The gradient of P w.r.t. the other arguments (the parameters) comes from
   differentiating through `jax.grad` (double backpropagation); it costs
@@ -421,17 +429,20 @@ def isotropic_noise(updates: Any, key: jax.Array, *, gamma: float,
 def isotropic_gradient_augmentation(
     gamma: float, *, seed: int = 0,
     distribution: str = "gaussian") -> optax.GradientTransformation:
-  r"""Implicit isotropic gradient augmentation as an optax transformation.
+  """Implicit isotropic gradient augmentation as an optax transformation.
 
   Each update adds fresh isotropic noise to the gradient (Huang et al., TMM
-  2023, Sec. III-C): for every leaf of n elements,
+  2023): for every leaf of n elements,
 
     g <- g + gamma * xi / n,    xi ~ N(0, I_n),
 
   the gradient of the random linear loss `gamma * mean(xi * theta)`. Over
   steps the noise has mean zero, so the expected descent direction is
   unchanged while each step's direction is spread inside a ball around it.
-  See `isotropic_noise` for the "linf" and "sphere" options.
+  See `isotropic_noise` for the "linf" and "sphere" options. Put it first in
+  an `optax.chain`, before momentum and the learning rate, so that the noise
+  goes where the official loss term's gradient went:
+  `optax.chain(isotropic_gradient_augmentation(1e-2), optax.sgd(...))`.
 
   The noise is drawn from a PRNG key kept in the transform's state (as
   `optax.add_noise` does): step t uses `fold_in(key(seed), t)`. The state is a
