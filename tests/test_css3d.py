@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -292,6 +294,32 @@ def test_safe_loader_reads_what_numpy_writes(tmp_path):
     safe_pickle.load_npy_object(tmp_path / "bad.npy")
   with pytest.raises(safe_pickle.UnsafePickleError, match="builtins.eval"):
     safe_pickle.safe_loads(b"cbuiltins\neval\n(S'1'\ntR.", source="p")
+
+
+def test_safe_loader_reads_python2_era_pickles(tmp_path):
+  """Protocol 2 with NumPy 1 module names, as the published file was written."""
+  css = css_dict()
+  css["train"]["tags"] = {"a", "b"}  # A set: "__builtin__ set" in protocol 2.
+  css["train"]["scale"] = np.float32(0.5)  # NumPy scalar reconstructor.
+  array = np.empty((), dtype=object)
+  array[()] = css
+  payload = pickle.dumps(array, protocol=2)
+  assert b"c__builtin__\nset" in payload
+  payload = payload.replace(b"cnumpy._core.multiarray\n",
+                            b"cnumpy.core.multiarray\n")
+  assert b"cnumpy.core.multiarray\n_reconstruct" in payload
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      header, {"descr": "|O", "fortran_order": False, "shape": ()})
+  path = tmp_path / "py2.npy"
+  path.write_bytes(header.getvalue() + payload)
+  loaded = safe_pickle.load_npy_object(path)
+  assert loaded["train"]["tags"] == {"a", "b"}
+  assert loaded["train"]["scale"] == np.float32(0.5)
+  assert loaded["train"]["scale"].dtype == np.float32
+  assert loaded["test"]["mods"] == css["test"]["mods"]
+  np.testing.assert_array_equal(loaded["train"]["objects_img"][2][0]["pos"],
+                                [0.2, 0.2])
 
 
 @pytest.mark.parametrize("mutate, message", [
