@@ -235,6 +235,9 @@ def load(split: str, *, data_dir: str | None = None,
          skip_unreadable_images: bool = False) -> css_synth.CSSSplit:
   """Loads split "train" or "test" of the CSS dataset, preparing it once.
 
+  The prepared data is kept per renderer option in `data_dir`; delete
+  `data_dir/css3d` to re-read a changed manual_dir.
+
   Args:
     split: "train" or "test".
     data_dir: where the prepared array_record files are kept.

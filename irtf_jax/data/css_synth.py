@@ -12,7 +12,10 @@ circle, triangle), one of eight colors and a size (small, large). Objects are
 dicts in the format of the CSS `.npy`'s `objects_img` entries:
 `{"shape", "color", "size", "pos": (y, x)}` with `pos` the object's centre as
 fractions of the image height and width (`GRID_FRACTIONS` per row / column).
-A source scene holds 2 to 5 objects.
+A source scene holds 2 to 5 objects (`MIN_OBJECTS`, `MAX_OBJECTS`), a
+target 1 to 6. The exact grid fractions of the published CSS are not part of
+its released renderer; 0.2 / 0.5 / 0.8 keep every object inside the image
+and apart from its neighbours.
 
 Rendering (`render_scene`), as CSS's 2D renderer: a white canvas, each object
 filled in its color (CSS's RGB values, `COLOR_RGB`) around its centre
@@ -24,8 +27,8 @@ filled in its color (CSS's RGB values, `COLOR_RGB`) around its centre
     [int(x0), int(2x-x0)) with x0 = x + |y0-y| - s;
   triangle: rows y0 in [int(y-s), int(y+s)), columns [int(min(x0, x1)),
     int(max(x0, x1))) with x0 = x + (y0-y+s)/2, x1 = 2x - x0.
-Grid cells are 0.3 of the image apart, so objects in different cells never
-overlap: two scenes look the same exactly when they hold the same objects,
+Cell centres are 0.3 of the image apart and a large object spans 0.25, so
+objects in different cells never overlap: two scenes look the same exactly when they hold the same objects,
 and they then share one caption, the canonical description of the scene
 (cells in reading order: "top-left small red rectangle, middle-center large
 blue circle").
@@ -52,7 +55,8 @@ texts, distinct targets); the gallery is every distinct scene among sources and
 targets. A "mod" is one text with all its (from, to) image pairs, as in the
 CSS file. `queries` are every (from, to) pair of every mod (test split: the
 test protocol; train split: the queries of train-split recall, Ms of WHM);
-`vocabulary_texts` are the split's mod texts; `sample_training_queries` draws
+`vocabulary_texts` are the split's mod texts (build the word vocabulary from
+the train split's); `sample_training_queries` draws
 a mod and one of its pairs, then a second, different mod of the same source
 image, so consecutive queries share their source.
 """
@@ -251,7 +255,7 @@ def _sample_modification(rng: np.random.Generator,
   kind = ("add", "remove", "make")[rng.integers(3)]
   if kind == "add":
     free = [p for p in POSITIONS if p not in {o.position for o in scene}]
-    if len(scene) >= MAX_OBJECTS + 1 or not free:
+    if not free:
       return None
     new = SceneObject(free[rng.integers(len(free))],
                       SIZES[rng.integers(len(SIZES))],
@@ -260,12 +264,12 @@ def _sample_modification(rng: np.random.Generator,
     return _Modification(
         f"add {new.size} {new.color} {new.shape} to {new.position}",
         canonical_scene(scene + (new,)), (new,))
+  if kind == "remove" and len(scene) < 2:
+    return None
   obj = scene[rng.integers(len(scene))]
   reference = _sample_reference(rng, scene, obj)
   rest = tuple(o for o in scene if o != obj)
   if kind == "remove":
-    if len(scene) < 2:
-      return None
     return _Modification(f"remove {reference}", rest, (obj,))
   attribute = ("size", "color", "shape")[rng.integers(3)]
   values = [v for v in {"size": SIZES, "color": COLORS, "shape": SHAPES}[
@@ -367,7 +371,7 @@ class CSSSplit(storage.RecordSplit):
   def __init__(self, source, *, name: str, split: str, captions,
                objects, mods: Sequence[Mod], images: np.ndarray):
     super().__init__(source, name=name, split=split, captions=captions)
-    self._cache = np.asarray(images, np.uint8)  # RecordSplit's image cache.
+    self._images = np.asarray(images, np.uint8)
     self.objects = list(objects)
     self.mods = list(mods)
     self.queries = [
@@ -389,6 +393,9 @@ class CSSSplit(storage.RecordSplit):
   @property
   def vocabulary_texts(self) -> list[str]:
     return [mod.text for mod in self.mods]
+
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    return self._images[np.asarray(indices, np.int64)]
 
   def _query(self, m: int, k: int) -> Query:
     mod = self.mods[m]
