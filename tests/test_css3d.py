@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 
@@ -188,7 +189,7 @@ def test_without_labels_every_image_is_its_own_caption(tmp_path):
   assert s.queries[1].target_caption == "1"
 
 
-def test_truncated_png_fails_with_its_path_or_is_skipped(tmp_path):
+def test_truncated_png_fails_with_its_path_or_is_skipped(tmp_path, caplog):
   root = write_css(tmp_path / "css")
   broken = css3d.image_path(root, "test", 1)
   with open(broken, "rb") as f:
@@ -199,8 +200,10 @@ def test_truncated_png_fails_with_its_path_or_is_skipped(tmp_path):
     data.load("css3d", "test", data_dir=str(tmp_path / "a"), manual_dir=root)
   assert str(error.value).startswith(f"{broken}: unreadable or truncated")
   assert "skip_unreadable_images=True" in str(error.value)
-  s = data.load("css3d", "test", data_dir=str(tmp_path / "b"),
-                manual_dir=root, skip_unreadable_images=True)
+  with caplog.at_level(logging.WARNING):
+    s = data.load("css3d", "test", data_dir=str(tmp_path / "b"),
+                  manual_dir=root, skip_unreadable_images=True)
+  assert f"skipping {broken}: unreadable or truncated" in caplog.text
   # Image 1 is gone; the pairs using it are dropped, the others renumbered.
   entry = css_dict()["test"]
   kept = [i for i in range(5) if i != 1]
@@ -334,6 +337,8 @@ def test_safe_loader_reads_python2_era_pickles(tmp_path):
     (lambda c: c["train"]["objects_img"][5][0].pop("pos"),
      r"train objects_img\[5\]\[0\]: object lacks key 'pos'"),
     (lambda c: c.pop("test"), r"no 'test' entry \(found \['train'\]\)"),
+    (lambda c: c["test"]["objects_img"][4][1].update({"pos": "left"}),
+     r"test objects_img\[4\]\[1\]: pos must hold \(y, x\), got 'left'"),
 ])
 def test_malformed_file_errors_name_the_field(tmp_path, mutate, message):
   css = css_dict()

@@ -88,7 +88,10 @@ def _as_object(obj: Any, where: str) -> dict[str, Any]:
   for key in ("shape", "color", "size", "pos"):
     if key not in obj:
       raise ValueError(f"{where}: object lacks key {key!r}")
-  pos = np.asarray(obj["pos"], np.float64).reshape(-1)
+  try:
+    pos = np.asarray(obj["pos"], np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    pos = np.zeros((0,))
   if pos.shape[0] < 2:
     raise ValueError(f"{where}: pos must hold (y, x), got {obj['pos']!r}")
   return {"shape": str(obj["shape"]), "color": str(obj["color"]),
