@@ -66,7 +66,7 @@ def css_dict():
 
 
 def image_pixels(split, index):
-  """A distinct picture per file (so equal labels need not mean equal pixels)."""
+  """A distinct picture per file (equal labels need not mean equal pixels)."""
   rng = np.random.default_rng([("train", "test").index(split), index])
   return rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
 

@@ -223,7 +223,8 @@ def test_cached_images_equal_the_stored_pngs(splits):
   s = splits["test"]
   assert s.image_shape == (64, 64, 3)
   for i in (0, len(s) // 2, len(s) - 1):
-    np.testing.assert_array_equal(s.image(i), s._decode(i))  # pylint: disable=protected-access
+    stored_png = s._decode(i)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(s.image(i), stored_png)
     np.testing.assert_array_equal(s.image(i),
                                   css_synth.render_scene(s.objects[i]))
 
@@ -252,7 +253,8 @@ def test_image_size_option_scales_the_renders(tmp_path):
   s = data.load("css_synth", "train", data_dir=str(tmp_path),
                 num_train_scenes=3, num_test_scenes=3, image_size=32)
   assert s.images(np.arange(len(s))).shape == (len(s), 32, 32, 3)
-  np.testing.assert_array_equal(s._decode(0), s.image(0))  # pylint: disable=protected-access
+  stored_png = s._decode(0)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(stored_png, s.image(0))
 
 
 @pytest.mark.parametrize("options, message", [

@@ -28,10 +28,10 @@ filled in its color (CSS's RGB values, `COLOR_RGB`) around its centre
   triangle: rows y0 in [int(y-s), int(y+s)), columns [int(min(x0, x1)),
     int(max(x0, x1))) with x0 = x + (y0-y+s)/2, x1 = 2x - x0.
 Cell centres are 0.3 of the image apart and a large object spans 0.25, so
-objects in different cells never overlap: two scenes look the same exactly when they hold the same objects,
-and they then share one caption, the canonical description of the scene
-(cells in reading order: "top-left small red rectangle, middle-center large
-blue circle").
+objects in different cells never overlap: two scenes look the same exactly
+when they hold the same objects, and they then share one caption, the
+canonical description of the scene (cells in reading order: "top-left small
+red rectangle, middle-center large blue circle").
 
 Modifications, in CSS's wording (a referring expression names a random
 subset of an object's attributes that picks out exactly that object of the
@@ -217,7 +217,7 @@ def _referring_expression(obj: SceneObject, attributes: Sequence[str]) -> str:
 
 
 def _matching_attributes(obj: SceneObject, other: SceneObject) -> int:
-  """Bit i set: `other` has the value of `obj` for `_REFERRING_ATTRIBUTES[i]`."""
+  """Bit i is set where `other` shares `_REFERRING_ATTRIBUTES[i]` with `obj`."""
   return ((obj.position == other.position) | (obj.size == other.size) << 1
           | (obj.color == other.color) << 2 | (obj.shape == other.shape) << 3)
 

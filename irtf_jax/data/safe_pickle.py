@@ -28,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
+# pylint: disable=g-import-not-at-top
 try:  # NumPy >= 2.
-  from numpy._core import multiarray as _multiarray  # pylint: disable=g-import-not-at-top
+  from numpy._core import multiarray as _multiarray
 except ImportError:  # NumPy 1.x.
-  from numpy.core import multiarray as _multiarray  # pylint: disable=g-import-not-at-top
+  from numpy.core import multiarray as _multiarray
+# pylint: enable=g-import-not-at-top
 
 
 class UnsafePickleError(ValueError):
@@ -53,7 +55,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
   allowed[("__builtin__", "unicode")] = str
   allowed[("__builtin__", "long")] = int
   for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    allowed[(module, "_reconstruct")] = _multiarray._reconstruct  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    allowed[(module, "_reconstruct")] = _multiarray._reconstruct
     allowed[(module, "scalar")] = _multiarray.scalar
   allowed[("numpy", "ndarray")] = np.ndarray
   allowed[("numpy", "dtype")] = np.dtype
