@@ -10,6 +10,8 @@ Running the same command again in the same workdir resumes from the latest
 checkpoint. Any config field can be overridden with --config.a.b=value.
 """
 
+import logging as pylogging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -32,6 +34,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   import jax  # pylint: disable=g-import-not-at-top
+  # Orbax logs every save at INFO with a long record; keep the console for
+  # the progress bar and results.
+  pylogging.getLogger("absl").setLevel(pylogging.WARNING)
+  logging.set_verbosity(logging.WARNING)
   if _MULTIHOST.value:
     jax.distributed.initialize()
   from irtf_jax import train  # pylint: disable=g-import-not-at-top

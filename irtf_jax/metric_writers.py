@@ -51,7 +51,9 @@ class MetricWriter:
       f.write(json.dumps(record, allow_nan=True) + "\n")
     for name, value in record.items():
       if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-        self._tensorboard.add_scalar(name, value, int(step))
+        # TensorBoard tag names may not contain "@".
+        self._tensorboard.add_scalar(name.replace("@", "_at_"), value,
+                                     int(step))
 
   def close(self) -> None:
     if self._tensorboard is not None:

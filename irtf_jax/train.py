@@ -41,10 +41,22 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
-def load_splits(config) -> tuple[data.Split, data.Split]:
-  options = dict(config.data.options)
-  kwargs = dict(data_dir=config.data.data_dir or None,
-                manual_dir=config.data.manual_dir or None, **options)
+def load_splits(config, workdir: str) -> tuple[data.Split, data.Split]:
+  """The train and test splits of config.data.
+
+  With `config.data.fixture` and no `manual_dir` (the smoke variants of the
+  real datasets), a small copy of the dataset in its published on-disk format
+  is written into the workdir and loaded from there, through the same loader.
+  """
+  manual_dir = config.data.manual_dir or None
+  data_dir = config.data.data_dir or None
+  if config.data.fixture and not manual_dir:
+    from irtf_jax.data import fixtures  # pylint: disable=g-import-not-at-top
+    manual_dir = fixtures.write_fixture(
+        config.data.name, os.path.join(workdir, "fixture", "manual"))
+    data_dir = data_dir or os.path.join(workdir, "fixture", "prepared")
+  kwargs = dict(data_dir=data_dir, manual_dir=manual_dir,
+                **dict(config.data.options))
   return (data.load(config.data.name, "train", **kwargs),
           data.load(config.data.name, "test", **kwargs))
 
@@ -141,7 +153,7 @@ class Trainer:
     if self.is_chief:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    self.train_split, self.test_split = load_splits(config)
+    self.train_split, self.test_split = load_splits(config, workdir)
     self.vocab = load_or_build_vocabulary(workdir, self.train_split)
     self.model = models.build_model(
         config.model, len(self.vocab), precision=config.precision,

@@ -52,8 +52,8 @@ def save_retrievals(path: str, split, queries: Sequence, neighbours: np.ndarray,
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
+  fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
