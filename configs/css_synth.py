@@ -15,11 +15,11 @@ def get_config(arg: str = ""):
   config.data.name = "css_synth"
   config.model.name = "tirg_lastconv"
   config.batch_size = 32
-  config.num_train_steps = 1000
-  config.optimizer.lr_decay_steps = 800
-  config.log_every = 20
-  config.eval_every = 1000
-  config.checkpoint_every = 500
+  config.num_train_steps = 300
+  config.optimizer.lr_decay_steps = 250
+  config.log_every = 10
+  config.eval_every = 300
+  config.checkpoint_every = 100
   config.eval.max_test_queries = 4000
   config.eval.max_train_queries = 2000
   if arg == "smoke":

@@ -11,6 +11,7 @@ checkpoint. Any config field can be overridden with --config.a.b=value.
 """
 
 import logging as pylogging
+import os
 
 from absl import app
 from absl import flags
@@ -38,6 +39,10 @@ def main(argv):
   # the progress bar and results.
   pylogging.getLogger("absl").setLevel(pylogging.WARNING)
   logging.set_verbosity(logging.WARNING)
+  # Reruns (resuming, evaluating, sweeping seeds) reuse compiled programs.
+  jax.config.update("jax_compilation_cache_dir", os.environ.get(
+      "IRTF_JAX_COMPILATION_CACHE",
+      os.path.join(os.path.expanduser("~"), ".cache", "irtf_jax", "xla")))
   if _MULTIHOST.value:
     jax.distributed.initialize()
   from irtf_jax import train  # pylint: disable=g-import-not-at-top

@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Iterator
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -216,6 +215,13 @@ class Trainer:
     return results
 
 
+def _stopped(what: str, last_good: int, workdir: str) -> str:
+  return (f"{what}; training stopped. The last good checkpoint (step "
+          f"{last_good}) in {workdir}/checkpoints is intact; lower "
+          "config.optimizer.learning_rate or the GA strengths and rerun in a "
+          "new workdir.")
+
+
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
   host = jax.device_get(pending)
   return {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -230,8 +236,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   host_state = trainer.initial_state()
   start = int(host_state.step)
   trainer.writer.truncate_after(start)
-  if start:
-    logging.info("Resuming from step %d in %s", start, workdir)
+  if start and trainer.is_chief:
+    print(f"Resuming from step {start} (checkpoint in {workdir}/checkpoints)")
   state = parallel.replicate(host_state)
   step_fn = parallel.compile_step(train_step_lib.make_train_step(
       trainer.model, trainer.tx, config, axis_name=parallel.axis_name))
@@ -249,11 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     losses_seen = np.asarray(jax.device_get([m["loss"] for m in pending]))
     if not np.all(np.isfinite(losses_seen)):
       bad = step - len(pending) + 1 + int(np.argmin(np.isfinite(losses_seen)))
-      raise NonFiniteLossError(
-          f"train/loss is not finite at step {bad}; training stopped. The last "
-          f"good checkpoint (step {last_good}) in {workdir}/checkpoints is "
-          "intact; lower config.optimizer.learning_rate or the GA strengths "
-          "and rerun in a new workdir.")
+      raise NonFiniteLossError(_stopped(f"train/loss is not finite at step "
+                                        f"{bad}", last_good, workdir))
     values = _mean_metrics(pending)
     values["train/lr"] = train_step_lib.learning_rate(config, step - 1)
     elapsed = time.perf_counter() - timer
@@ -280,6 +283,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       if done % config.checkpoint_every == 0 or is_last:
         flush(done)
         host_state = parallel.unreplicate(state)
+        if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
+            (host_state.params, host_state.batch_stats))):
+          raise NonFiniteLossError(_stopped(
+              f"parameters are not finite after step {done}", last_good,
+              workdir))
         trainer.checkpoints.save(done, args=ocp.args.StandardSave(host_state))
         last_good = done
       if done % config.eval_every == 0 or is_last:

@@ -37,6 +37,10 @@ def test_eight_devices_equal_one(ga):
   config = tiny_config(**{"model.text_encoder.dropout": 0.0})
   if ga:
     config.ga.adversarial.epsilon = 1e-2
+    # q = 2: the penalty is smooth. With q = 1 its gradient has sign(dL/dx)
+    # factors that flip for near-zero input-gradient entries when the
+    # reduction order changes, so the comparison would test float noise.
+    config.ga.adversarial.q = 2.0
     config.ga.isotropic.gamma = 1e-2
   initial, one_state, one_metrics = run_steps(config, "jit", jax.devices()[:1])
   for strategy in ("jit", "pmap"):

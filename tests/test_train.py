@@ -1,0 +1,143 @@
+"""The trainer end to end on a tiny css_synth: outputs, resume, bad input."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from irtf_jax import train
+from irtf_jax.metric_writers import read_metrics
+from tests.helpers import tiny_config
+
+
+def css_config(**overrides):
+  config = tiny_config(**overrides)
+  config.data.name = "css_synth"
+  config.data.options.num_train_scenes = 120
+  config.data.options.num_test_scenes = 60
+  config.data.options.image_size = 32
+  config.model.text_encoder.max_length = 10
+  config.num_train_steps = 4
+  config.log_every = 1
+  config.checkpoint_every = 2
+  config.eval_every = 4
+  config.eval.batch_size = 32
+  config.eval.max_test_queries = 64
+  config.eval.max_train_queries = 64
+  config.eval.num_qualitative = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def latest_params(workdir):
+  manager = ocp.CheckpointManager(os.path.abspath(f"{workdir}/checkpoints"))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  return step, restored["params"]
+
+
+def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
+                                                     monkeypatch):
+  config = css_config(**{"data.data_dir": data_dir})
+  straight = str(tmp_path / "straight")
+  results = train.train_and_evaluate(config, straight)
+
+  # Everything DESIGN.md lists is in the workdir.
+  files = os.listdir(straight)
+  assert "config.json" in files and "vocab.json" in files
+  assert json.load(open(f"{straight}/config.json"))["data"]["name"] == "css_synth"
+  assert any(f.startswith("events.out.tfevents") for f in files)
+  assert any(f.startswith("retrievals_step") and f.endswith(".png")
+             for f in files)
+  records = read_metrics(straight)
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+  final = records[-1]
+  for key in ("test/recall@1", "test/recall@5", "test/recall@10",
+              "test/recall@50", "train/recall@1", "whm"):
+    assert 0.0 <= final[key] <= 1.0, key
+  assert final["whm"] == pytest.approx(
+      2 * final["train/recall@1"] * final["test/recall@1"] /
+      (final["train/recall@1"] + final["test/recall@1"])
+      if final["train/recall@1"] + final["test/recall@1"] else 0.0)
+  assert results["test/recall@1"] == final["test/recall@1"]
+
+  # Interrupted after step 3 (checkpoint at 2), then the same call again.
+  resumed = str(tmp_path / "resumed")
+  original = train.prefetched_batches
+
+  def interrupted(make_batch, steps, depth=2):
+    for step, batch in original(make_batch, steps, depth):
+      if step == 3:
+        raise KeyboardInterrupt
+      yield step, batch
+
+  monkeypatch.setattr(train, "prefetched_batches", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, resumed)
+  assert latest_params(resumed)[0] == 2
+  monkeypatch.setattr(train, "prefetched_batches", original)
+  train.train_and_evaluate(config, resumed)
+
+  def without_timing(rows):
+    return [{k: v for k, v in r.items() if k != "train/steps_per_second"}
+            for r in rows]
+
+  assert without_timing(read_metrics(resumed)) == without_timing(records)
+  step_a, params_a = latest_params(straight)
+  step_b, params_b = latest_params(resumed)
+  assert step_a == step_b == 4
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+
+  # A finished run given the same command again evaluates, it does not retrain.
+  again = train.train_and_evaluate(config, straight)
+  assert again["test/recall@1"] == final["test/recall@1"]
+  assert read_metrics(straight) == records
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
+                                                              data_dir):
+  config = css_config(**{"data.data_dir": data_dir,
+                         "optimizer.learning_rate": 1e30,
+                         "checkpoint_every": 1, "num_train_steps": 6})
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
+    train.train_and_evaluate(config, workdir)
+  manager = ocp.CheckpointManager(os.path.abspath(f"{workdir}/checkpoints"))
+  if manager.latest_step() is not None:
+    _, params = latest_params(workdir)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  losses = [r["train/loss"] for r in read_metrics(workdir)
+            if "train/loss" in r]
+  assert all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.name", "resnet_magic", r"config.model.name: unknown 'resnet_magic'; allowed: .*tirg"),
+    ("loss.name", "hinge", r"config.loss.name: unknown 'hinge'; allowed: batch_classification, soft_triplet"),
+    ("data.name", "imagenet", r"config.data.name: unknown dataset 'imagenet'; allowed: css_synth"),
+    ("optimizer.learning_rate", float("nan"), r"config.optimizer.learning_rate: must be a finite number >= 0"),
+    ("ga.isotropic.gamma", -1.0, r"config.ga.isotropic.gamma: must be a finite number >= 0"),
+    ("ga.adversarial.q", 3.0, r"config.ga.adversarial.q: 3.0; allowed: 1, 2, inf"),
+    ("batch_size", 12, r"config.batch_size: 12 is not divisible by the 8 devices"),
+    ("parallel.strategy", "fsdp", r"config.parallel.strategy: unknown 'fsdp'; allowed: jit, pmap"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
+  config = css_config()
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  workdir = tmp_path / "bad"
+  with pytest.raises(ValueError, match=message):
+    train.Trainer(config, str(workdir))
+  assert not workdir.exists()  # nothing written, nothing loaded
