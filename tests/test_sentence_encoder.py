@@ -102,9 +102,10 @@ def test_sentence_transformer_encoder_projects_pooled_features(encoded):
   config = se.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32)
   model = se.SentenceTransformerEncoder(config, output_dim=8)
-  variables = model.init(jax.random.key(0), tokens, lengths)
-  out = model.apply(variables, tokens, lengths)
-  hidden = se.BertEncoder(config).apply(
+  variables = jax.jit(model.init)(jax.random.key(0), tokens, lengths)
+  apply = jax.jit(model.apply)
+  out = apply(variables, tokens, lengths)
+  hidden = jax.jit(se.BertEncoder(config).apply)(
       {"params": variables["params"]["encoder"]}, tokens, lengths)
   proj = variables["params"]["projection"]
   pooled = np.stack([np.asarray(hidden)[b, :lengths[b]].mean(0)
@@ -114,7 +115,7 @@ def test_sentence_transformer_encoder_projects_pooled_features(encoded):
   # Padding beyond the length does not change the feature.
   padded = tokens.copy()
   padded[0, lengths[0]:] = 7
-  np.testing.assert_allclose(model.apply(variables, padded, lengths), out,
+  np.testing.assert_allclose(apply(variables, padded, lengths), out,
                              rtol=1e-5, atol=1e-6)
 
 
