@@ -179,8 +179,9 @@ class FiLM(Composer):
                      dtype=self.dtype, name="bn")(
                          y, use_running_average=not train)
     film = nn.Dense(2 * c, name="film",
-                    bias_init=lambda k, s: jnp.concatenate(
-                        [jnp.ones((c,)), jnp.zeros((c,))]))(text)
+                    bias_init=lambda key, shape, dtype=jnp.float32:
+                    jnp.concatenate([jnp.ones((c,)), jnp.zeros((c,))]
+                                    ).astype(dtype))(text)
     gamma, beta = film[:, None, None, :c], film[:, None, None, c:]
     y = nn.relu(gamma * y.astype(jnp.float32) + beta)
     return (x1 + y).astype(image.dtype)
