@@ -152,9 +152,10 @@ def test_symmetry_term_is_the_conjugate_composition_of_the_target():
                          "rotational_symmetry"}
   # Weight 0 switches the term off; RealSpaceConcatAE never has it.
   off = compose_ae.ComposeAE(embed_dim=8, rotational_symmetry_weight=0.0)
-  _, updates = off.apply(variables, image, text, train=True, target=target,
-                         normalize=normalize, mutable=["batch_stats", "losses"],
-                         rngs={"dropout": jax.random.key(5)})
+  _, updates = jax.jit(lambda v: off.apply(
+      v, image, text, train=True, target=target, normalize=normalize,
+      mutable=["batch_stats", "losses"],
+      rngs={"dropout": jax.random.key(5)}))(variables)
   assert "rotational_symmetry" not in updates["losses"]
 
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from irtf_jax import models
 from irtf_jax.models import image_encoders
 from irtf_jax.models import pretrained
+from tests.helpers import random_batch, tiny_config
 
 
 class TorchBasicBlock(nn.Module):
@@ -149,3 +151,50 @@ def test_wrong_depth_and_missing_file(torch_model, tmp_path):
              _use_new_zipfile_serialization=False)
   with pytest.raises(ValueError, match="not a zip-format torch checkpoint"):
     image_encoders.resnet_variables_from_torch(str(legacy))
+
+
+def test_config_loads_pretrained_resnet_into_the_retrieval_model(tmp_path):
+  torch.manual_seed(3)
+  # A ResNet-10 state dict (one BasicBlock per stage) in torchvision's names.
+  state = {"conv1.weight": torch.randn(64, 3, 7, 7)}
+  for name in ("weight", "bias", "running_mean", "running_var"):
+    state[f"bn1.{name}"] = torch.rand(64)
+  inp = 64
+  for stage, width in enumerate((64, 128, 256, 512)):
+    t = f"layer{stage + 1}.0"
+    state[f"{t}.conv1.weight"] = torch.randn(width, inp, 3, 3)
+    state[f"{t}.conv2.weight"] = torch.randn(width, width, 3, 3)
+    bns = ["bn1", "bn2"]
+    if stage > 0:
+      state[f"{t}.downsample.0.weight"] = torch.randn(width, inp, 1, 1)
+      bns.append("downsample.1")
+    for bn in bns:
+      for name in ("weight", "bias", "running_mean", "running_var"):
+        state[f"{t}.{bn}.{name}"] = torch.rand(width)
+    inp = width
+  path = tmp_path / "resnet10.pth"
+  torch.save(state, path)
+  config = tiny_config(**{"model.image_encoder.pretrained": str(path)})
+  model = models.build_model(config.model, 12)
+  batch = random_batch(0, 2, image_size=16)
+  init = lambda m: m.init(
+      jax.random.key(0), batch["query_image"].astype(np.float32),
+      batch["tokens"], batch["lengths"],
+      batch["target_image"].astype(np.float32), train=False)
+  # Shapes only (traced, nothing compiled); load_pretrained fills them in.
+  loaded = model.load_pretrained(jax.eval_shape(
+      lambda: init(model.clone(image_pretrained=""))))
+  encoder = loaded["params"]["image_encoder"]
+  np.testing.assert_array_equal(
+      encoder["layer2_0"]["downsample_conv"]["kernel"],
+      state["layer2.0.downsample.0.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      loaded["batch_stats"]["image_encoder"]["layer4_0"]["bn2"]["var"],
+      state["layer4.0.bn2.running_var"].numpy())
+  shapes = jax.eval_shape(lambda: init(model))  # init loads the file
+  assert shapes["params"]["image_encoder"]["conv1"]["kernel"].shape == (
+      7, 7, 3, 64)
+  wrong = tiny_config(**{"model.image_encoder.pretrained": str(path),
+                         "model.image_encoder.depth": 18})
+  with pytest.raises(ValueError, match="missing tensor 'layer1.1.conv1"):
+    jax.eval_shape(lambda: init(models.build_model(wrong.model, 12)))

