@@ -84,25 +84,28 @@ def test_composer_trains_and_ranks(name):
           logits, jnp.arange(B)).mean()
       extra = sum(jax.tree.leaves(updates.get("losses", {})), 0.0)
       return loss + extra, (updates.get("batch_stats", stats), extra)
+    # The evaluation-mode query of the incoming parameters, in the same
+    # compiled function (one compilation per composer).
+    q_eval, _ = query({"params": params, "batch_stats": stats}, *inputs[:4],
+                      None, False, rng)
     (loss, (stats, extra)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss, extra
+    return (optax.apply_updates(params, updates), stats, opt_state, loss, extra,
+            q_eval)
 
   inputs = _inputs(composer_class, 1)
   losses = []
-  for _ in range(3):
-    params, stats, opt_state, loss, extra = step(
+  for _ in range(4):  # 3 steps; the 4th call's q is the trained model's
+    params, stats, opt_state, loss, extra, q = step(
         params, stats, opt_state, inputs, jax.random.key(7))  # same dropout
     losses.append(float(loss))
+  losses = losses[:3]
   assert np.all(np.isfinite(losses)), losses
   if name not in ("image_only", "text_only"):  # parameter-free
     assert losses[-1] < losses[0], losses
   if name in ("compose_ae", "real_space_concat_ae"):
     assert float(extra) > 0  # the sown reconstruction (and symmetry) terms
-  q, _ = jax.jit(query, static_argnums=6)(
-      {"params": params, "batch_stats": stats}, *inputs[:4], None, False,
-      jax.random.key(0))
   gallery = normalize(inputs[4])
   recall = metrics.recall_at_k(np.asarray(q @ gallery.T), np.arange(B),
                                np.arange(B), ks=(1, 5))
@@ -111,8 +114,9 @@ def test_composer_trains_and_ranks(name):
 
 
 def _params(module, *args, **kwargs):
-  return module.init({"params": jax.random.key(3),
-                      "dropout": jax.random.key(4)}, *args, **kwargs)
+  return jax.jit(lambda args: module.init(
+      {"params": jax.random.key(3), "dropout": jax.random.key(4)}, *args,
+      **kwargs))(args)
 
 
 def test_parameter_hashing_is_a_hashed_text_predicted_matrix():
@@ -177,8 +181,8 @@ def test_film_modulates_normalized_features():
   variables = jax.tree.map(np.asarray, _params(module, image, text,
                                                train=False))
   p = variables["params"]
-  got, _ = module.apply(variables, image, text, train=True,
-                        mutable=["batch_stats"])
+  got, _ = jax.jit(lambda v: module.apply(v, image, text, train=True,
+                                          mutable=["batch_stats"]))(variables)
   conv1x1 = np.maximum(np.einsum("bhwc,co->bhwo", image,
                                  p["conv1"]["kernel"][0, 0]) +
                        p["conv1"]["bias"], 0)
@@ -200,8 +204,8 @@ def test_show_and_tell_ignores_padding_and_reads_the_image_first():
                                       word_embed_dim=4)
   p = _params(module, image, text, train=False, tokens=tokens,
               lengths=lengths)
-  run = lambda img, tok: module.apply(p, img, text, train=False, tokens=tok,
-                                      lengths=lengths)
+  run = jax.jit(lambda img, tok: module.apply(p, img, text, train=False,
+                                              tokens=tok, lengths=lengths))
   out = run(image, tokens)
   noisy = np.where(tokens == 0, 9, tokens).astype(np.int32)
   np.testing.assert_allclose(run(image, noisy), out, rtol=1e-6, atol=1e-6)

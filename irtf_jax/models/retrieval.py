@@ -130,8 +130,8 @@ class RetrievalModel(nn.Module):
     return image, text
 
   def _compose(self, image, text, tokens, lengths, train, text_perturbation,
-               **target):
-    extras = dict(target)
+               **training_inputs):
+    extras = dict(training_inputs)
     if getattr(self.composer_module, "uses_tokens", False):
       extras.update(tokens=tokens, lengths=lengths,
                     text_perturbation=text_perturbation)
