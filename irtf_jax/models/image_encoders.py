@@ -15,6 +15,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from irtf_jax.models import pretrained
 from irtf_jax.models.layers import Conv
 
 # Depth 10 (one block per stage) is a small variant for tests and quick runs.
@@ -106,7 +107,6 @@ class PooledResNet(nn.Module):
 
 
 def _torch_conv(tensors, path, name, shape_oihw):
-  from irtf_jax.models import pretrained  # pylint: disable=g-import-not-at-top
   kernel = pretrained.take(path, tensors, name, shape_oihw)
   return kernel.transpose(2, 3, 1, 0)  # OIHW -> HWIO
 
@@ -126,7 +126,6 @@ def resnet_variables_from_torch(path: str, depth: int = 18) -> dict:
     path: `.pth`/`.pt`/`.bin` (torch zip format) or `.safetensors` file.
     depth: 10, 18 or 34 (BasicBlock ResNets).
   """
-  from irtf_jax.models import pretrained  # pylint: disable=g-import-not-at-top
   if depth not in _STAGES:
     raise ValueError(f"resnet depth {depth} not in {sorted(_STAGES)}")
   tensors = pretrained.read_tensors(path)
