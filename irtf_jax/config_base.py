@@ -31,11 +31,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv_implementation = "auto"
   c.model.image_encoder = ml_collections.ConfigDict()
   c.model.image_encoder.depth = 18
+  c.model.image_encoder.pretrained = ""      # torchvision .pth / .safetensors
+  c.model.image_encoder.lr_multiplier = 1.0  # TIRG on real datasets: 0.1
   c.model.text_encoder = ml_collections.ConfigDict()
+  c.model.text_encoder.name = "lstm"  # | "sentence_transformer" | "precomputed"
+  c.model.text_encoder.pretrained = ""  # sentence-transformers model folder
+  c.model.text_encoder.features = ""    # precomputed: .npz (texts, features)
+  c.model.text_encoder.trainable = True  # fine-tune the sentence encoder
   c.model.text_encoder.word_embed_dim = 512
   c.model.text_encoder.hidden_dim = 512
   c.model.text_encoder.dropout = 0.1
   c.model.text_encoder.max_length = 24
+  # ComposeAE's extra loss weights (its code: 0.1, 0.1, 0.01; main loss 1.0).
+  c.model.compose_ae = ml_collections.ConfigDict()
+  c.model.compose_ae.image_reconstruction_weight = 0.1
+  c.model.compose_ae.text_reconstruction_weight = 0.1
+  c.model.compose_ae.rotational_symmetry_weight = 0.01
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "batch_classification"

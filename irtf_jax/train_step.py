@@ -49,7 +49,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
   Order: noise terms and weight decay are added to the gradient before the
   momentum buffer, as PyTorch's SGD(weight_decay=...) and the official code's
   loss-level isotropic term do.
+
+  Parameter groups (`models.parameter_labels`): the SGD update of the image
+  encoder is scaled by `config.model.image_encoder.lr_multiplier` (SGD's
+  update is linear in the learning rate, so this is PyTorch's per-group lr,
+  momentum included), and frozen weights get a zero update.
   """
+  from irtf_jax import models  # pylint: disable=g-import-not-at-top
   opt = config.optimizer
   schedule = optax.exponential_decay(
       opt.learning_rate, transition_steps=opt.lr_decay_steps,
@@ -66,6 +72,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
   if opt.weight_decay > 0:
     parts.append(optax.add_decayed_weights(opt.weight_decay))
   parts.append(optax.sgd(schedule, momentum=opt.momentum or None))
+  labels = models.parameter_labels(config.model)
+  if labels is not None:
+    parts.append(optax.multi_transform(
+        {"default": optax.identity(),
+         "backbone": optax.scale(config.model.image_encoder.lr_multiplier),
+         "frozen": optax.set_to_zero()}, labels))
   return optax.chain(*parts)
 
 

@@ -15,6 +15,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from irtf_jax.models import pretrained
 from irtf_jax.models.layers import Conv
 
 # Depth 10 (one block per stage) is a small variant for tests and quick runs.
@@ -82,3 +83,110 @@ class ResNet(nn.Module):
         x = BasicBlock(width, strides, conv, norm,
                        name=f"layer{stage + 1}_{block}")(x, train)
     return x
+
+
+class PooledResNet(nn.Module):
+  """ResNet followed by global average pooling: (N, H, W, 3) -> (N, C).
+
+  The trunk shares this module's scope, so the variables are exactly
+  ResNet's (conv1, bn1, layer1_0, ...), and the output is what torchvision's
+  `model.avgpool` gives (flattened) for the same images in NCHW.
+  """
+  depth: int = 18
+  conv_implementation: str = "auto"
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.trunk = ResNet(depth=self.depth,
+                        conv_implementation=self.conv_implementation,
+                        dtype=self.dtype)
+    nn.share_scope(self, self.trunk)
+
+  def __call__(self, x, train: bool = False):
+    return jnp.mean(self.trunk(x, train).astype(jnp.float32), axis=(1, 2))
+
+
+def _torch_conv(tensors, path, name, shape_oihw):
+  kernel = pretrained.take(path, tensors, name, shape_oihw)
+  return kernel.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+
+
+def resnet_variables_from_torch(path: str, depth: int = 18) -> dict:
+  """ResNet variables {"params", "batch_stats"} from a torchvision state dict.
+
+  torchvision key -> this module's variable:
+    conv1.weight (O, I, kh, kw)             -> params/conv1/kernel (kh, kw, I, O)
+    bn1.{weight, bias}                      -> params/bn1/{scale, bias}
+    bn1.{running_mean, running_var}         -> batch_stats/bn1/{mean, var}
+    layerS.B.{conv1, bn1, conv2, bn2}.*     -> layerS_B/{conv1, bn1, ...}
+    layerS.B.downsample.{0, 1}.*            -> layerS_B/downsample_{conv, bn}
+  `fc.*` (the ImageNet classifier) and `num_batches_tracked` are not used.
+
+  Args:
+    path: `.pth`/`.pt`/`.bin` (torch zip format) or `.safetensors` file.
+    depth: 10, 18 or 34 (BasicBlock ResNets).
+  """
+  if depth not in _STAGES:
+    raise ValueError(f"resnet depth {depth} not in {sorted(_STAGES)}")
+  tensors = pretrained.read_tensors(path)
+  params, stats = {}, {}
+
+  def norm(torch_name, flax_scope, width):
+    get = lambda suffix: pretrained.take(path, tensors,
+                                         f"{torch_name}.{suffix}", (width,))
+    params[flax_scope] = {"scale": get("weight"), "bias": get("bias")}
+    stats[flax_scope] = {"mean": get("running_mean"),
+                         "var": get("running_var")}
+
+  def conv(torch_name, out, inp, k):
+    return {"kernel": _torch_conv(tensors, path, f"{torch_name}.weight",
+                                  (out, inp, k, k))}
+
+  params["conv1"] = conv("conv1", 64, 3, 7)
+  norm("bn1", "bn1", 64)
+  inp = 64
+  for stage, (blocks, width) in enumerate(zip(_STAGES[depth], _WIDTHS)):
+    for block in range(blocks):
+      t = f"layer{stage + 1}.{block}"
+      f = f"layer{stage + 1}_{block}"
+      p, s = {}, {}
+      params[f], stats[f] = p, s
+      p["conv1"] = conv(f"{t}.conv1", width, inp, 3)
+      p["conv2"] = conv(f"{t}.conv2", width, width, 3)
+      for bn in ("bn1", "bn2"):
+        norm(f"{t}.{bn}", "_tmp", width)
+        p[bn], s[bn] = params.pop("_tmp"), stats.pop("_tmp")
+      strides = 2 if stage > 0 and block == 0 else 1
+      if strides != 1 or inp != width:
+        p["downsample_conv"] = conv(f"{t}.downsample.0", width, inp, 1)
+        norm(f"{t}.downsample.1", "_tmp", width)
+        p["downsample_bn"], s["downsample_bn"] = (params.pop("_tmp"),
+                                                  stats.pop("_tmp"))
+      inp = width
+  deeper = f"layer1.{_STAGES[depth][0]}.conv1.weight"
+  if deeper in tensors:
+    raise ValueError(f"{path}: has {deeper!r}, so it is deeper than the "
+                     f"requested ResNet-{depth}; pass the matching depth")
+  return {"params": params, "batch_stats": stats}
+
+
+def resnet_from_torch(path: str, depth: int = 18, *,
+                      conv_implementation: str = "auto"
+                      ) -> tuple[PooledResNet, dict]:
+  """A pretrained torchvision ResNet as (module, variables), read offline.
+
+  `module.apply(variables, images_nhwc, train=False)` gives the (N, 512)
+  globally average-pooled features torchvision's ResNet computes up to
+  `model.avgpool` for the same images in NCHW (standardize the images with the
+  ImageNet mean and std first, as for torchvision). The checkpoint is read
+  without executing pickled code (see `irtf_jax.models.pretrained`).
+
+  Args:
+    path: e.g. torchvision's `resnet18-f37072fd.pth`, or the same weights as
+      `.safetensors`.
+    depth: 18 (or 10, 34).
+    conv_implementation: see `irtf_jax.models.layers.Conv`.
+  """
+  variables = resnet_variables_from_torch(path, depth)
+  return (PooledResNet(depth=depth, conv_implementation=conv_implementation),
+          variables)

@@ -5,17 +5,35 @@
 
 Query and target share the image encoder and its projection (TIRG's design),
 and both are L2-normalized times a learned scale (TIRG's NormalizationLayer).
+
+What a composer receives depends on what it declares (class attributes):
+`operates_on = "map"`: the last convolutional map instead of the pooled
+feature (a map it returns is pooled and projected, a (B, D) feature is used as
+is); `uses_tokens`: also the token ids, lengths and the text-embedding
+perturbation; `uses_target`: during training (`__call__`), also the target's
+projected feature and the normalization (ComposeAE's symmetry loss).
+Composers that declare nothing are called exactly as before.
+
+Text encoders (`text_encoder_kind`): "lstm" (TIRG's), "sentence_transformer"
+(BERT + mean pooling from a checkpoint folder), "precomputed" (a feature
+table from a file). Pretrained weights named by `image_pretrained`,
+`text_pretrained` and `text_features` are loaded by `init`.
 """
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
+from irtf_jax.models import sentence_encoder
 from irtf_jax.models.composers import COMPOSERS
 from irtf_jax.models.image_encoders import ResNet
+from irtf_jax.models.image_encoders import resnet_variables_from_torch
 from irtf_jax.models.layers import FeatureNormalization
 from irtf_jax.models.text_encoders import LSTMTextEncoder
+
+TEXT_ENCODERS = ("lstm", "sentence_transformer", "precomputed")
 
 
 class RetrievalModel(nn.Module):
@@ -31,6 +49,15 @@ class RetrievalModel(nn.Module):
     conv_implementation: see layers.Conv.
     bn_axis_name: mapped axis of BatchNorm statistics (under pmap).
     dtype: computation dtype of the convolutional parts.
+    composer_options: (name, value) pairs of extra composer attributes
+      (e.g. ComposeAE's loss weights).
+    text_encoder_kind: "lstm", "sentence_transformer" or "precomputed".
+    bert: the BertConfig of the "sentence_transformer" encoder.
+    num_texts, text_feature_dim: the "precomputed" table's shape.
+    image_pretrained: torchvision ResNet weights file loaded by `init` ("" =
+      random initialization).
+    text_pretrained: sentence-transformers folder ("sentence_transformer").
+    text_features: .npz feature file ("precomputed").
   """
   composer: str
   vocab_size: int
@@ -43,6 +70,14 @@ class RetrievalModel(nn.Module):
   conv_implementation: str = "auto"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  composer_options: tuple = ()
+  text_encoder_kind: str = "lstm"
+  bert: sentence_encoder.BertConfig | None = None
+  num_texts: int = 0
+  text_feature_dim: int = 0
+  image_pretrained: str = ""
+  text_pretrained: str = ""
+  text_features: str = ""
 
   def setup(self):
     self.image_encoder = ResNet(
@@ -50,14 +85,32 @@ class RetrievalModel(nn.Module):
         bn_axis_name=self.bn_axis_name, dtype=self.dtype)
     # TIRG replaces ResNet's classifier by this projection to the embedding.
     self.image_projection = nn.Dense(self.embed_dim)
-    self.text_encoder = LSTMTextEncoder(
-        vocab_size=self.vocab_size, word_embed_dim=self.word_embed_dim,
-        hidden_dim=self.text_hidden_dim, output_dim=self.embed_dim,
-        dropout_rate=self.text_dropout)
-    self.composer_module = COMPOSERS[self.composer](
+    self.text_encoder = self._make_text_encoder()
+    composer_class = COMPOSERS[self.composer]
+    options = dict(self.composer_options)
+    if getattr(composer_class, "uses_tokens", False):
+      options.update(vocab_size=self.vocab_size,
+                     word_embed_dim=self.word_embed_dim)
+    self.composer_module = composer_class(
         embed_dim=self.embed_dim, conv_implementation=self.conv_implementation,
-        bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+        bn_axis_name=self.bn_axis_name, dtype=self.dtype, **options)
     self.normalization = FeatureNormalization(self.normalization_scale)
+
+  def _make_text_encoder(self):
+    if self.text_encoder_kind == "lstm":
+      return LSTMTextEncoder(
+          vocab_size=self.vocab_size, word_embed_dim=self.word_embed_dim,
+          hidden_dim=self.text_hidden_dim, output_dim=self.embed_dim,
+          dropout_rate=self.text_dropout)
+    if self.text_encoder_kind == "sentence_transformer":
+      return sentence_encoder.SentenceTransformerEncoder(
+          self.bert, output_dim=self.embed_dim)
+    if self.text_encoder_kind == "precomputed":
+      return sentence_encoder.PrecomputedTextEncoder(
+          self.num_texts, self.text_feature_dim, output_dim=self.embed_dim)
+    raise ValueError(f"config.model.text_encoder.name: unknown "
+                     f"{self.text_encoder_kind!r}; allowed: "
+                     f"{', '.join(TEXT_ENCODERS)}")
 
   def pool_and_project(self, image_map):
     return self.image_projection(
@@ -68,6 +121,25 @@ class RetrievalModel(nn.Module):
     return self.normalization(
         self.pool_and_project(self.image_encoder(images, train)))
 
+  def _query_inputs(self, images, tokens, lengths, train, text_perturbation):
+    text = self.text_encoder(tokens, lengths, train=train,
+                             embedding_perturbation=text_perturbation)
+    image = self.image_encoder(images, train)
+    if self.composer_module.operates_on != "map":
+      image = self.pool_and_project(image)
+    return image, text
+
+  def _compose(self, image, text, tokens, lengths, train, text_perturbation,
+               **training_inputs):
+    extras = dict(training_inputs)
+    if getattr(self.composer_module, "uses_tokens", False):
+      extras.update(tokens=tokens, lengths=lengths,
+                    text_perturbation=text_perturbation)
+    query = self.composer_module(image, text, train=train, **extras)
+    if query.ndim == 4:  # a map
+      query = self.pool_and_project(query)
+    return self.normalization(query)
+
   def embed_query(self, images, tokens, lengths, *, train: bool,
                   text_perturbation=None):
     """Reference images + texts -> (B, embed_dim) query features.
@@ -75,20 +147,79 @@ class RetrievalModel(nn.Module):
     `text_perturbation` (B, T, word_embed_dim), if given, is added to the word
     embeddings (the text-side input of the adversarial penalty).
     """
-    text = self.text_encoder(tokens, lengths, train=train,
-                             embedding_perturbation=text_perturbation)
-    image_map = self.image_encoder(images, train)
-    if self.composer_module.operates_on == "map":
-      query = self.pool_and_project(
-          self.composer_module(image_map, text, train=train))
-    else:
-      query = self.composer_module(self.pool_and_project(image_map), text,
-                                   train=train)
-    return self.normalization(query)
+    image, text = self._query_inputs(images, tokens, lengths, train,
+                                     text_perturbation)
+    return self._compose(image, text, tokens, lengths, train,
+                         text_perturbation)
 
   def __call__(self, query_images, tokens, lengths, target_images, *,
                train: bool = True, text_perturbation=None):
     """(query features, target features), as the training loss wants them."""
-    query = self.embed_query(query_images, tokens, lengths, train=train,
-                             text_perturbation=text_perturbation)
-    return query, self.embed_target(target_images, train=train)
+    if not getattr(self.composer_module, "uses_target", False):
+      query = self.embed_query(query_images, tokens, lengths, train=train,
+                               text_perturbation=text_perturbation)
+      return query, self.embed_target(target_images, train=train)
+    # Same order of BatchNorm updates as above: query images, then targets.
+    image, text = self._query_inputs(query_images, tokens, lengths, train,
+                                     text_perturbation)
+    target = self.pool_and_project(self.image_encoder(target_images, train))
+    query = self._compose(image, text, tokens, lengths, train,
+                          text_perturbation, target=target,
+                          normalize=self.normalization)
+    return query, self.normalization(target)
+
+  @nn.nowrap
+  def init(self, rngs, *args, **kwargs):
+    """Module.init, then the pretrained weights the attributes name."""
+    variables = super().init(rngs, *args, **kwargs)
+    return self.load_pretrained(variables)
+
+  @nn.nowrap
+  def load_pretrained(self, variables):
+    """`variables` with the image encoder, sentence encoder and precomputed
+    feature table replaced by the files' weights (checking their shapes)."""
+    if not (self.image_pretrained or self.text_pretrained or
+            self.text_features):
+      return variables
+    variables = flax.core.unfreeze(variables)
+    if self.image_pretrained:
+      loaded = resnet_variables_from_torch(self.image_pretrained,
+                                           self.image_depth)
+      for collection in ("params", "batch_stats"):
+        variables[collection]["image_encoder"] = _replace(
+            variables[collection]["image_encoder"], loaded[collection],
+            self.image_pretrained)
+    if self.text_encoder_kind == "sentence_transformer" and self.text_pretrained:
+      text = variables["params"]["text_encoder"]
+      text["encoder"] = _replace(
+          text["encoder"], sentence_encoder.bert_params_from_checkpoint(
+              self.text_pretrained, self.bert), self.text_pretrained)
+    if self.text_encoder_kind == "precomputed" and self.text_features:
+      table = sentence_encoder.PrecomputedTextFeatures(self.text_features)
+      variables["params"]["text_encoder"]["features"] = _replace(
+          variables["params"]["text_encoder"]["features"], table.features,
+          self.text_features)
+    return variables
+
+
+def _replace(current, loaded, path):
+  """`loaded` (a tree like `current`), checked leaf by leaf for shape."""
+  flat_current = flax.traverse_util.flatten_dict(current, sep="/") if isinstance(
+      current, dict) else {"": current}
+  flat_loaded = flax.traverse_util.flatten_dict(loaded, sep="/") if isinstance(
+      loaded, dict) else {"": loaded}
+  if set(flat_current) != set(flat_loaded):
+    missing = sorted(set(flat_current) - set(flat_loaded))
+    extra = sorted(set(flat_loaded) - set(flat_current))
+    raise ValueError(f"{path}: weights do not match the model (missing "
+                     f"{missing[:3]}, unexpected {extra[:3]})")
+  for name, value in flat_current.items():
+    if tuple(value.shape) != tuple(flat_loaded[name].shape):
+      raise ValueError(f"{path}: {name or 'table'} has shape "
+                       f"{tuple(flat_loaded[name].shape)}, the model expects "
+                       f"{tuple(value.shape)}")
+  if not isinstance(current, dict):
+    return jnp.asarray(loaded, current.dtype)
+  return flax.traverse_util.unflatten_dict(
+      {k: jnp.asarray(v, flat_current[k].dtype) for k, v in flat_loaded.items()},
+      sep="/")
