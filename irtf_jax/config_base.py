@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
+    "model.text_encoder.name": ("lstm", "sentence_transformer", "precomputed"),
     "ga.adversarial.wrt": ("query_image", "text_embedding"),
     "ga.isotropic.distribution": ("gaussian", "linf", "sphere"),
     "parallel.strategy": ("jit", "pmap"),

@@ -60,9 +60,16 @@ def load_splits(config, workdir: str) -> tuple[data.Split, data.Split]:
           data.load(config.data.name, "test", **kwargs))
 
 
-def load_or_build_vocabulary(workdir: str, train_split) -> Vocabulary:
-  """The training texts' vocabulary, saved in the workdir; a resumed run
-  checks that the data still gives the same one."""
+def load_or_build_tokenizer(config, workdir: str, train_split):
+  """The host-side text tokenizer of config.model.text_encoder.
+
+  The LSTM's word vocabulary (built from the training texts) is saved in the
+  workdir, and a resumed run checks that the data still gives the same one;
+  the pretrained and precomputed encoders bring their own.
+  """
+  if config.model.text_encoder.name != "lstm":
+    return models.build_text_tokenizer(config.model,
+                                       train_split.vocabulary_texts)
   vocab = Vocabulary.build(train_split.vocabulary_texts)
   path = os.path.join(workdir, "vocab.json")
   if os.path.exists(path):
@@ -153,7 +160,7 @@ class Trainer:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     self.train_split, self.test_split = load_splits(config, workdir)
-    self.vocab = load_or_build_vocabulary(workdir, self.train_split)
+    self.vocab = load_or_build_tokenizer(config, workdir, self.train_split)
     self.model = models.build_model(
         config.model, len(self.vocab), precision=config.precision,
         bn_axis_name=self.parallel.axis_name)
