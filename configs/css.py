@@ -1,4 +1,4 @@
-r"""TIRG-LastConv with Gradient Augmentation on the published CSS dataset (css3d).
+r"""TIRG-LastConv with Gradient Augmentation on the published CSS (css3d).
 
   python -m irtf_jax.main --config=configs/css.py --workdir=runs/css \
       --config.data.manual_dir=/data/CSSDataset

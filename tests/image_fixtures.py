@@ -1,4 +1,4 @@
-"""Writers of small datasets in the exact on-disk formats of MIT-States and Fashion200k.
+"""Writers of small MIT-States and Fashion200k copies in their on-disk formats.
 
 They live in `irtf_jax.data.fixtures`, shared with the smoke runs; this module
 keeps the tests' import name.

@@ -1,4 +1,4 @@
-"""Small copies of the real datasets, written in their published on-disk formats.
+"""Small copies of the real datasets in their published on-disk formats.
 
   manual_dir = fixtures.write_fixture("mit_states", "/tmp/mit")
   split = data.load("mit_states", "test", manual_dir=manual_dir)
@@ -147,7 +147,9 @@ def write_fashion200k(root: str,
                       labels: Mapping[str, Sequence[tuple[str, str]]],
                       test_queries: Sequence[tuple[str, str]], *,
                       size=(24, 16)) -> None:
-  """`root/labels/<file>` (path, score, caption lines), images, `test_queries.txt`.
+  """Label files, images and `test_queries.txt` of Fashion200k under `root`.
+
+  `root/labels/<file>` gets one "path<TAB>score<TAB>caption" line per entry.
 
   The k-th distinct image written has colour (29 k mod 256, 100, 200).
 
