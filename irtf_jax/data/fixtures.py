@@ -266,8 +266,8 @@ def css3d_smoke_dict(num_train_scenes: int = 48, num_test_scenes: int = 24,
 
   Each split has `num_*_scenes` source scenes with two modifications each;
   its first `num_duplicates` images are then repeated at the end with their
-  labels, as the published file repeats scenes that look alike
-  ("dup"): a query has several correct answers, decided by label.
+  labels, as images that look alike share a label in the published file: a
+  query aimed at one of them has two correct answers, decided by label.
   """
   from irtf_jax.data import css_synth  # pylint: disable=g-import-not-at-top
   css = {}
