@@ -9,11 +9,11 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from irtf_jax import data
 from irtf_jax.data import css3d
 from irtf_jax.data import css_synth
+from irtf_jax.data import fixtures
 from irtf_jax.data import safe_pickle
 
 
@@ -72,16 +72,10 @@ def image_pixels(split, index):
 
 
 def write_css(root, css=None, *, with_images=True):
-  css = css_dict() if css is None else css
-  os.makedirs(root, exist_ok=True)
-  np.save(os.path.join(root, css3d.NPY_NAME), css, allow_pickle=True)
-  if with_images:
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    for split in ("train", "test"):
-      for i in range(len(css[split]["objects_img"])):
-        Image.fromarray(image_pixels(split, i)).save(
-            css3d.image_path(str(root), split, i))
-  return str(root)
+  """`fixtures.write_css3d` of `css_dict()` (or `css`) with `image_pixels`."""
+  return fixtures.write_css3d(root, css_dict() if css is None else css,
+                              with_images=with_images,
+                              image_pixels=image_pixels)
 
 
 def tirg_triples(entry):

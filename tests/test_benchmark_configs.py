@@ -1,0 +1,219 @@
+"""The configs of the three published benchmarks and their smoke runs.
+
+Each smoke variant trains end to end through `train.train_and_evaluate` on a
+copy of its dataset in the published on-disk format: once written by the
+trainer itself (`config.data.fixture`), once written here and passed as
+`config.data.manual_dir`. Both runs read the same files with the same seed,
+so they must report the same metrics. The programs they compile are the
+same too, so a disk compilation cache lets the second run skip compiling.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import json
+import math
+import os
+
+from jax.experimental.compilation_cache import compilation_cache
+import jax
+import pytest
+
+from irtf_jax import config_base
+from irtf_jax import train
+from irtf_jax.data import css3d
+from irtf_jax.data import fashion200k
+from irtf_jax.data import fixtures
+from irtf_jax.data import mit_states
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# config file -> (dataset, its loader module)
+CONFIGS = {
+    "css.py": ("css3d", css3d),
+    "mit.py": ("mit_states", mit_states),
+    "fashion200k.py": ("fashion200k", fashion200k),
+}
+
+
+def get_config(file_name: str, arg: str = ""):
+  path = os.path.join(REPO, "configs", file_name)
+  spec = importlib.util.spec_from_file_location(file_name[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """A disk compilation cache for this module's runs, then none again."""
+  saved = {name: getattr(jax.config, name) for name in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir",
+                    str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def last_evaluation(workdir) -> dict:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  evaluations = [line for line in lines if "test/recall@1" in line]
+  assert evaluations, f"no evaluation in {workdir}/metrics.jsonl"
+  return evaluations[-1]
+
+
+def check_evaluation(evaluation: dict, dataset: str) -> None:
+  views = [""] + (["adjective/", "noun/"] if dataset == "mit_states" else [])
+  for view in views:
+    recalls = [evaluation[f"test/{view}recall@{k}"] for k in (1, 5, 10)]
+    assert all(0.0 <= r <= 1.0 for r in recalls), (view, recalls)
+    assert recalls == sorted(recalls), (view, recalls)  # more K, more hits
+  ms, mt = evaluation["train/recall@1"], evaluation["test/recall@1"]
+  # The weighted harmonic mean at alpha = 1 is the plain harmonic mean.
+  expected_whm = 2 * ms * mt / (ms + mt) if ms + mt else 0.0
+  assert math.isclose(evaluation["whm"], expected_whm, abs_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def fixture_runs(tmp_path_factory):
+  """file -> (workdir, returned metrics) of a smoke run, run on first use."""
+  runs = {}
+
+  def run(file_name):
+    if file_name not in runs:
+      workdir = str(tmp_path_factory.mktemp(file_name[:-3]) / "work")
+      config = get_config(file_name, "smoke")
+      assert config.data.fixture and not config.data.manual_dir
+      runs[file_name] = workdir, train.train_and_evaluate(config, workdir)
+    return runs[file_name]
+
+  return run
+
+
+@pytest.mark.parametrize("file_name", list(CONFIGS))
+def test_smoke_run_writes_its_fixture_and_evaluates(fixture_runs, file_name,
+                                                    tmp_path):
+  dataset, _ = CONFIGS[file_name]
+  workdir, results = fixture_runs(file_name)
+  evaluation = last_evaluation(workdir)
+  assert evaluation["step"] == get_config(file_name, "smoke").num_train_steps
+  check_evaluation(evaluation, dataset)
+  assert {k: evaluation[k] for k in results} == pytest.approx(results)
+  # What the trainer wrote is the published layout, the same bytes as
+  # write_fixture gives.
+  written = fixtures.write_fixture(dataset, str(tmp_path / "again"))
+  comparison = filecmp.dircmp(os.path.join(workdir, "fixture", "manual"),
+                              written)
+  assert not (comparison.left_only or comparison.right_only
+              or comparison.diff_files)
+  assert os.path.isdir(os.path.join(workdir, "fixture", "prepared", dataset))
+
+
+@pytest.mark.parametrize("file_name", list(CONFIGS))
+def test_smoke_run_from_manual_dir_matches_fixture_run(fixture_runs,
+                                                       file_name, tmp_path):
+  dataset, _ = CONFIGS[file_name]
+  config = get_config(file_name, "smoke")
+  config.data.fixture = False
+  config.data.manual_dir = fixtures.write_fixture(dataset,
+                                                  str(tmp_path / "download"))
+  config.data.data_dir = str(tmp_path / "prepared")
+  results = train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert os.path.isdir(tmp_path / "prepared" / dataset)
+  assert not os.path.exists(tmp_path / "work" / "fixture")
+  check_evaluation(last_evaluation(tmp_path / "work"), dataset)
+  _, fixture_results = fixture_runs(file_name)
+  assert results == pytest.approx(fixture_results, abs=1e-6)
+
+
+@pytest.mark.parametrize("file_name", list(CONFIGS))
+def test_without_manual_dir_the_error_says_how_to_get_the_data(file_name,
+                                                                tmp_path):
+  dataset, module = CONFIGS[file_name]
+  config = get_config(file_name)
+  assert not config.data.fixture and not config.data.manual_dir
+  config.data.data_dir = str(tmp_path / "prepared")  # nothing prepared there
+  with pytest.raises(FileNotFoundError) as error:
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  message = str(error.value)
+  assert message.startswith(f"{dataset}: ")
+  assert "manual_dir" in message.splitlines()[0]
+  assert module.MANUAL_DOWNLOAD_INSTRUCTIONS in message
+
+
+@pytest.mark.parametrize("file_name, dataset, batch_size, steps, image_size", [
+    ("css.py", "css3d", 200, 160_000, None),
+    ("mit.py", "mit_states", 32, 150_000, 224),
+    ("fashion200k.py", "fashion200k", 32, 160_000, 224),
+])
+def test_full_configs_hold_the_papers_settings(file_name, dataset, batch_size,
+                                               steps, image_size):
+  config = get_config(file_name)
+  config_base.validate(config, num_devices=8)
+  assert config.data.name == dataset
+  assert config.data.options.get("image_size") == image_size
+  assert config.model.name == "tirg_lastconv"
+  assert config.model.image_encoder.depth == 18
+  assert config.model.embed_dim == 512
+  assert config.batch_size == batch_size
+  assert config.num_train_steps == steps
+  assert (config.optimizer.learning_rate, config.optimizer.momentum,
+          config.optimizer.weight_decay) == (1e-2, 0.9, 1e-6)
+  assert (config.optimizer.lr_decay_steps,
+          config.optimizer.lr_decay_factor) == (50_000, 0.1)
+  assert (config.ga.adversarial.epsilon, config.ga.adversarial.q,
+          config.ga.adversarial.wrt) == (1e-6, 1.0, "query_image")
+  assert config.ga.isotropic.gamma == 1e-2
+  assert config.loss.eta == 1e-3
+  # Evaluations and checkpoints fall on the last step.
+  assert steps % config.eval_every == 0
+  assert steps % config.checkpoint_every == 0
+  smoke = get_config(file_name, "smoke")
+  config_base.validate(smoke, num_devices=8)
+  assert smoke.num_train_steps == smoke.eval_every  # one evaluation
+  assert smoke.ga.adversarial.epsilon == 1e-6  # the GA code path runs
+
+
+@pytest.mark.parametrize("file_name", list(CONFIGS))
+def test_unknown_config_argument_is_named(file_name):
+  with pytest.raises(ValueError, match=f"configs/{file_name}: unknown "
+                     "argument 'tiny'; allowed: '' or 'smoke'"):
+    get_config(file_name, "tiny")
+
+
+@pytest.mark.parametrize("dataset", fixtures.FIXTURE_DATASETS)
+def test_fixture_is_deterministic_and_big_enough(dataset, tmp_path):
+  first = fixtures.write_fixture(dataset, str(tmp_path / "a"))
+  second = fixtures.write_fixture(dataset, str(tmp_path / "b"))
+  for folder, _, files in os.walk(first):
+    for name in files:
+      path = os.path.join(folder, name)
+      twin = os.path.join(second, os.path.relpath(path, first))
+      assert filecmp.cmp(path, twin, shallow=False), path
+  from irtf_jax import data  # pylint: disable=g-import-not-at-top
+  train_split = data.load(dataset, "train", data_dir=str(tmp_path / "p"),
+                          manual_dir=first)
+  test_split = data.load(dataset, "test", data_dir=str(tmp_path / "p"),
+                         manual_dir=first)
+  batch = train_split.sample_training_queries(seed=0, step=0, batch_size=16)
+  # TIRG's pairing: two different modifications of one source image.
+  for first_query, second_query in zip(batch[::2], batch[1::2]):
+    assert first_query.source_index == second_query.source_index
+    assert first_query.target_caption != second_query.target_caption
+  assert len(test_split.queries) >= 16
+  for query in test_split.queries:
+    assert query.target_caption in test_split.captions
+    assert query.target_caption != test_split.captions[query.source_index]
+
+
+def test_fixture_of_unknown_dataset_names_the_field(tmp_path):
+  with pytest.raises(ValueError, match="config.data.name: no fixture for "
+                     "'css_synth'.*set config.data.fixture=False"):
+    fixtures.write_fixture("css_synth", str(tmp_path))
