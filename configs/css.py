@@ -23,7 +23,7 @@ written in the published format into the workdir (`config.data.fixture`),
 then evaluates once: the full code path in about a minute on a CPU.
 """
 
-from irtf_jax.config_base import base_config
+from irtf_jax.config_base import base_config, use_paper_ga, use_smoke_settings
 
 
 def get_config(arg: str = ""):
@@ -31,19 +31,9 @@ def get_config(arg: str = ""):
   config.data.name = "css3d"
   config.data.manual_dir = ""  # --config.data.manual_dir=/path/to/CSSDataset
 
+  # ResNet-18 + LSTM + TIRG-LastConv, SGD: the base defaults.
   config.model.name = "tirg_lastconv"
-  config.model.image_encoder.depth = 18
-  config.model.embed_dim = 512
-
-  config.optimizer.learning_rate = 1e-2
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 1e-6
-  config.optimizer.lr_decay_steps = 50_000
-  config.optimizer.lr_decay_factor = 0.1
-  config.loss.eta = 1e-3
-  config.ga.adversarial.epsilon = 1e-6
-  config.ga.adversarial.q = 1.0
-  config.ga.isotropic.gamma = 1e-2
+  use_paper_ga(config)
 
   config.batch_size = 200
   config.num_train_steps = 160_000
@@ -54,19 +44,7 @@ def get_config(arg: str = ""):
   config.eval.max_train_queries = 10_000  # TIRG's train-split sample
 
   if arg == "smoke":
-    config.data.fixture = True
-    config.model.embed_dim = 32
-    config.model.image_encoder.depth = 10
-    config.model.text_encoder.word_embed_dim = 16
-    config.model.text_encoder.hidden_dim = 16
-    config.batch_size = 16
-    config.num_train_steps = 4
-    config.log_every = 2
-    config.eval_every = 4
-    config.checkpoint_every = 4
-    config.eval.batch_size = 64
-    config.eval.max_test_queries = 200
-    config.eval.max_train_queries = 200
+    use_smoke_settings(config)
   elif arg:
     raise ValueError(f"configs/css.py: unknown argument {arg!r}; allowed: "
                      "'' or 'smoke'")

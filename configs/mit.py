@@ -28,7 +28,7 @@ MIT-States copy written in the published format into the workdir
 (`config.data.fixture`), at 64 x 64, then evaluates once.
 """
 
-from irtf_jax.config_base import base_config
+from irtf_jax.config_base import base_config, use_paper_ga, use_smoke_settings
 
 
 def get_config(arg: str = ""):
@@ -37,19 +37,9 @@ def get_config(arg: str = ""):
   config.data.manual_dir = ""  # --config.data.manual_dir=/path/to/mitstates
   config.data.options.image_size = 224
 
+  # ResNet-18 + LSTM + TIRG-LastConv, SGD: the base defaults.
   config.model.name = "tirg_lastconv"
-  config.model.image_encoder.depth = 18
-  config.model.embed_dim = 512
-
-  config.optimizer.learning_rate = 1e-2
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 1e-6
-  config.optimizer.lr_decay_steps = 50_000
-  config.optimizer.lr_decay_factor = 0.1
-  config.loss.eta = 1e-3
-  config.ga.adversarial.epsilon = 1e-6
-  config.ga.adversarial.q = 1.0
-  config.ga.isotropic.gamma = 1e-2
+  use_paper_ga(config)
 
   config.batch_size = 32
   config.num_train_steps = 150_000
@@ -60,20 +50,8 @@ def get_config(arg: str = ""):
   config.eval.max_train_queries = 0  # all 10,000 of the loader's sample
 
   if arg == "smoke":
-    config.data.fixture = True
+    use_smoke_settings(config)
     config.data.options.image_size = 64
-    config.model.embed_dim = 32
-    config.model.image_encoder.depth = 10
-    config.model.text_encoder.word_embed_dim = 16
-    config.model.text_encoder.hidden_dim = 16
-    config.batch_size = 16
-    config.num_train_steps = 4
-    config.log_every = 2
-    config.eval_every = 4
-    config.checkpoint_every = 4
-    config.eval.batch_size = 64
-    config.eval.max_test_queries = 200
-    config.eval.max_train_queries = 200
   elif arg:
     raise ValueError(f"configs/mit.py: unknown argument {arg!r}; allowed: "
                      "'' or 'smoke'")

@@ -96,6 +96,35 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def use_paper_ga(config: ml_collections.ConfigDict) -> None:
+  """The GA paper's code settings: adversarial GA eps 1e-6 with q = 1 on the
+  query pixels, isotropic GA gamma 1e-2 (eta 1e-3 and the optimizer are
+  already the base defaults)."""
+  config.ga.adversarial.epsilon = 1e-6
+  config.ga.adversarial.q = 1.0
+  config.ga.adversarial.wrt = "query_image"
+  config.ga.isotropic.gamma = 1e-2
+
+
+def use_smoke_settings(config: ml_collections.ConfigDict) -> None:
+  """The `smoke` argument of the real-dataset configs: a tiny model, a few
+  steps and one evaluation on a copy of the dataset written in its published
+  format (`config.data.fixture`): the full code path in about a minute."""
+  config.data.fixture = True
+  config.model.embed_dim = 32
+  config.model.image_encoder.depth = 10
+  config.model.text_encoder.word_embed_dim = 16
+  config.model.text_encoder.hidden_dim = 16
+  config.batch_size = 16
+  config.num_train_steps = 4
+  config.log_every = 2
+  config.eval_every = 4
+  config.checkpoint_every = 4
+  config.eval.batch_size = 64
+  config.eval.max_test_queries = 200
+  config.eval.max_train_queries = 200
+
+
 _CHOICES = {
     "model.text_encoder.name": ("lstm", "sentence_transformer", "precomputed"),
     "ga.adversarial.wrt": ("query_image", "text_embedding"),

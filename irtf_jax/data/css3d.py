@@ -63,7 +63,7 @@ def check_manual_dir(manual_dir: str | os.PathLike | None,
                      renderer: str) -> str:
   """Returns the `.npy` path, or raises naming what is missing."""
   if manual_dir is None:
-    raise _missing("manual_dir is not set (config.data.manual_dir)")
+    raise _missing("manual_dir is not set (pass --config.data.manual_dir=...)")
   manual_dir = os.fspath(manual_dir)
   if not os.path.isdir(manual_dir):
     raise _missing(f"manual_dir {manual_dir} does not exist")

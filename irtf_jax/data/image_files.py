@@ -81,7 +81,8 @@ def missing_error(dataset: str, what: str,
                   instructions: str) -> FileNotFoundError:
   """The error for a missing dataset folder or file, with download help."""
   return FileNotFoundError(f"{dataset}: missing {what}. Pass the folder that "
-                           f"holds the dataset as manual_dir.\n{instructions}")
+                           f"holds the dataset as manual_dir "
+                           f"(--config.data.manual_dir=...).\n{instructions}")
 
 
 def resolve_inside(root: str, relative: str, *, where: str) -> str:
