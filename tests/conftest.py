@@ -16,8 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("IRTF_JAX_TEST_CACHE",
-                                 tempfile.mkdtemp(prefix="irtf_jax_xla_")))
+# One cache for every pytest worker process (and later runs).
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "IRTF_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(),
+                                        "irtf_jax_test_xla_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -5,7 +5,8 @@ copy of its dataset in the published on-disk format: once written by the
 trainer itself (`config.data.fixture`), once written here and passed as
 `config.data.manual_dir`. Both runs read the same files with the same seed,
 so they must report the same metrics. The programs they compile are the
-same too, so a disk compilation cache lets the second run skip compiling.
+same too, so the tests' compilation cache (conftest.py) lets the second run
+skip compiling.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import json
 import math
 import os
 
-from jax.experimental.compilation_cache import compilation_cache
-import jax
 import pytest
 
 from irtf_jax import config_base
@@ -42,23 +41,6 @@ def get_config(file_name: str, arg: str = ""):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-  """A disk compilation cache for this module's runs, then none again."""
-  saved = {name: getattr(jax.config, name) for name in (
-      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes")}
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir",
-                    str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 def last_evaluation(workdir) -> dict:
