@@ -6,7 +6,7 @@ r"""TIRG-LastConv with Gradient Augmentation on the published CSS (css3d).
 
 `config.data.manual_dir` is left empty here: pass the folder that holds
 `css_toy_dataset_novel2_small.dup.npy` and `images/` on the command line with
-`--config.data.manual_dir=...` (docs/datasets.md says where to get it). The
+`--config.data.manual_dir=...` (the README says where to get it). The
 first run prepares it once into `config.data.data_dir`; without a manual_dir
 and without prepared data the loader stops with the download instructions.
 

@@ -6,7 +6,7 @@ r"""TIRG-LastConv with Gradient Augmentation on MIT-States (TIRG's protocol).
 
 `config.data.manual_dir` is left empty here: pass the folder that holds
 `images/<adjective> <noun>/*.jpg` on the command line with
-`--config.data.manual_dir=...` (docs/datasets.md says where to get it). The
+`--config.data.manual_dir=...` (the README says where to get it). The
 first run prepares it once into `config.data.data_dir`; without a manual_dir
 and without prepared data the loader stops with the download instructions.
 
