@@ -8,7 +8,8 @@ gradient), while the same product written as "slice-im2col" (pad, take the
 k*k strided slices, concatenate on the channel axis, one matmul) runs at
 matmul speed, and its gradient is pads and slices, which XLA:CPU also handles
 well. On GPU and TPU the native convolution (cuDNN / the TPU conv unit) wins,
-so `implementation="auto"` picks per backend. Both formulations have the same
+so `implementation="auto"` picks per backend, and on CPU per shape
+(`resolve_conv_implementation`). Both formulations have the same
 parameters, so checkpoints and pretrained weights do not depend on the choice.
 """
 
@@ -78,14 +79,49 @@ def conv_lax(x, kernel, strides, padding):
       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def resolve_conv_implementation(implementation: str) -> str:
-  """"auto" -> "im2col" on CPU (see module docstring), "lax" elsewhere."""
+# On CPU, "auto" keeps XLA's native convolution only where it beats
+# slice-im2col in the train step and in its double backprop (adversarial GA):
+# stride-1 k x k convolutions (k > 1) on maps of at least this many positions.
+# Strided native convolutions have a pathologically slow input gradient on
+# XLA:CPU (a 3x3/s2 convolution 4x4x256 -> 512 at batch 32: ~400 ms against
+# ~17 ms as im2col), 1x1 convolutions are plain matmuls, and on maps below
+# 8x8 the native convolution falls off a cliff (2x2x512: seconds).
+_CPU_NATIVE_MIN_POSITIONS = 64
+
+
+def resolve_conv_implementation(implementation: str, *,
+                                kernel_size: Sequence[int] | None = None,
+                                strides: Sequence[int] | None = None,
+                                output_hw: Sequence[int] | None = None,
+                                backend: str | None = None) -> str:
+  """The formulation `implementation` selects for one convolution.
+
+  "lax" and "im2col" are returned as given. "auto" gives "lax" on GPU and TPU
+  (cuDNN / the TPU convolution unit win there); on CPU it gives "lax" for
+  stride-1 convolutions with kernels larger than 1x1 whose output map has at
+  least 64 positions (where XLA:CPU's convolution is fast), and "im2col"
+  everywhere else (see `_CPU_NATIVE_MIN_POSITIONS`). Without the shape
+  arguments, "auto" on CPU gives "im2col".
+
+  Args:
+    implementation: "auto", "lax" or "im2col".
+    kernel_size: (kh, kw).
+    strides: (s_h, s_w).
+    output_hw: (H', W') of the output map.
+    backend: `jax.default_backend()` when None.
+  """
   if implementation not in CONV_IMPLEMENTATIONS:
     raise ValueError(f"config.model.conv_implementation: unknown "
                      f"{implementation!r}; allowed: {CONV_IMPLEMENTATIONS}")
-  if implementation == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "lax"
-  return implementation
+  if implementation != "auto":
+    return implementation
+  if (backend or jax.default_backend()) != "cpu":
+    return "lax"
+  if kernel_size is None or strides is None or output_hw is None:
+    return "im2col"
+  native = (all(s == 1 for s in strides) and max(kernel_size) > 1
+            and output_hw[0] * output_hw[1] >= _CPU_NATIVE_MIN_POSITIONS)
+  return "lax" if native else "im2col"
 
 
 class Conv(nn.Module):
@@ -115,7 +151,14 @@ class Conv(nn.Module):
                         (*self.kernel_size, x.shape[-1], self.features))
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if resolve_conv_implementation(self.implementation) == "im2col":
+    kh, kw = self.kernel_size
+    (pt, pb), (pl, pr) = _pad_pairs(self.padding, (kh, kw))
+    output_hw = ((x.shape[1] + pt + pb - kh) // self.strides[0] + 1,
+                 (x.shape[2] + pl + pr - kw) // self.strides[1] + 1)
+    chosen = resolve_conv_implementation(
+        self.implementation, kernel_size=self.kernel_size,
+        strides=self.strides, output_hw=output_hw)
+    if chosen == "im2col":
       y = conv_im2col(x, kernel, self.strides, self.padding)
     else:
       y = conv_lax(x, kernel, self.strides, self.padding)
