@@ -95,15 +95,21 @@ def host_batch(split: data.Split, vocab: Vocabulary, config, step: int,
   }
 
 
-def prefetched_batches(make_batch, steps: range, depth: int = 2
+def prefetched_batches(make_batch, steps: range, depth: int = 2, put=None
                        ) -> Iterator[tuple[int, dict]]:
-  """Builds batches in a background thread, `depth` ahead of the consumer."""
+  """Builds batches in a background thread, `depth` ahead of the consumer.
+
+  With `put` (e.g. `DataParallel.shard_batch`), the thread also places each
+  batch on the devices, so the next batch is copied while the current step
+  runs and the step itself makes no host-to-device transfer.
+  """
   buffer: queue.Queue = queue.Queue(maxsize=depth)
 
   def produce():
     try:
       for step in steps:
-        buffer.put((step, make_batch(step)))
+        batch = make_batch(step)
+        buffer.put((step, batch if put is None else put(batch)))
     except BaseException as e:  # re-raised in the consumer
       buffer.put((None, e))
       return
@@ -268,7 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        desc=f"train {config.data.name}/{config.model.name}",
                        disable=not trainer.is_chief, dynamic_ncols=True)
   try:
-    for step, batch in prefetched_batches(trainer.make_batch, steps):
+    for step, batch in prefetched_batches(trainer.make_batch, steps,
+                                          put=parallel.shard_batch):
       state, step_metrics = step_fn(state, parallel.shard_batch(batch), rng)
       pending.append(step_metrics)
       timed_steps += 1
