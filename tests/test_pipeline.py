@@ -43,19 +43,38 @@ def _assert_same(got, steps, make_batch):
       np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_pipeline_equals_host_batch(workers):
+def _setup():
   split = ColourSplit()
   vocab = Vocabulary.build(f"make it {i}" for i in range(20))
-  config = tiny_config()
-  steps = range(3, 8)
+  return split, vocab, tiny_config()
+
+
+def test_in_process_pipeline_equals_host_batch():
+  split, vocab, config = _setup()
+  steps = range(3, 6)
   make_batch = functools.partial(train.host_batch, split, vocab, config,
                                  num_processes=2, process_index=1)
-  got = list(pipeline.training_batches(make_batch, steps, workers))
+  got = list(pipeline.training_batches(make_batch, steps, 0))
   _assert_same(got, steps, make_batch)
   # The process's half differs from the other process's half.
   other = train.host_batch(split, vocab, config, 3, 2, 0)
   assert not np.array_equal(other["query_image"], got[0][1]["query_image"])
+
+
+def test_trainer_prefetch_with_worker_processes_equals_host_batch():
+  split, vocab, config = _setup()
+  steps = range(2, 8)
+  make_batch = pipeline.HostBatch(split, vocab, config, 2, 1)
+  got = list(train.prefetched_batches(make_batch, steps, workers=2))
+  _assert_same(got, steps, make_batch)
+  np.testing.assert_array_equal(
+      got[0][1]["tokens"], train.host_batch(split, vocab, config, 2, 2, 1)[
+          "tokens"])
+
+
+def test_unpicklable_batch_function_names_the_config_field():
+  with pytest.raises(TypeError, match="config.data.workers"):
+    list(train.prefetched_batches(lambda step: {}, range(2), workers=1))
 
 
 def test_negative_workers_name_the_config_field():

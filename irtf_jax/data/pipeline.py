@@ -17,6 +17,7 @@ costs more than building them).
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Any, Callable, Iterator
 
 from absl import flags
@@ -32,6 +33,35 @@ class StepBatch:
 
   def __call__(self, step: int) -> tuple[int, dict]:
     return int(step), self.make_batch(int(step))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBatch:
+  """`train.host_batch` of (split, vocab, config) as a picklable step ->
+  batch function (what worker processes need; a Trainer method is not)."""
+  split: Any
+  vocab: Any
+  config: Any
+  num_processes: int = 1
+  process_index: int = 0
+
+  def __call__(self, step: int) -> dict:
+    from irtf_jax import train  # pylint: disable=g-import-not-at-top
+    return train.host_batch(self.split, self.vocab, self.config, step,
+                            self.num_processes, self.process_index)
+
+
+def picklable_or_raise(make_batch: Callable[[int], dict]):
+  """`make_batch`, checked to survive the trip to a worker process."""
+  try:
+    pickle.dumps(make_batch)
+  except Exception as e:
+    raise TypeError(
+        f"config.data.workers > 0 needs a picklable batch function, got "
+        f"{make_batch!r} ({e}); pass pipeline.HostBatch(split, vocab, "
+        f"config, num_processes, process_index), or set "
+        f"config.data.workers=0") from e
+  return make_batch
 
 
 def training_batches(make_batch: Callable[[int], dict], steps: range,
