@@ -106,7 +106,10 @@ class DataParallel:
       def run_jit(state, batch, rng):
         # An explicit copy of the (tiny) key to every device, so the steady
         # state makes no implicit transfer (jax.transfer_guard("disallow")).
-        if not (isinstance(rng, jax.Array) and rng.sharding == self.replicated):
+        # (One process only: device_put cannot target other processes'
+        # devices, and there jit places the key itself.)
+        if jax.process_count() == 1 and not (
+            isinstance(rng, jax.Array) and rng.sharding == self.replicated):
           rng = jax.device_put(rng, self.replicated)
         return compiled(state, batch, rng)
       return run_jit

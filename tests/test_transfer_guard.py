@@ -75,15 +75,12 @@ def test_shard_batch_passes_placed_arrays_through():
 
 
 def test_bfloat16_step_is_finite_and_features_are_float32():
-  config = tiny_config(precision="bfloat16",
-                       **{"ga.adversarial.epsilon": 1e-6})
+  config = tiny_config(precision="bfloat16")
   parallel, model, state, step_fn = _setup(config)
-  batch = parallel.shard_batch(random_batch(1, config.batch_size))
-  rng = jax.random.key(0)
-  for _ in range(2):
-    state, metrics = step_fn(state, batch, rng)
+  batch = parallel.shard_batch(random_batch(1, config.batch_size,
+                                            image_size=16))
+  state, metrics = step_fn(state, batch, jax.random.key(0))
   assert np.isfinite(float(metrics["loss"]))
-  assert np.isfinite(float(metrics["adversarial_penalty"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   host = jax.device_get(state)
   query, target = model.apply(
