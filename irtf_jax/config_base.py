@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.manual_dir = ""        # the user's copy of a dataset
   c.data.options = ml_collections.ConfigDict()  # dataset-specific loader options
   c.data.fixture = False        # smoke runs: write a tiny copy in the real format
+  c.data.workers = 0            # >0: build batches in grain worker processes
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tirg_lastconv"

@@ -54,16 +54,23 @@ class DataParallel:
       return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, local)
 
+  def _placed(self, x) -> bool:
+    return isinstance(x, jax.Array) and x.sharding == self.batch_sharding
+
   def shard_batch(self, local_batch: Any) -> Any:
     """This process's slice of the batch -> global batch arrays on devices.
 
     Under "pmap" the leading axis is split into (devices, per-device batch).
+    Arrays already placed by an earlier call (a prefetching thread) pass
+    through unchanged, so calling it twice costs no transfer.
     """
     if self.strategy == "jit":
       return jax.tree.map(
-          lambda x: self._global_array(np.asarray(x), self.batch_sharding),
-          local_batch)
+          lambda x: x if self._placed(x) else self._global_array(
+              np.asarray(x), self.batch_sharding), local_batch)
     def split(x):
+      if self._placed(x):
+        return x
       x = np.asarray(x)
       x = x.reshape((self.num_devices, x.shape[0] // self.num_devices)
                     + x.shape[1:])
@@ -91,10 +98,21 @@ class DataParallel:
     The state argument is donated: its buffers are reused for the new state.
     """
     if self.strategy == "jit":
-      return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding,
-                                         self.replicated),
-                     out_shardings=(self.replicated, self.replicated),
-                     donate_argnums=(0,))
+      compiled = jax.jit(step, in_shardings=(self.replicated,
+                                             self.batch_sharding,
+                                             self.replicated),
+                         out_shardings=(self.replicated, self.replicated),
+                         donate_argnums=(0,))
+      def run_jit(state, batch, rng):
+        # An explicit copy of the (tiny) key to every device, so the steady
+        # state makes no implicit transfer (jax.transfer_guard("disallow")).
+        # (One process only: device_put cannot target other processes'
+        # devices, and there jit places the key itself.)
+        if jax.process_count() == 1 and not (
+            isinstance(rng, jax.Array) and rng.sharding == self.replicated):
+          rng = jax.device_put(rng, self.replicated)
+        return compiled(state, batch, rng)
+      return run_jit
     pmapped = jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
     def run(state, batch, rng):
       rngs = self.replicate(rng)

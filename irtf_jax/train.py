@@ -101,15 +101,30 @@ def host_batch(split: data.Split, vocab: Vocabulary, config, step: int,
   }
 
 
-def prefetched_batches(make_batch, steps: range, depth: int = 2
-                       ) -> Iterator[tuple[int, dict]]:
-  """Builds batches in a background thread, `depth` ahead of the consumer."""
+def prefetched_batches(make_batch, steps: range, depth: int = 2, put=None,
+                       workers: int = 0) -> Iterator[tuple[int, dict]]:
+  """Builds batches in a background thread, `depth` ahead of the consumer.
+
+  With `put` (e.g. `DataParallel.shard_batch`), the thread also places each
+  batch on the devices, so the next batch is copied while the current step
+  runs and the step itself makes no host-to-device transfer. With `workers`
+  > 0 (`config.data.workers`: datasets decoded from JPEG files), batches are
+  built in that many grain worker processes (`irtf_jax.data.pipeline`);
+  `make_batch` must then be picklable (e.g. `pipeline.HostBatch`).
+  """
   buffer: queue.Queue = queue.Queue(maxsize=depth)
+
+  def built():
+    if not workers:
+      return ((step, make_batch(step)) for step in steps)
+    from irtf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.training_batches(pipeline.picklable_or_raise(make_batch),
+                                     steps, workers, prefetch=depth)
 
   def produce():
     try:
-      for step in steps:
-        buffer.put((step, make_batch(step)))
+      for step, batch in built():
+        buffer.put((step, batch if put is None else put(batch)))
     except BaseException as e:  # re-raised in the consumer
       buffer.put((None, e))
       return
@@ -170,9 +185,12 @@ class Trainer:
     self.extractor = evaluate.FeatureExtractor(
         self.model, self.parallel, config.eval.batch_size)
 
-  def make_batch(self, step: int) -> dict:
-    return host_batch(self.train_split, self.vocab, self.config, step,
-                      jax.process_count(), jax.process_index())
+  @property
+  def make_batch(self):
+    """step -> this process's host batch; picklable, for worker processes."""
+    from irtf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.HostBatch(self.train_split, self.vocab, self.config,
+                              jax.process_count(), jax.process_index())
 
   def initial_state(self) -> train_step_lib.TrainState:
     """Restored from the latest checkpoint, or freshly initialized (host)."""
@@ -278,7 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        desc=f"train {config.data.name}/{config.model.name}",
                        disable=not trainer.is_chief, dynamic_ncols=True)
   try:
-    for step, batch in prefetched_batches(trainer.make_batch, steps):
+    for step, batch in prefetched_batches(
+        trainer.make_batch, steps, put=parallel.shard_batch,
+        workers=config.data.workers):
       state, step_metrics = step_fn(state, parallel.shard_batch(batch), rng)
       pending.append(step_metrics)
       timed_steps += 1

@@ -73,8 +73,8 @@ def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
   resumed = str(tmp_path / "resumed")
   original = train.prefetched_batches
 
-  def interrupted(make_batch, steps, depth=2):
-    for step, batch in original(make_batch, steps, depth):
+  def interrupted(make_batch, steps, **kwargs):
+    for step, batch in original(make_batch, steps, **kwargs):
       if step == 3:
         raise KeyboardInterrupt
       yield step, batch

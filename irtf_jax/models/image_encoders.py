@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from irtf_jax.models import pretrained
-from irtf_jax.models.layers import Conv
+from irtf_jax.models.layers import Conv, max_pool
 
 # Depth 10 (one block per stage) is a small variant for tests and quick runs.
 _STAGES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -76,7 +76,7 @@ class ResNet(nn.Module):
                              dtype=self.dtype, axis_name=self.bn_axis_name)
     x = conv(64, (7, 7), (2, 2), ((3, 3), (3, 3)), name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x, use_running_average=not train))
-    x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = max_pool(x, window=3, stride=2, padding=1)
     for stage, (blocks, width) in enumerate(zip(_STAGES[self.depth], _WIDTHS)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1

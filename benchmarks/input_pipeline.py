@@ -1,0 +1,91 @@
+r"""Images/s of 224x224 JPEG decode + resize + centre crop, by worker count.
+
+  python benchmarks/input_pipeline.py --workers=0,1,2,4 --images=256
+
+Writes its own JPEG fixtures (random 320x240 pictures with smooth content, so
+they compress like photos) into a temporary folder, then reads them through
+`irtf_jax.data.pipeline.training_batches`: each "step" decodes one batch of
+files with `image_files.resize_and_center_crop` (TIRG's test transform, what
+MIT-States and Fashion200k use). 0 workers decodes in this process (the
+trainer's in-thread path). Prints JSON with images/s per worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from irtf_jax.data import image_files
+from irtf_jax.data import pipeline
+
+
+def write_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
+  rng = np.random.default_rng(seed)
+  paths = []
+  for i in range(count):
+    low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize((320, 240), Image.BICUBIC)
+    path = os.path.join(folder, f"{i:05d}.jpg")
+    img.save(path, format="JPEG", quality=90)
+    paths.append(path)
+  return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBatch:
+  """step -> uint8 (batch, size, size, 3), decoded from files; picklable."""
+  paths: tuple[str, ...]
+  batch_size: int
+  size: int
+
+  def __call__(self, step: int) -> dict:
+    start = step * self.batch_size
+    out = []
+    for i in range(start, start + self.batch_size):
+      with Image.open(self.paths[i % len(self.paths)]) as img:
+        out.append(image_files.resize_and_center_crop(img, self.size))
+    return {"image": np.stack(out)}
+
+
+def images_per_second(decode: DecodeBatch, steps: int, workers: int) -> float:
+  batches = pipeline.training_batches(decode, range(steps + 1), workers)
+  next(batches)  # worker start-up is not throughput
+  start = time.perf_counter()
+  count = sum(len(b["image"]) for _, b in batches)
+  return count / (time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workers", default=f"0,1,2,{os.cpu_count()}")
+  parser.add_argument("--images", type=int, default=256)
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--image-size", type=int, default=224)
+  parser.add_argument("--json-out", default="")
+  args = parser.parse_args()
+  workers = sorted({int(w) for w in args.workers.split(",")})
+  with tempfile.TemporaryDirectory() as folder:
+    paths = write_jpegs(folder, args.images)
+    decode = DecodeBatch(tuple(paths), args.batch_size, args.image_size)
+    steps = max(1, args.images // args.batch_size)
+    result = {"cpus": os.cpu_count(), "image_size": args.image_size,
+              "batch_size": args.batch_size, "steps": steps,
+              "load_average": list(os.getloadavg()),
+              "images_per_second": {str(w): images_per_second(decode, steps, w)
+                                    for w in workers}}
+  text = json.dumps(result, indent=2)
+  print(text)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
