@@ -23,24 +23,11 @@ written in the published format into the workdir (`config.data.fixture`),
 then evaluates once: the full code path in about a minute on a CPU.
 """
 
-from irtf_jax.config_base import base_config, use_paper_ga, use_smoke_settings
+from irtf_jax.config_base import paper_config, use_smoke_settings
 
 
 def get_config(arg: str = ""):
-  config = base_config()
-  config.data.name = "css3d"
-  config.data.manual_dir = ""  # --config.data.manual_dir=/path/to/CSSDataset
-
-  # ResNet-18 + LSTM + TIRG-LastConv, SGD: the base defaults.
-  config.model.name = "tirg_lastconv"
-  use_paper_ga(config)
-
-  config.batch_size = 200
-  config.num_train_steps = 160_000
-  config.log_every = 100
-  config.eval_every = 10_000
-  config.checkpoint_every = 5_000
-  config.eval.max_test_queries = 0        # all of them
+  config = paper_config("css3d", batch_size=200, num_train_steps=160_000)
   config.eval.max_train_queries = 10_000  # TIRG's train-split sample
 
   if arg == "smoke":

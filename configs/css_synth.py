@@ -7,7 +7,7 @@ The default is sized to train on a 2-core CPU in minutes; the argument
 `smoke` is a tiny dataset and a handful of steps through the full code path.
 """
 
-from irtf_jax.config_base import base_config
+from irtf_jax.config_base import base_config, use_smoke_settings
 
 
 def get_config(arg: str = ""):
@@ -23,19 +23,10 @@ def get_config(arg: str = ""):
   config.eval.max_test_queries = 4000
   config.eval.max_train_queries = 2000
   if arg == "smoke":
+    use_smoke_settings(config)
+    config.data.fixture = False  # css_synth is generated, not read
     config.data.options.num_train_scenes = 200
     config.data.options.num_test_scenes = 100
-    config.model.embed_dim = 64
-    config.model.text_encoder.word_embed_dim = 32
-    config.model.text_encoder.hidden_dim = 32
-    config.batch_size = 16
-    config.num_train_steps = 6
-    config.log_every = 2
-    config.eval_every = 6
-    config.checkpoint_every = 3
-    config.eval.batch_size = 64
-    config.eval.max_test_queries = 200
-    config.eval.max_train_queries = 200
   elif arg:
     raise ValueError(f"configs/css_synth.py: unknown argument {arg!r}; "
                      "allowed: '' or 'smoke'")

@@ -29,26 +29,12 @@ Fashion200k copy written in the published format into the workdir
 (`config.data.fixture`), at 64 x 64, then evaluates once.
 """
 
-from irtf_jax.config_base import base_config, use_paper_ga, use_smoke_settings
+from irtf_jax.config_base import paper_config, use_smoke_settings
 
 
 def get_config(arg: str = ""):
-  config = base_config()
-  config.data.name = "fashion200k"
-  config.data.manual_dir = ""  # --config.data.manual_dir=/path/to/f200k
+  config = paper_config("fashion200k", batch_size=32, num_train_steps=160_000)
   config.data.options.image_size = 224
-
-  # ResNet-18 + LSTM + TIRG-LastConv, SGD: the base defaults.
-  config.model.name = "tirg_lastconv"
-  use_paper_ga(config)
-
-  config.batch_size = 32
-  config.num_train_steps = 160_000
-  config.log_every = 100
-  config.eval_every = 10_000
-  config.checkpoint_every = 5_000
-  config.eval.max_test_queries = 0   # all of them
-  config.eval.max_train_queries = 0  # all 10,000 of the loader's sample
 
   if arg == "smoke":
     use_smoke_settings(config)

@@ -107,6 +107,26 @@ def use_paper_ga(config: ml_collections.ConfigDict) -> None:
   config.ga.isotropic.gamma = 1e-2
 
 
+def paper_config(dataset: str, *, batch_size: int,
+                 num_train_steps: int) -> ml_collections.ConfigDict:
+  """A published benchmark with the GA paper's code settings: ResNet-18 +
+  LSTM + TIRG-LastConv, SGD (the base defaults), GA on (`use_paper_ga`),
+  evaluation on every test query every 10k steps."""
+  config = base_config()
+  config.data.name = dataset
+  config.data.manual_dir = ""  # the user's copy: --config.data.manual_dir=...
+  config.model.name = "tirg_lastconv"
+  use_paper_ga(config)
+  config.batch_size = batch_size
+  config.num_train_steps = num_train_steps
+  config.log_every = 100
+  config.eval_every = 10_000
+  config.checkpoint_every = 5_000
+  config.eval.max_test_queries = 0   # all of them
+  config.eval.max_train_queries = 0  # all of the loader's train-split queries
+  return config
+
+
 def use_smoke_settings(config: ml_collections.ConfigDict) -> None:
   """The `smoke` argument of the real-dataset configs: a tiny model, a few
   steps and one evaluation on a copy of the dataset written in its published
