@@ -221,9 +221,11 @@ class Trainer:
           max_queries=limit, seed=config.seed,
           chunk_size=config.eval.chunk_size)
       results.update({f"{prefix}/{k}": v for k, v in recall.items()})
-      if prefix == "test":
-        shown = (queries[:config.eval.num_qualitative],
-                 neighbours[:config.eval.num_qualitative])
+      if prefix == "test" and config.eval.num_qualitative:
+        # Spread over the queries (consecutive ones share a modification).
+        rows = np.unique(np.linspace(0, len(queries) - 1,
+                                     config.eval.num_qualitative).astype(int))
+        shown = ([queries[i] for i in rows], neighbours[rows])
     for k in config.eval.ks:
       if f"test/recall@{k}" in results and f"train/recall@{k}" in results:
         results[f"whm@{k}"] = metrics_lib.weighted_harmonic_mean(
