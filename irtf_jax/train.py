@@ -301,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     for step, batch in prefetched_batches(
         trainer.make_batch, steps, put=parallel.shard_batch,
         workers=config.data.workers):
-      state, step_metrics = step_fn(state, parallel.shard_batch(batch), rng)
+      state, step_metrics = step_fn(state, batch, rng)  # placed by the thread
       pending.append(step_metrics)
       timed_steps += 1
       progress.update(1)
