@@ -365,18 +365,157 @@ class IsotropicGradientAugmentationState(NamedTuple):
       `fold_in(key, t)`, so noise depends only on (seed, t) and a restored
       state continues the exact sequence.
     noise_norm: l2 norm over all leaves of the noise added by the last update
-      (0 before the first), for logging.
+      (0 before the first), for logging; leaves of more than 2^16 elements
+      enter it with their expected norm (`_noise_and_squared_norm`).
   """
   key_data: jax.Array
   count: jax.Array
   noise_norm: jax.Array
 
 
+# Bits: a counter-based integer hash keyed per leaf and step by threefry.
+# `jax.random.normal` spends ~20 threefry rounds per element; for the 42M
+# parameters of ResNet-18 + TIRG-LastConv that is ~0.6 s per step on a 2-core
+# CPU, half the step. One keyed bijection of the element index costs about as
+# much as reading the gradient once, and fuses into the optimizer update.
+_GOLDEN_RATIO_32 = 0x9E3779B1
+
+# Giles, "Approximating the erfinv function" (GPU Computing Gems, 2011):
+# single-precision coefficients of erfinv(x) / x as polynomials in
+# t = w - 2.5 (w < 5) and t = sqrt(w) - 3 (w >= 5), w = -log(1 - x^2).
+_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06,
+                   -4.39150654e-06, 0.00021858087, -0.00125372503,
+                   -0.00417768164, 0.246640727, 1.50140941)
+_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322,
+                -0.00367342844, 0.00573950773, -0.0076224613,
+                0.00943887047, 1.00167406, 2.83297682)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons, 2018): a bijective, fully avalanching uint32 hash."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def hashed_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 random bits: `mix32((i ^ k0) * phi + k1)` for element index i.
+
+  (k0, k1) are two threefry words of `key`; for a fixed key the map from i is
+  a bijection of uint32, so the elements of one draw never repeat a word, and
+  a new key gives a new bijection. Arrays of 2^32 elements or more are refused.
+  """
+  size = math.prod(shape)
+  if size >= 2**32:
+    raise ValueError(
+        f"hashed_bits: an array of shape {shape} has {size} >= 2^32 elements; "
+        "the counter is 32-bit. Split the array into smaller leaves.")
+  k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  return _mix32((index ^ k0) * jnp.uint32(_GOLDEN_RATIO_32) + k1)
+
+
+def _symmetric_uniform(bits: jax.Array) -> jax.Array:
+  """float32 uniform on the 2^23 points -1 + 2^-23 + k 2^-22 (mean exactly 0).
+
+  The top 23 bits become the mantissa of a float in [1, 2); every operation
+  after that is exact in float32.
+  """
+  one_to_two = jax.lax.bitcast_convert_type(
+      (bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+  return one_to_two * 2.0 - 3.0 + jnp.float32(2.0**-23)
+
+
+def _erfinv(x: jax.Array) -> jax.Array:
+  """erfinv for float32 x in (-1, 1) (Giles 2011, relative error < 4e-7).
+
+  Both branches share one Horner loop whose coefficients are selected per
+  element: on CPU this is ~20% cheaper than `lax.erf_inv`, which evaluates
+  both polynomials.
+  """
+  w = -jnp.log((1.0 - x) * (1.0 + x))
+  central = w < 5.0
+  t = jnp.where(central, w - 2.5, jnp.sqrt(jnp.maximum(w, 5.0)) - 3.0)
+  p = jnp.zeros_like(x)
+  for c, d in zip(_ERFINV_CENTRAL, _ERFINV_TAIL):
+    p = p * t + jnp.where(central, jnp.float32(c), jnp.float32(d))
+  return p * x
+
+
+def hashed_normal(key: jax.Array, shape: tuple[int, ...],
+                  dtype=jnp.float32) -> jax.Array:
+  """Standard normal samples from `hashed_bits` by inverse transform.
+
+  x = sqrt(2) erfinv(u) for u uniform on the symmetric 23-bit grid of
+  `_symmetric_uniform`: the same resolution as `jax.random.normal` (|x| up to
+  5.3), at a fraction of its cost.
+  """
+  uniform = _symmetric_uniform(hashed_bits(key, shape))
+  return (jnp.float32(math.sqrt(2.0)) * _erfinv(uniform)).astype(dtype)
+
+
 def _leaf_noise(key: jax.Array, leaf: jax.Array, distribution: str):
   """One leaf's unscaled noise: N(0, I) or U[-1, 1]^n in the leaf's dtype."""
   if distribution == "linf":
-    return jax.random.uniform(key, leaf.shape, leaf.dtype, -1.0, 1.0)
-  return jax.random.normal(key, leaf.shape, leaf.dtype)
+    return _symmetric_uniform(hashed_bits(key, leaf.shape)).astype(leaf.dtype)
+  return hashed_normal(key, leaf.shape, leaf.dtype)
+
+
+# Leaves with more elements than this enter the logged noise norm with their
+# expected squared norm (see `_noise_and_squared_norm`).
+_EXACT_NORM_MAX_SIZE = 2**16
+
+
+def _noise_and_squared_norm(updates: Any, key: jax.Array, gamma: float,
+                            distribution: str) -> tuple[Any, jax.Array]:
+  """`isotropic_noise` and its squared l2 norm (for logging).
+
+  A second reduction over a leaf's draws gives the noise two consumers, so XLA
+  writes it to memory (or draws it twice) instead of fusing the draw into the
+  optimizer's update; for the 42M parameters of the default model that costs
+  as much as the draw. So leaves of more than 2^16 elements enter the norm
+  with their expected squared norm, (gamma/n)^2 E||xi||^2 = gamma^2 / n
+  (gaussian; a third of it for "linf"): their realized values differ from it
+  by a relative sqrt(2/n) < 0.6%, on terms that are together a small share of
+  the total, which the small leaves (biases, scales) dominate. The noise itself
+  is always drawn in full.
+  """
+  leaves, treedef = jax.tree.flatten(updates)
+  for leaf in leaves:
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(
+          f"isotropic_gradient_augmentation: gradient leaf of dtype "
+          f"{leaf.dtype}; only real floating gradients can be augmented "
+          "(mask the other leaves out with optax.masked).")
+  keys = jax.random.split(key, max(len(leaves), 1))
+  raw = [_leaf_noise(k, leaf, distribution) for k, leaf in zip(keys, leaves)]
+
+  def raw_squared_norm(r):
+    return jnp.sum(jnp.square(r.astype(jnp.float32)))
+
+  if distribution == "sphere":
+    # Normalizing needs every draw's realized norm; the result's is known.
+    target_norm = gamma * math.sqrt(
+        sum(1.0 / leaf.size for leaf in leaves if leaf.size))
+    if target_norm == 0.0:
+      return (jax.tree.map(jnp.zeros_like, updates),
+              jnp.zeros([], jnp.float32))
+    factor = target_norm / jnp.sqrt(sum(raw_squared_norm(r) for r in raw))
+    noise = [r * factor.astype(r.dtype) for r in raw]
+    return jax.tree.unflatten(treedef, noise), jnp.float32(target_norm**2)
+  element_variance = 1.0 / 3.0 if distribution == "linf" else 1.0
+  squared_norm = jnp.zeros([], jnp.float32)
+  noise = []
+  for r, leaf in zip(raw, leaves):
+    scale = gamma / max(leaf.size, 1)
+    noise.append(r * jnp.asarray(scale, r.dtype))
+    if leaf.size > _EXACT_NORM_MAX_SIZE:
+      squared_norm += scale**2 * element_variance * leaf.size
+    else:
+      squared_norm += scale**2 * raw_squared_norm(r)
+  return jax.tree.unflatten(treedef, noise), squared_norm
 
 
 def isotropic_noise(updates: Any, key: jax.Array, *, gamma: float,
@@ -392,6 +531,9 @@ def isotropic_noise(updates: Any, key: jax.Array, *, gamma: float,
     parameter vector (all leaves), scaled to the root-mean-square norm of the
     gaussian noise, `gamma * sqrt(sum_leaves 1/n)`.
 
+  The samples come from `hashed_normal` / `hashed_bits` (see
+  `isotropic_gradient_augmentation`).
+
   Args:
     updates: pytree of floating arrays (the gradients).
     key: a PRNG key (new-style or raw uint32).
@@ -401,29 +543,7 @@ def isotropic_noise(updates: Any, key: jax.Array, *, gamma: float,
   Returns:
     A pytree like `updates` holding the noise.
   """
-  leaves, treedef = jax.tree.flatten(updates)
-  for leaf in leaves:
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise TypeError(
-          f"isotropic_gradient_augmentation: gradient leaf of dtype "
-          f"{leaf.dtype}; only real floating gradients can be augmented "
-          "(mask the other leaves out with optax.masked).")
-  keys = jax.random.split(key, max(len(leaves), 1))
-  raw = [_leaf_noise(k, leaf, distribution) for k, leaf in zip(keys, leaves)]
-  if distribution == "sphere":
-    target_norm = gamma * math.sqrt(
-        sum(1.0 / leaf.size for leaf in leaves if leaf.size))
-    if target_norm == 0.0:
-      return jax.tree.map(jnp.zeros_like, updates)
-    total_sq = sum(
-        jnp.sum(jnp.square(r.astype(jnp.promote_types(r.dtype, jnp.float32))))
-        for r in raw)
-    factor = target_norm / jnp.sqrt(total_sq)
-    noise = [r * factor.astype(r.dtype) for r in raw]
-  else:
-    noise = [r * jnp.asarray(gamma / max(leaf.size, 1), r.dtype)
-             for r, leaf in zip(raw, leaves)]
-  return jax.tree.unflatten(treedef, noise)
+  return _noise_and_squared_norm(updates, key, gamma, distribution)[0]
 
 
 def isotropic_gradient_augmentation(
@@ -445,7 +565,12 @@ def isotropic_gradient_augmentation(
   `optax.chain(isotropic_gradient_augmentation(1e-2), optax.sgd(...))`.
 
   The noise is drawn from a PRNG key kept in the transform's state (as
-  `optax.add_noise` does): step t uses `fold_in(key(seed), t)`. The state is a
+  `optax.add_noise` does): step t uses `fold_in(key(seed), t)`, split per
+  leaf, and each leaf's samples come from `hashed_normal` (a keyed integer
+  hash of the element index turned normal by inverse transform), which fuses
+  into the optimizer's update: on the 2-core CPU, isotropic GA on the default
+  model's 42M parameters costs a few percent of a step where
+  `jax.random.normal` cost half of one (benchmarks/README.md). The state is a
   pytree of arrays (`IsotropicGradientAugmentationState`), so it is
   checkpointed with the rest of the optimizer state and a resumed run adds the
   same noise as an uninterrupted one. Under `jax.pmap` put it after the
@@ -505,9 +630,9 @@ def isotropic_gradient_augmentation(
       return updates, state._replace(count=optax.safe_increment(state.count))
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data),
                              state.count)
-    noise = isotropic_noise(updates, key, gamma=gamma,
-                            distribution=distribution)
-    noise_norm = optax.tree.norm(noise).astype(jnp.float32)
+    noise, squared_norm = _noise_and_squared_norm(updates, key, gamma,
+                                                  distribution)
+    noise_norm = jnp.sqrt(squared_norm)
     updates = jax.tree.map(lambda g, n: g + n, updates, noise)
     return updates, IsotropicGradientAugmentationState(
         key_data=state.key_data,
@@ -524,6 +649,8 @@ __all__ = [
     "adversarial_penalty",
     "dual_norm_penalty",
     "fgsm_adversarial_loss",
+    "hashed_bits",
+    "hashed_normal",
     "isotropic_gradient_augmentation",
     "isotropic_noise",
 ]

@@ -391,6 +391,62 @@ def test_sphere_noise_norm_and_uniform_direction():
                 5 * second_moment_se)
 
 
+def test_erfinv_matches_scipy_in_float64_into_the_tails():
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  # The symmetric 23-bit grid the sampler feeds it, sampled densely near 0
+  # and into both extreme cells.
+  grid = np.concatenate([np.linspace(-1, 1, 200001)[1:-1],
+                         1 - 2.0**-np.arange(1, 24), -1 + 2.0**-np.arange(1, 24)])
+  grid = grid.astype(np.float32)
+  got = np.asarray(jax.jit(ga._erfinv)(grid), np.float64)
+  want = special.erfinv(grid.astype(np.float64))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_hashed_normal_is_standard_normal():
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n = 2**20
+  samples = np.asarray(ga.hashed_normal(jax.random.key(3), (n,)), np.float64)
+  # Kolmogorov-Smirnov against N(0, 1); moments within 5 standard errors.
+  assert stats.kstest(samples, "norm").pvalue > 1e-3
+  assert abs(samples.mean()) < 5 / math.sqrt(n)
+  assert abs(samples.var() - 1) < 5 * math.sqrt(2 / n)
+  assert abs(stats.skew(samples)) < 5 * math.sqrt(6 / n)
+  assert abs(stats.kurtosis(samples)) < 5 * math.sqrt(24 / n)
+  # Same resolution as jax.random.normal: tails reach past 4.5 sigma in 2^20.
+  assert 4.5 < np.abs(samples).max() < 5.4
+
+
+def test_hashed_bits_are_a_keyed_bijection_of_the_index():
+  a = np.asarray(ga.hashed_bits(jax.random.key(0), (256, 1024)))
+  b = np.asarray(ga.hashed_bits(jax.random.key(1), (256, 1024)))
+  assert a.dtype == np.uint32
+  assert np.unique(a).size == a.size  # No word repeats within one draw.
+  # Another key gives unrelated words: bitwise agreement ~ 1/2, and the two
+  # draws' normals are uncorrelated.
+  agreement = np.unpackbits((~(a ^ b)).view(np.uint8)).mean()
+  assert abs(agreement - 0.5) < 5 * 0.5 / math.sqrt(32 * a.size)
+  # Every bit position is fair.
+  bits = np.unpackbits(a.view(np.uint8)).reshape(a.size, 32).mean(0)
+  assert np.all(np.abs(bits - 0.5) < 5 * 0.5 / math.sqrt(a.size))
+  with pytest.raises(ValueError, match="2\\^32 elements"):
+    ga.hashed_bits(jax.random.key(0), (2**16, 2**16))
+
+
+def test_logged_norm_of_a_large_leaf_is_its_realized_norm():
+  gamma, n = 3.0, 300_000
+  grads = {"large": jnp.zeros((1000, 300))}
+  transform = ga.isotropic_gradient_augmentation(gamma, seed=2)
+  updates, state = jax.jit(transform.update)(grads, transform.init(grads))
+  realized = np.linalg.norm(np.asarray(updates["large"], np.float64))
+  # The large leaf enters with its expected norm gamma / sqrt(n); the realized
+  # norm's relative standard deviation is 1 / sqrt(2n).
+  np.testing.assert_allclose(float(state.noise_norm), gamma / math.sqrt(n),
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(state.noise_norm), realized,
+                             rtol=5 / math.sqrt(2 * n))
+
+
 def _eager_noise(seed, steps=3):
   """(steps, elements) noise of un-jitted updates from a fresh transform."""
   transform = ga.isotropic_gradient_augmentation(1.0, seed=seed)
