@@ -23,7 +23,7 @@ written in the published format into the workdir (`config.data.fixture`),
 then evaluates once: the full code path in about a minute on a CPU.
 """
 
-from irtf_jax.config_base import paper_config, use_smoke_settings
+from irtf_jax.config_base import paper_config, unknown_argument, use_smoke_settings
 
 
 def get_config(arg: str = ""):
@@ -33,6 +33,5 @@ def get_config(arg: str = ""):
   if arg == "smoke":
     use_smoke_settings(config)
   elif arg:
-    raise ValueError(f"configs/css.py: unknown argument {arg!r}; allowed: "
-                     "'' or 'smoke'")
+    raise unknown_argument("configs/css.py", arg)
   return config

@@ -29,7 +29,7 @@ Fashion200k copy written in the published format into the workdir
 (`config.data.fixture`), at 64 x 64, then evaluates once.
 """
 
-from irtf_jax.config_base import paper_config, use_smoke_settings
+from irtf_jax.config_base import paper_config, unknown_argument, use_smoke_settings
 
 
 def get_config(arg: str = ""):
@@ -40,6 +40,5 @@ def get_config(arg: str = ""):
     use_smoke_settings(config)
     config.data.options.image_size = 64
   elif arg:
-    raise ValueError(f"configs/fashion200k.py: unknown argument {arg!r}; "
-                     "allowed: '' or 'smoke'")
+    raise unknown_argument("configs/fashion200k.py", arg)
   return config

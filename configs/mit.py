@@ -28,7 +28,7 @@ MIT-States copy written in the published format into the workdir
 (`config.data.fixture`), at 64 x 64, then evaluates once.
 """
 
-from irtf_jax.config_base import paper_config, use_smoke_settings
+from irtf_jax.config_base import paper_config, unknown_argument, use_smoke_settings
 
 
 def get_config(arg: str = ""):
@@ -39,6 +39,5 @@ def get_config(arg: str = ""):
     use_smoke_settings(config)
     config.data.options.image_size = 64
   elif arg:
-    raise ValueError(f"configs/mit.py: unknown argument {arg!r}; allowed: "
-                     "'' or 'smoke'")
+    raise unknown_argument("configs/mit.py", arg)
   return config

@@ -127,6 +127,14 @@ def paper_config(dataset: str, *, batch_size: int,
   return config
 
 
+def unknown_argument(config_file: str, arg: str,
+                     allowed: tuple[str, ...] = ("", "smoke")) -> ValueError:
+  """The error a config file's `get_config(arg)` raises for an unknown arg."""
+  return ValueError(
+      f"{config_file}: unknown argument {arg!r}; allowed: "
+      f"{', '.join(repr(a) for a in allowed)}")
+
+
 def use_smoke_settings(config: ml_collections.ConfigDict) -> None:
   """The `smoke` argument of the real-dataset configs: a tiny model, a few
   steps and one evaluation on a copy of the dataset written in its published

@@ -20,6 +20,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax import lax
 
 from irtf_jax import metrics
@@ -199,12 +200,14 @@ class FeatureExtractor:
   over the devices, and the features stay on device until ranking.
   """
 
-  def __init__(self, model, parallel, batch_size: int):
+  def __init__(self, model, parallel, batch_size: int,
+               show_progress: bool = True):
     if batch_size % parallel.num_devices:
       raise ValueError(f"config.eval.batch_size: {batch_size} is not divisible "
                        f"by the {parallel.num_devices} devices")
     self.parallel = parallel
     self.batch_size = batch_size
+    self.show_progress = show_progress
     from irtf_jax.train_step import normalize_images  # pylint: disable=g-import-not-at-top
     replicated, sharded = parallel.replicated, parallel.batch_sharding
 
@@ -223,37 +226,43 @@ class FeatureExtractor:
         embed_query, in_shardings=(replicated, sharded, sharded, sharded),
         out_shardings=sharded)
 
-  def _run(self, fn, variables, n, make_inputs):
+  def _run(self, fn, variables, n, make_inputs, description):
     chunks = []
-    for rows in _batches(n, self.batch_size):
-      inputs = [_pad_rows(x, self.batch_size) for x in make_inputs(rows)]
-      inputs = [jax.device_put(x, self.parallel.batch_sharding)
-                for x in inputs]
-      chunks.append(fn(variables, *inputs)[:len(rows)])
+    with tqdm.tqdm(total=n, desc=description, unit="img", leave=False,
+                   disable=not self.show_progress, dynamic_ncols=True) as bar:
+      for rows in _batches(n, self.batch_size):
+        inputs = [_pad_rows(x, self.batch_size) for x in make_inputs(rows)]
+        inputs = [jax.device_put(x, self.parallel.batch_sharding)
+                  for x in inputs]
+        chunks.append(fn(variables, *inputs)[:len(rows)])
+        bar.update(len(rows))
     return jnp.concatenate(chunks)
 
-  def gallery(self, variables, split, indices: np.ndarray) -> jax.Array:
+  def gallery(self, variables, split, indices: np.ndarray,
+              description: str = "gallery") -> jax.Array:
     return self._run(self._embed_target, variables, len(indices),
-                     lambda rows: [split.images(indices[rows])])
+                     lambda rows: [split.images(indices[rows])], description)
 
-  def queries(self, variables, split, queries, vocab, max_length: int
-              ) -> jax.Array:
+  def queries(self, variables, split, queries, vocab, max_length: int,
+              description: str = "queries") -> jax.Array:
     def make_inputs(rows):
       chosen = [queries[i] for i in rows]
       tokens, lengths = vocab.encode([q.text for q in chosen], max_length)
       images = split.images(np.asarray([q.source_index for q in chosen]))
       return [images, tokens, lengths]
-    return self._run(self._embed_query, variables, len(queries), make_inputs)
+    return self._run(self._embed_query, variables, len(queries), make_inputs,
+                     description)
 
 
 def evaluate_split(extractor: FeatureExtractor, variables, split, *,
                    vocab, max_length: int, ks: Sequence[int],
                    max_queries: int = 0, seed: int = 0,
-                   chunk_size: int = 1024
+                   chunk_size: int = 1024, name: str = "eval"
                    ) -> tuple[dict[str, float], list, np.ndarray]:
   """Recall@K of `split.queries` against `split.gallery` (TIRG's protocol).
 
   Args:
+    name: the split's name in the progress bars.
     max_queries: evaluate a fixed random subset of this many queries
       (0: all), drawn from `seed`.
 
@@ -269,9 +278,10 @@ def evaluate_split(extractor: FeatureExtractor, variables, split, *,
         len(queries), max_queries, replace=False))
     queries = [queries[i] for i in chosen]
     exclude = exclude[chosen]
-  gallery_features = extractor.gallery(variables, split, gallery)
+  gallery_features = extractor.gallery(variables, split, gallery,
+                                      f"{name} gallery")
   query_features = extractor.queries(variables, split, queries, vocab,
-                                     max_length)
+                                     max_length, f"{name} queries")
   k = min(max(ks), len(gallery))
   ks = tuple(x for x in ks if x <= k)
   _, neighbours = top_k_neighbours(query_features, gallery_features, k,

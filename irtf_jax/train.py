@@ -183,7 +183,8 @@ class Trainer:
     self.writer = MetricWriter(workdir, enabled=self.is_chief)
     self.checkpoints = _checkpoint_manager(workdir, config.keep_checkpoints)
     self.extractor = evaluate.FeatureExtractor(
-        self.model, self.parallel, config.eval.batch_size)
+        self.model, self.parallel, config.eval.batch_size,
+        show_progress=self.is_chief)
 
   @property
   def make_batch(self):
@@ -219,7 +220,7 @@ class Trainer:
           self.extractor, variables, split, vocab=self.vocab,
           max_length=config.model.text_encoder.max_length, ks=config.eval.ks,
           max_queries=limit, seed=config.seed,
-          chunk_size=config.eval.chunk_size)
+          chunk_size=config.eval.chunk_size, name=f"eval {prefix}")
       results.update({f"{prefix}/{k}": v for k, v in recall.items()})
       if prefix == "test" and config.eval.num_qualitative:
         # Spread over the queries (consecutive ones share a modification).

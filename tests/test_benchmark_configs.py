@@ -173,7 +173,7 @@ def test_full_configs_hold_the_papers_settings(file_name, dataset, batch_size,
 @pytest.mark.parametrize("file_name", list(CONFIGS))
 def test_unknown_config_argument_is_named(file_name):
   with pytest.raises(ValueError, match=f"configs/{file_name}: unknown "
-                     "argument 'tiny'; allowed: '' or 'smoke'"):
+                     "argument 'tiny'; allowed: '', 'smoke'"):
     get_config(file_name, "tiny")
 
 
