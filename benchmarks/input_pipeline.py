@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -24,6 +23,8 @@ from PIL import Image
 
 from irtf_jax.data import image_files
 from irtf_jax.data import pipeline
+
+import report  # benchmarks/report.py
 
 
 def write_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
@@ -80,11 +81,7 @@ def main():
               "load_average": list(os.getloadavg()),
               "images_per_second": {str(w): images_per_second(decode, steps, w)
                                     for w in workers}}
-  text = json.dumps(result, indent=2)
-  print(text)
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      f.write(text + "\n")
+  report.emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import pathlib
@@ -43,6 +42,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 
 KS = (1, 5, 10, 50, 100)
 NAIVE_NEIGHBOURS = 110  # TIRG keeps the first 110 of each argsort.
@@ -196,10 +196,7 @@ def main(argv=None) -> int:
       recalls_identical=identical,
       queries=args.queries, gallery=args.gallery, dim=args.dim, captions=captions,
       noise=args.noise, seed=args.seed, repeats=args.repeats, device=project["device"])
-  text = json.dumps(result, indent=2)
-  print(text)
-  if args.json_out:
-    pathlib.Path(args.json_out).write_text(text + "\n")
+  report.emit(result, args.json_out)
   if not identical:
     print("recalls differ between the project's ranking and the naive ranking on the same queries",
           file=sys.stderr)

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+import report  # benchmarks/report.py
+
 VARIANTS = ("base", "isotropic", "adversarial", "both", "fgsm")
 TORCH_VARIANTS = ("base", "isotropic", "adversarial", "both", "fgsm")
 FRAMEWORKS = ("jax", "torch")
@@ -263,12 +265,7 @@ def main(argv=None):
     return
   args.load_before = _load_average()
   results = {f: _run_worker(f, args) for f in args.frameworks}
-  summary = summarize(results, args)
-  text = json.dumps(summary, indent=2)
-  print(text)
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      f.write(text + "\n")
+  report.emit(summarize(results, args), args.json_out)
 
 
 if __name__ == "__main__":

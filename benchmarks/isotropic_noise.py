@@ -1,0 +1,112 @@
+r"""Cost of isotropic GA's noise inside the optimizer update, by sampler.
+
+  python benchmarks/isotropic_noise.py --json-out=F
+
+Times one jitted SGD-with-momentum update (`m <- 0.9 m + g; p <- p - lr m`)
+over the parameter tree of the default model (ResNet-18 + LSTM +
+TIRG-LastConv, 42M parameters), alone (the baseline) and with
+`g <- g + gamma * xi / n` per leaf drawn by:
+
+  hashed_normal     the project's sampler (keyed integer hash + erfinv)
+  hashed_lax_erfinv the same bits through `lax.erf_inv`
+  threefry_normal   `jax.random.normal`, one key per leaf
+  hashed_uniform    the hash's uniform bits alone (the floor of any sampler)
+
+Prints JSON: median ms per update for each, and the cost over the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
+import train_step as train_step_benchmark  # pylint: disable=wrong-import-position
+
+from irtf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from irtf_jax import regularizers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from irtf_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+GAMMA = 1e-2
+
+
+def _samplers():
+  uniform = regularizers._symmetric_uniform  # pylint: disable=protected-access
+  return {
+      "hashed_normal": regularizers.hashed_normal,
+      "hashed_lax_erfinv": lambda key, shape: jnp.sqrt(2.0) * jax.lax.erf_inv(
+          uniform(regularizers.hashed_bits(key, shape))),
+      "threefry_normal": lambda key, shape: jax.random.normal(key, shape),
+      "hashed_uniform": lambda key, shape: uniform(
+          regularizers.hashed_bits(key, shape)),
+  }
+
+
+def default_model_parameters():
+  """Zero arrays shaped like the default model's parameters."""
+  config = train_step_benchmark.jax_config("base")
+  model = models.build_model(config.model, train_step_benchmark.VOCAB_SIZE)
+  batch = train_step_benchmark.random_batch(0, 2, 64)
+  shapes = jax.eval_shape(lambda: train_step.init_state(
+      model, optax.identity(), batch, jax.random.key(0))).params
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def make_update(sampler):
+  def update(params, momentum, grads, key):
+    if sampler is not None:
+      leaves, treedef = jax.tree.flatten(grads)
+      keys = jax.random.split(key, len(leaves))
+      grads = jax.tree.unflatten(treedef, [
+          g + (GAMMA / g.size) * sampler(k, g.shape).astype(g.dtype)
+          for g, k in zip(leaves, keys)])
+    momentum = jax.tree.map(lambda m, g: 0.9 * m + g, momentum, grads)
+    params = jax.tree.map(lambda p, m: p - 1e-2 * m, params, momentum)
+    return params, momentum
+  return jax.jit(update, donate_argnums=(0, 1))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--json-out", default="")
+  args = parser.parse_args(argv)
+  params = default_model_parameters()
+  grads = jax.tree.map(jnp.ones_like, params)
+  key = jax.random.key(0)
+  size = sum(x.size for x in jax.tree.leaves(params))
+  milliseconds = {}
+  for name, sampler in [("baseline", None), *_samplers().items()]:
+    update = make_update(sampler)
+    state = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.zeros_like,
+                                                          params))
+    state = jax.block_until_ready(update(*state, grads, key))  # compile
+    times = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      state = jax.block_until_ready(update(*state, grads, key))
+      times.append(time.perf_counter() - start)
+    milliseconds[name] = 1e3 * statistics.median(times)
+    print(f"{name}: {milliseconds[name]:.1f} ms", file=sys.stderr, flush=True)
+  result = {
+      "parameters": size, "leaves": len(jax.tree.leaves(params)),
+      "backend": jax.default_backend(), "cpus": os.cpu_count(),
+      "load_average": list(os.getloadavg()),
+      "ms_per_update": milliseconds,
+      "ms_over_baseline": {k: v - milliseconds["baseline"]
+                           for k, v in milliseconds.items()
+                           if k != "baseline"},
+  }
+  report.emit(result, args.json_out)
+
+
+if __name__ == "__main__":
+  main()
