@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 import train_step as train_step_benchmark  # pylint: disable=wrong-import-position
