@@ -569,7 +569,7 @@ def isotropic_gradient_augmentation(
   leaf, and each leaf's samples come from `hashed_normal` (a keyed integer
   hash of the element index turned normal by inverse transform), which fuses
   into the optimizer's update: on the 2-core CPU, isotropic GA on the default
-  model's 42M parameters costs a few percent of a step where
+  model's 42M parameters costs about 7% of a step where
   `jax.random.normal` cost half of one (benchmarks/README.md). The state is a
   pytree of arrays (`IsotropicGradientAugmentationState`), so it is
   checkpointed with the rest of the optimizer state and a resumed run adds the
