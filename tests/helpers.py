@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import types
+
 import numpy as np
 
 from irtf_jax.config_base import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_repo_module(path: str, name: str) -> types.ModuleType:
+  """Imports a repository file outside the package (a config, a script)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_config(**overrides):

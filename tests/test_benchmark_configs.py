@@ -9,7 +9,6 @@ itself (`config.data.fixture`); the same copy written here and passed as
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import json
 import math
 import os
@@ -23,8 +22,8 @@ from irtf_jax.data import css3d
 from irtf_jax.data import fashion200k
 from irtf_jax.data import fixtures
 from irtf_jax.data import mit_states
+from tests.helpers import load_repo_module
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # config file -> (dataset, its loader module)
 CONFIGS = {
     "css.py": ("css3d", css3d),
@@ -34,11 +33,7 @@ CONFIGS = {
 
 
 def get_config(file_name: str, arg: str = ""):
-  path = os.path.join(REPO, "configs", file_name)
-  spec = importlib.util.spec_from_file_location(file_name[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_repo_module(f"configs/{file_name}", file_name[:-3]).get_config(arg)
 
 
 def last_evaluation(workdir) -> dict:

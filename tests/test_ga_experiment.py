@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -11,15 +10,7 @@ import sys
 import numpy as np
 
 from irtf_jax import config_base
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(path, name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests.helpers import load_repo_module
 
 
 def _args(**kwargs):
@@ -31,9 +22,9 @@ def _args(**kwargs):
 
 
 def test_ga_config_is_the_default_model_with_one_evaluation():
-  config = _load("configs/css_synth.py", "css_synth_config").get_config("ga")
+  config = load_repo_module("configs/css_synth.py", "css_synth_config").get_config("ga")
   config_base.validate(config, num_devices=1)
-  default = _load("configs/css_synth.py", "css_synth_default").get_config()
+  default = load_repo_module("configs/css_synth.py", "css_synth_default").get_config()
   assert config.model.to_dict() == default.model.to_dict()
   assert config.loss.to_dict() == default.loss.to_dict()
   assert config.num_train_steps == config.eval_every  # one evaluation
@@ -41,7 +32,7 @@ def test_ga_config_is_the_default_model_with_one_evaluation():
 
 
 def test_runs_pass_each_variants_overrides(tmp_path, monkeypatch):
-  script = _load("scripts/ga_experiment.py", "ga_experiment")
+  script = load_repo_module("scripts/ga_experiment.py", "ga_experiment")
   commands = []
 
   def fake_run(command, check):
@@ -69,7 +60,7 @@ def test_runs_pass_each_variants_overrides(tmp_path, monkeypatch):
 
 
 def test_table_reports_mean_and_sample_std_over_seeds():
-  script = _load("scripts/ga_experiment.py", "ga_experiment")
+  script = load_repo_module("scripts/ga_experiment.py", "ga_experiment")
   rng = np.random.default_rng(0)
   results = [{"variant": v, "seed": s, "ms": rng.uniform(), "mt": rng.uniform(),
               "whm": rng.uniform()}
