@@ -8,9 +8,10 @@ The default is sized to train on a 2-core CPU in minutes; the argument
 `smoke` is a tiny dataset and a handful of steps through the full code path;
 `ga` is the Gradient Augmentation experiment's run, sized so that its 15 runs
 (5 variants x 3 seeds) take about an hour on 2 cores (58 minutes measured; the
-epsilon scan adds 4 minutes a run): the same model and loss, a third of the default's training examples (100 steps of
-16) and smaller galleries (2,000 test queries against 1,000 test images; 1,000
-train queries against 4,000 train images).
+epsilon scan adds 4 minutes a run): the same model and loss, a third of the
+default's training examples (100 steps of 16) and smaller galleries (2,000 test
+queries against the test split's images, 1,000 train queries against the train
+split's).
 """
 
 from irtf_jax.config_base import base_config, unknown_argument, use_smoke_settings

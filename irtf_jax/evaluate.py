@@ -262,9 +262,9 @@ def evaluate_split(extractor: FeatureExtractor, variables, split, *,
   """Recall@K of `split.queries` against `split.gallery` (TIRG's protocol).
 
   Args:
-    name: the split's name in the progress bars.
     max_queries: evaluate a fixed random subset of this many queries
       (0: all), drawn from `seed`.
+    name: the split's name in the progress bars.
 
   Returns:
     ({"recall@K": r, "<view>/recall@K": r, ...} in [0, 1], the queries

@@ -392,7 +392,7 @@ _ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322,
 
 
 def _mix32(x: jax.Array) -> jax.Array:
-  """lowbias32 (C. Wellons, 2018): a bijective, fully avalanching uint32 hash."""
+  """lowbias32 (C. Wellons, 2018): a bijective, fully avalanching hash."""
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
   x = x ^ (x >> 15)
