@@ -12,8 +12,10 @@ import string
 from typing import Iterable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 PAD_ID = 0
 UNKNOWN_ID = 1
@@ -69,6 +71,79 @@ class Vocabulary:
     return cls(json.loads(text)["words"])
 
 
+def _per_gate(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
+  """Initializes each gate's (H, H) block of a (H, 4H) kernel on its own."""
+
+  def initialize(key, shape, dtype=jnp.float32):
+    rows, columns = shape
+    keys = jax.random.split(key, 4)
+    return jnp.concatenate([init(k, (rows, columns // 4), dtype) for k in keys],
+                           axis=1)
+
+  return initialize
+
+
+class LSTM(nn.Module):
+  """A one-layer LSTM with PyTorch's parameters (`torch.nn.LSTM`).
+
+  For input x_t and state (h, c), with the gates in PyTorch's order:
+
+    [i, f, g, o] = x_t K_ih + b_ih + h K_hh + b_hh
+    c' = sigmoid(f) * c + sigmoid(i) * tanh(g),   h' = sigmoid(o) * tanh(c')
+
+  `kernel_ih` (E, 4H) and `kernel_hh` (H, 4H) are PyTorch's `weight_ih_l0`
+  and `weight_hh_l0` transposed; `bias_ih` and `bias_hh` are its two biases.
+  Keeping PyTorch's four tensors (rather than one fused bias, or a kernel per
+  gate) makes each parameter correspond to exactly one tensor of the official
+  code, which is what its initialization and its per-tensor isotropic noise
+  (`regularizers.isotropic_gradient_augmentation(scaling="official")`) are
+  defined on. The input projection of every step is one matmul before the
+  scan; the scan carries only the recurrent product.
+
+  Attributes:
+    hidden_dim: H.
+    kernel_init, recurrent_init, bias_init: initializers of K_ih, K_hh and
+      both biases (by default Flax's LSTM cells': LeCun normal, an orthogonal
+      matrix per gate, zeros).
+  """
+  hidden_dim: int
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  recurrent_init: nn.initializers.Initializer = _per_gate(
+      nn.initializers.orthogonal())
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, T, E) inputs -> (B, T, H) outputs h_1..h_T, from h_0 = c_0 = 0."""
+    h = self.hidden_dim
+    kernel_ih = self.param("kernel_ih", self.kernel_init, (x.shape[-1], 4 * h))
+    kernel_hh = self.param("kernel_hh", self.recurrent_init, (h, 4 * h))
+    bias_ih = self.param("bias_ih", self.bias_init, (4 * h,))
+    bias_hh = self.param("bias_hh", self.bias_init, (4 * h,))
+    projected = x @ kernel_ih + (bias_ih + bias_hh)
+
+    def step(carry, z):
+      hidden, cell = carry
+      i, f, g, o = jnp.split(z + hidden @ kernel_hh, 4, axis=-1)
+      cell = nn.sigmoid(f) * cell + nn.sigmoid(i) * jnp.tanh(g)
+      hidden = nn.sigmoid(o) * jnp.tanh(cell)
+      return (hidden, cell), hidden
+
+    zeros = jnp.zeros((x.shape[0], h), projected.dtype)
+    _, outputs = lax.scan(step, (zeros, zeros), jnp.swapaxes(projected, 0, 1))
+    return jnp.swapaxes(outputs, 0, 1)
+
+
+def last_valid(outputs: jax.Array, lengths: jax.Array) -> jax.Array:
+  """(B, T, H) outputs -> (B, H): each row's output at position length - 1.
+
+  The LSTM is causal, so what it computed on the padding after a sequence
+  never reaches this output.
+  """
+  return jnp.take_along_axis(
+      outputs, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 class LSTMTextEncoder(nn.Module):
   """TIRG's text model: word embedding, one-layer LSTM, last valid output,
   dropout, linear.
@@ -105,9 +180,6 @@ class LSTMTextEncoder(nn.Module):
     x = nn.Embed(self.vocab_size, self.word_embed_dim, name="embedding")(tokens)
     if embedding_perturbation is not None:
       x = x + embedding_perturbation
-    outputs = nn.RNN(nn.OptimizedLSTMCell(self.hidden_dim), name="lstm")(
-        x, seq_lengths=lengths)
-    last = jnp.take_along_axis(
-        outputs, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    last = last_valid(LSTM(self.hidden_dim, name="lstm")(x), lengths)
     last = nn.Dropout(self.dropout_rate, deterministic=not train)(last)
     return nn.Dense(self.output_dim, name="output")(last)
