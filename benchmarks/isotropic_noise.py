@@ -33,21 +33,21 @@ import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 import train_step as train_step_benchmark  # pylint: disable=wrong-import-position
 
 from irtf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from irtf_jax import regularizers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from irtf_jax.regularizers import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GAMMA = 1e-2
 
 
 def _samplers():
-  uniform = regularizers._symmetric_uniform  # pylint: disable=protected-access
+  uniform = sampling.symmetric_uniform
   return {
-      "hashed_normal": regularizers.hashed_normal,
+      "hashed_normal": sampling.hashed_normal,
       "hashed_lax_erfinv": lambda key, shape: jnp.sqrt(2.0) * jax.lax.erf_inv(
-          uniform(regularizers.hashed_bits(key, shape))),
+          uniform(sampling.hashed_bits(key, shape))),
       "threefry_normal": lambda key, shape: jax.random.normal(key, shape),
       "hashed_uniform": lambda key, shape: uniform(
-          regularizers.hashed_bits(key, shape)),
+          sampling.hashed_bits(key, shape)),
   }
 
 

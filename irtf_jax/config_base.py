@@ -60,7 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ga.adversarial.wrt = "query_image"
   c.ga.isotropic = ml_collections.ConfigDict()
   c.ga.isotropic.gamma = 0.0       # paper: 1e-2
+  # "official" (the official code's noise), "mean" or "element"; see
+  # regularizers.isotropic_gradient_augmentation.
+  c.ga.isotropic.scaling = "official"
   c.ga.isotropic.distribution = "gaussian"
+  c.ga.isotropic.sampler = "auto"  # "hashed" on CPU, jax.random elsewhere
 
   # The regularizers the paper compares GA with.
   c.baselines = ml_collections.ConfigDict()
@@ -158,6 +162,8 @@ _CHOICES = {
     "model.text_encoder.name": ("lstm", "sentence_transformer", "precomputed"),
     "ga.adversarial.wrt": ("query_image", "text_embedding"),
     "ga.isotropic.distribution": ("gaussian", "linf", "sphere"),
+    "ga.isotropic.scaling": ("official", "mean", "element"),
+    "ga.isotropic.sampler": ("auto", "threefry", "hashed"),
     "parallel.strategy": ("jit", "pmap"),
 }
 _NON_NEGATIVE = (

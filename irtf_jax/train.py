@@ -270,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   step_fn = parallel.compile_step(train_step_lib.make_train_step(
       trainer.model, trainer.tx, config, axis_name=parallel.axis_name))
   rng = jax.random.key(config.seed)
+  learning_rate = train_step_lib.learning_rate_schedule(config)
   last_good = start
   pending: list[dict] = []
   results: dict[str, float] = {}
@@ -286,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       raise NonFiniteLossError(_stopped(f"train/loss is not finite at step "
                                         f"{bad}", last_good, workdir))
     values = _mean_metrics(pending)
-    values["train/lr"] = train_step_lib.learning_rate(config, step - 1)
+    values["train/lr"] = float(learning_rate(step - 1))
     elapsed = time.perf_counter() - timer
     values["train/steps_per_second"] = timed_steps / max(elapsed, 1e-9)
     trainer.writer.write(step, values)

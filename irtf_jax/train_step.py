@@ -57,14 +57,15 @@ def make_optimizer(config) -> optax.GradientTransformation:
   """
   from irtf_jax import models  # pylint: disable=g-import-not-at-top
   opt = config.optimizer
-  schedule = optax.exponential_decay(
-      opt.learning_rate, transition_steps=opt.lr_decay_steps,
-      decay_rate=opt.lr_decay_factor, staircase=True)
+  schedule = learning_rate_schedule(config)
   parts = []
-  if config.ga.isotropic.gamma > 0:
+  isotropic = config.ga.isotropic
+  if isotropic.gamma > 0:
     parts.append(regularizers.isotropic_gradient_augmentation(
-        config.ga.isotropic.gamma, seed=config.seed + 1,
-        distribution=config.ga.isotropic.distribution))
+        isotropic.gamma, seed=config.seed + 1, scaling=isotropic.scaling,
+        registration_order=(models.official_parameter_positions(config.model)
+                            if isotropic.scaling == "official" else None),
+        distribution=isotropic.distribution, sampler=isotropic.sampler))
   if config.baselines.gradient_noise_eta > 0:
     parts.append(optax.add_noise(config.baselines.gradient_noise_eta,
                                  config.baselines.gradient_noise_gamma,
@@ -81,45 +82,45 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def learning_rate(config, step):
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Step decay: lr * factor ** (step // lr_decay_steps)."""
   opt = config.optimizer
-  return opt.learning_rate * opt.lr_decay_factor ** (step // opt.lr_decay_steps)
+  return optax.exponential_decay(
+      opt.learning_rate, transition_steps=opt.lr_decay_steps,
+      decay_rate=opt.lr_decay_factor, staircase=True)
 
 
-def isotropic_noise_norm(opt_state) -> jax.Array | None:
-  """The norm of the last isotropic GA noise, found in the optimizer state."""
-  for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(
-          x, regularizers.IsotropicGradientAugmentationState)):
-    if isinstance(s, regularizers.IsotropicGradientAugmentationState):
-      return s.noise_norm
-  return None
+def model_inputs(model: nn.Module, batch, *, perturb_text: bool) -> dict:
+  """The model's inputs from a host batch: normalized float images, the
+  tokens, and with `perturb_text` a zero "text_embedding" perturbation of
+  the word embeddings (the text-side input of the adversarial regularizers,
+  which differentiate w.r.t. one of these entries)."""
+  inputs = {"query_image": normalize_images(batch["query_image"]),
+            "target_image": normalize_images(batch["target_image"]),
+            "tokens": batch["tokens"], "lengths": batch["lengths"]}
+  if perturb_text:
+    b, t = batch["tokens"].shape
+    inputs["text_embedding"] = jnp.zeros((b, t, model.word_embed_dim),
+                                         jnp.float32)
+  return inputs
 
 
 def make_loss_fn(model: nn.Module, config, *, axis_name: str | None = None
                  ) -> Callable:
-  """loss_fn(params, perturbable, batch, batch_stats, rng) -> (loss, aux).
+  """loss_fn(params, inputs, batch_stats, rng) -> (loss, aux).
 
-  `perturbable` is the input the adversarial regularizers differentiate:
-  the normalized query images ("query_image"), or an additive perturbation of
-  the query texts' word embeddings, zero in the batch ("text_embedding").
-  aux = (new batch_stats, dict of loss terms).
+  `inputs` is `model_inputs(...)`; aux = (new batch_stats, dict of loss
+  terms).
   """
   retrieval_loss = losses.retrieval_loss(config.loss.name)
   eta = config.loss.eta
-  wrt = config.ga.adversarial.wrt
 
-  def loss_fn(params, perturbable, batch, batch_stats, rng):
-    if wrt == "query_image":
-      query_images, text_perturbation = perturbable, None
-    else:
-      query_images = normalize_images(batch["query_image"])
-      text_perturbation = perturbable
+  def loss_fn(params, inputs, batch_stats, rng):
     (query, target), updates = model.apply(
         {"params": params, "batch_stats": batch_stats},
-        query_images, batch["tokens"], batch["lengths"],
-        normalize_images(batch["target_image"]), train=True,
-        text_perturbation=text_perturbation,
+        inputs["query_image"], inputs["tokens"], inputs["lengths"],
+        inputs["target_image"], train=True,
+        text_perturbation=inputs.get("text_embedding"),
         mutable=["batch_stats", "losses"], rngs={"dropout": rng})
     terms = {"ce": retrieval_loss(query, target, axis_name=axis_name)}
     if eta > 0:
@@ -134,45 +135,37 @@ def make_loss_fn(model: nn.Module, config, *, axis_name: str | None = None
   return loss_fn
 
 
-def perturbable_input(model: nn.Module, config, batch) -> jax.Array:
-  if config.ga.adversarial.wrt == "query_image":
-    return normalize_images(batch["query_image"])
-  b, t = batch["tokens"].shape
-  return jnp.zeros((b, t, model.word_embed_dim), jnp.float32)
-
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config, *, axis_name: str | None = None) -> Callable:
   """The pure step for `model`, optimizer `tx` and the regularizers in config."""
   loss_fn = make_loss_fn(model, config, axis_name=axis_name)
   adversarial = config.ga.adversarial
-  objective = regularizers.adversarial_gradient_penalty(
-      loss_fn, epsilon=adversarial.epsilon, q=adversarial.q, argnum=1,
-      has_aux=True, with_penalty_in_aux=adversarial.epsilon > 0)
   objective = regularizers.fgsm_adversarial_loss(
-      objective, epsilon=config.baselines.fgsm_epsilon, argnum=1,
-      has_aux=True)
-  penalized = adversarial.epsilon > 0
+      loss_fn, epsilon=config.baselines.fgsm_epsilon, argnums=1,
+      wrt=adversarial.wrt, has_aux=True)
+  objective = regularizers.adversarial_gradient_penalty(
+      objective, epsilon=adversarial.epsilon, q=adversarial.q, argnums=1,
+      wrt=adversarial.wrt, has_aux=True)
+  perturb_text = adversarial.wrt == "text_embedding"
 
   def train_step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:  # distinct dropout masks per device
       rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-    (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params, perturbable_input(model, config, batch), batch,
-        state.batch_stats, rng)
-    (batch_stats, terms), ga_terms = aux if penalized else (aux, None)
+    inputs = model_inputs(model, batch, perturb_text=perturb_text)
+    (total, ((batch_stats, terms), ga_terms)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params, inputs, state.batch_stats, rng)
     metrics = {"loss": total, **terms}
-    if ga_terms is not None:
+    if adversarial.epsilon > 0:
       metrics["adversarial_penalty"] = ga_terms.penalty
     if axis_name is not None:
       grads = lax.pmean(grads, axis_name)
       metrics = lax.pmean(metrics, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    noise_norm = isotropic_noise_norm(opt_state)
-    if noise_norm is not None:
-      metrics["isotropic_noise_norm"] = noise_norm
+    if config.ga.isotropic.gamma > 0:
+      metrics["isotropic_noise_norm"] = optax.tree_utils.tree_get(
+          opt_state, "noise_norm")
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)

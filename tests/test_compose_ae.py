@@ -103,8 +103,9 @@ def test_retrieval_model_feeds_the_target_and_sums_the_terms():
 
   @jax.jit
   def run(variables, rng):
-    loss, (_, terms) = loss_fn(variables["params"], images("query_image"),
-                               batch, variables["batch_stats"], rng)
+    inputs = train_step_lib.model_inputs(model, batch, perturb_text=False)
+    loss, (_, terms) = loss_fn(variables["params"], inputs,
+                               variables["batch_stats"], rng)
     return loss, terms, by_hand(variables, rng)
 
   loss, terms, expected_symmetry = run(variables, jax.random.key(1))

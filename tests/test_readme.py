@@ -30,8 +30,11 @@ def test_optax_example_runs_and_learns(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(README.parent)}
   out = subprocess.run([sys.executable, str(script)], capture_output=True,
                        text=True, check=True, cwd=tmp_path, env=env).stdout
-  final = float(re.search(r"final loss ([0-9.]+)", out).group(1))
-  # The parameters start at zero, so the initial loss is mean(y^2).
+  found = re.search(r"loss ([0-9.]+), penalty ([0-9.]+), noise ([0-9.]+)",
+                    out)
+  final, penalty, noise = (float(v) for v in found.groups())
+  # The parameters start at zero, so the initial loss is mean(target^2).
   x = jax.random.normal(jax.random.key(0), (64, 8))
   initial = float(jnp.mean(jnp.sin(x[:, :1]) ** 2))
   assert final < 0.5 * initial  # it trained
+  assert penalty > 0 and noise > 0  # both regularizers acted

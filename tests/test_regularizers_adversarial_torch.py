@@ -87,8 +87,8 @@ def test_penalty_and_gradients_match_pytorch(q):
   with jax.enable_x64(True):
     params, images, targets = jax.tree.map(
         lambda a: jnp.asarray(a, jnp.float64), (params, images, targets))
-    regularized = ga.adversarial_gradient_penalty(
-        _jax_loss, epsilon=EPSILON, q=q, with_penalty_in_aux=True)
+    regularized = ga.adversarial_gradient_penalty(_jax_loss, epsilon=EPSILON,
+                                                  q=q)
 
     @jax.jit
     def penalty_and_gradients(params):

@@ -1,11 +1,10 @@
-"""Tests of irtf_jax.regularizers against closed forms, finite differences and
-statistics of the noise."""
+"""regularizers.isotropic: the noise's statistics under each scaling and
+distribution, exact values from a fixed draw, and its optax state."""
 
 from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -13,279 +12,8 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from irtf_jax import regularizers as ga
-
-DUAL_NORMS = (1.0, 2.0, math.inf)
-
-
-# ---------------------------------------------------------------------------
-# Fixtures: a linear-quadratic loss whose input gradient is known by hand, and
-# a small nonlinear network.
-
-
-def _features(x):
-  """Concatenates the flattened leaves of the pytree input {"a", "b"}."""
-  batch = x["a"].shape[0]
-  return jnp.concatenate([x["a"], x["b"].reshape(batch, -1)], axis=1)
-
-
-def linear_quadratic_loss(weight, x, y):
-  """L = mean_i 0.5 * ||A f_i - y_i||^2, f_i the features of example i."""
-  residual = _features(x) @ weight.T - y
-  return jnp.mean(0.5 * jnp.sum(residual**2, axis=1))
-
-
-def _linear_quadratic_data(seed=0, batch=6, out=2):
-  rng = np.random.default_rng(seed)
-  weight = rng.normal(size=(out, 7))
-  x = {"a": rng.normal(size=(batch, 3)), "b": rng.normal(size=(batch, 2, 2))}
-  y = rng.normal(size=(batch, out))
-  return weight, x, y
-
-
-def _numpy_features(x):
-  return np.concatenate([x["a"], x["b"].reshape(len(x["a"]), -1)], axis=1)
-
-
-def _numpy_penalty(weight, x, y, epsilon, q):
-  """P by hand: B * dL/df_i = A^T (A f_i - y_i) for the linear-quadratic L."""
-  features = _numpy_features(x)
-  per_example_grad = (features @ weight.T - y) @ weight  # rows: A^T r_i
-  d = features.shape[1]
-  norms = np.linalg.norm(per_example_grad, ord=q, axis=1)
-  return epsilon / 2 * d**(1 - 1 / q) * norms.mean()
-
-
-def mlp_loss(params, x, y):
-  """Mean squared error of a one-hidden-layer tanh network, per example."""
-  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
-  out = hidden @ params["w2"]
-  return jnp.mean(0.5 * jnp.sum((out - y)**2, axis=1))
-
-
-def _mlp_data(seed=0, batch=16, dtype=np.float32):
-  rng = np.random.default_rng(seed)
-  params = {"w1": rng.normal(size=(3, 4)), "b1": rng.normal(size=(4,)) * 0.1,
-            "w2": rng.normal(size=(4, 2))}
-  x = rng.normal(size=(batch, 3))
-  y = rng.normal(size=(batch, 2))
-  cast = lambda a: jnp.asarray(a, dtype)
-  return jax.tree.map(cast, params), cast(x), cast(y)
-
-
-# ---------------------------------------------------------------------------
-# Adversarial gradient penalty.
-
-
-@pytest.mark.parametrize("q", DUAL_NORMS)
-def test_penalty_matches_closed_form_with_pytree_input(q):
-  weight, x, y = _linear_quadratic_data()
-  epsilon = 0.3
-  expected_penalty = _numpy_penalty(weight, x, y, epsilon, q)
-  expected_loss = np.mean(
-      0.5 * np.sum((_numpy_features(x) @ weight.T - y)**2, axis=1))
-  with jax.enable_x64(True):
-    regularized = ga.adversarial_gradient_penalty(
-        linear_quadratic_loss, epsilon=epsilon, q=q, with_penalty_in_aux=True)
-    total, terms = regularized(weight, x, y)
-    alone = ga.adversarial_penalty(linear_quadratic_loss, epsilon=epsilon,
-                                   q=q)(weight, x, y)
-    plain = ga.adversarial_gradient_penalty(
-        linear_quadratic_loss, epsilon=epsilon, q=q)(weight, x, y)
-  np.testing.assert_allclose(terms.penalty, expected_penalty, rtol=1e-12)
-  np.testing.assert_allclose(terms.loss, expected_loss, rtol=1e-12)
-  np.testing.assert_allclose(total, expected_loss + expected_penalty,
-                             rtol=1e-12)
-  np.testing.assert_allclose(plain, expected_loss + expected_penalty,
-                             rtol=1e-12)
-  np.testing.assert_allclose(alone, expected_penalty, rtol=1e-12)
-  assert expected_penalty > 1e-3  # The check above is not vacuous.
-
-
-@pytest.mark.parametrize("q", DUAL_NORMS)
-def test_parameter_gradient_matches_central_finite_differences(q):
-  with jax.enable_x64(True):
-    params, x, y = _mlp_data(batch=5, dtype=np.float64)
-    regularized = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.2, q=q)
-    flat, unravel = ravel_pytree(params)
-    objective = jax.jit(lambda v: regularized(unravel(v), x, y))
-    analytic = jax.jit(jax.grad(lambda v: regularized(unravel(v), x, y)))(flat)
-    step = 1e-6
-    basis = np.eye(flat.size) * step
-    numeric = np.array([
-        (objective(flat + e) - objective(flat - e)) / (2 * step)
-        for e in basis])
-    clean = jax.grad(lambda v: mlp_loss(unravel(v), x, y))(flat)
-  np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
-  # The penalty's second-order term really contributes to the gradient.
-  assert np.max(np.abs(analytic - clean)) > 1e-3
-
-
-def test_zero_epsilon_is_an_exact_no_op():
-  params, x, y = _mlp_data()
-  assert ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.0) is mlp_loss
-  assert ga.fgsm_adversarial_loss(mlp_loss, epsilon=0) is mlp_loss
-  logged = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.0, q=2.0,
-                                           with_penalty_in_aux=True)
-  (total, terms), grads = jax.jit(jax.value_and_grad(logged, has_aux=True))(
-      params, x, y)
-  clean, clean_grads = jax.jit(jax.value_and_grad(mlp_loss))(params, x, y)
-  assert np.array_equal(total, clean) and np.array_equal(terms.loss, clean)
-  assert terms.penalty == 0
-  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(clean_grads)):
-    assert np.array_equal(got, want)
-
-
-def test_aux_is_passed_through_and_penalty_reported():
-  params, x, y = _mlp_data()
-
-  def loss_with_aux(params, x, y):
-    return mlp_loss(params, x, y), {"batch_mean": jnp.mean(x, axis=0)}
-
-  epsilon, q = 0.5, 2.0
-  plain = ga.adversarial_gradient_penalty(
-      loss_with_aux, epsilon=epsilon, q=q, has_aux=True)
-  logged = ga.adversarial_gradient_penalty(
-      loss_with_aux, epsilon=epsilon, q=q, has_aux=True,
-      with_penalty_in_aux=True)
-  total, aux = plain(params, x, y)
-  total_logged, (aux_logged, terms) = logged(params, x, y)
-  reference = ga.adversarial_penalty(mlp_loss, epsilon=epsilon, q=q)
-  np.testing.assert_allclose(terms.penalty, reference(params, x, y), rtol=1e-6)
-  np.testing.assert_allclose(terms.loss, mlp_loss(params, x, y), rtol=1e-6)
-  np.testing.assert_allclose(total, terms.loss + terms.penalty, rtol=1e-6)
-  np.testing.assert_allclose(total_logged, total, rtol=1e-6)
-  for got in (aux, aux_logged):
-    np.testing.assert_array_equal(got["batch_mean"], jnp.mean(x, axis=0))
-
-
-def test_batchnorm_statistics_pass_through_double_backprop():
-  model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False),
-                         jnp.tanh, nn.Dense(2)])
-  _, x, y = _mlp_data()
-  variables = model.init(jax.random.key(0), x)
-
-  def loss_fn(params, x, y, batch_stats):
-    out, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                               x, mutable=["batch_stats"])
-    return jnp.mean(0.5 * jnp.sum((out - y)**2, axis=1)), updates
-
-  regularized = ga.adversarial_gradient_penalty(
-      loss_fn, epsilon=0.1, has_aux=True, with_penalty_in_aux=True)
-  args = (variables["params"], x, y, variables["batch_stats"])
-  total, (updates, terms) = jax.jit(regularized)(*args)
-  clean = loss_fn(*args)[0]
-  batch_mean = np.asarray(x @ variables["params"]["layers_0"]["kernel"] +
-                          variables["params"]["layers_0"]["bias"]).mean(0)
-  # Flax's running mean after one step with momentum 0.99 from zeros.
-  np.testing.assert_allclose(
-      updates["batch_stats"]["layers_1"]["mean"], 0.01 * batch_mean,
-      rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(terms.loss, clean, rtol=1e-6)
-  np.testing.assert_allclose(total, clean + terms.penalty, rtol=1e-6)
-  assert terms.penalty > 0
-
-
-def test_penalty_with_keyword_arguments_and_other_argnum():
-  params, x, y = _mlp_data()
-
-  def loss(x, params, *, y):
-    return mlp_loss(params, x, y)
-
-  wrapped = ga.adversarial_gradient_penalty(loss, epsilon=0.1, argnum=0)
-  reference = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.1)
-  np.testing.assert_allclose(wrapped(x, params, y=y), reference(params, x, y),
-                             rtol=1e-6)
-
-
-def test_zero_input_gradient_gives_finite_parameter_gradient():
-  params, x, y = _mlp_data()
-  x = x.at[0].set(0.0)  # Any input: the loss below ignores example 0's x.
-
-  def loss(params, x, y):
-    masked = x.at[0].set(jax.lax.stop_gradient(x[0]))
-    return mlp_loss(params, masked, y)
-
-  # The 2-norm is the one with an infinite derivative at 0 (sqrt).
-  grads = jax.jit(jax.grad(
-      ga.adversarial_gradient_penalty(loss, epsilon=0.1, q=2.0)))(params, x, y)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"epsilon": 0.1, "q": 3.0}, "q must be 1, 2 or inf"),
-    ({"epsilon": -1.0}, "epsilon must be finite and >= 0"),
-    ({"epsilon": float("nan")}, "epsilon must be finite and >= 0"),
-    ({"epsilon": float("inf")}, "epsilon must be finite and >= 0"),
-    ({"epsilon": "big"}, "epsilon must be a Python number"),
-])
-def test_penalty_rejects_bad_configuration(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    ga.adversarial_gradient_penalty(mlp_loss, **kwargs)
-
-
-def test_penalty_rejects_bad_inputs():
-  params, x, y = _mlp_data()
-  wrapped = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.1, argnum=5)
-  with pytest.raises(ValueError, match="argnum=5"):
-    wrapped(params, x, y)
-  integer = ga.adversarial_gradient_penalty(
-      lambda p, ids: jnp.mean(p[ids]), epsilon=0.1)
-  with pytest.raises(TypeError, match="must be floating point"):
-    integer(jnp.ones(3), jnp.array([0, 1]))
-  ragged = ga.adversarial_gradient_penalty(
-      lambda p, x: jnp.mean(x["a"]) + jnp.mean(x["b"]), epsilon=0.1)
-  with pytest.raises(ValueError, match="different leading"):
-    ragged(None, {"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))})
-
-
-# ---------------------------------------------------------------------------
-# FGSM baseline.
-
-
-def test_fgsm_loss_and_gradient_match_direct_computation():
-  weight, x, y = _linear_quadratic_data(seed=3)
-  epsilon = 0.05
-  features = _numpy_features(x)
-  batch = len(features)
-  input_grad = (features @ weight.T - y) @ weight / batch
-  adversarial = features + epsilon * np.sign(input_grad)
-
-  def numpy_loss(f):
-    return np.mean(0.5 * np.sum((f @ weight.T - y)**2, axis=1))
-
-  def numpy_weight_grad(f):
-    return (f @ weight.T - y).T @ f / batch
-
-  expected = (numpy_loss(features) + numpy_loss(adversarial)) / 2
-  expected_grad = (numpy_weight_grad(features) +
-                   numpy_weight_grad(adversarial)) / 2
-  with jax.enable_x64(True):
-    fgsm = ga.fgsm_adversarial_loss(linear_quadratic_loss, epsilon=epsilon)
-    value, grad = jax.value_and_grad(fgsm)(weight, x, y)
-  np.testing.assert_allclose(value, expected, rtol=1e-12)
-  np.testing.assert_allclose(grad, expected_grad, rtol=1e-10)
-  assert abs(expected - numpy_loss(features)) > 1e-3
-
-
-def test_fgsm_returns_clean_aux():
-  params, x, y = _mlp_data()
-
-  def loss_with_aux(params, x, y):
-    return mlp_loss(params, x, y), jnp.sum(x)
-
-  value, aux = ga.fgsm_adversarial_loss(
-      loss_with_aux, epsilon=0.1, has_aux=True)(params, x, y)
-  expected = ga.fgsm_adversarial_loss(mlp_loss, epsilon=0.1)(params, x, y)
-  np.testing.assert_allclose(value, expected, rtol=1e-6)
-  np.testing.assert_allclose(aux, jnp.sum(x), rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------
-# Isotropic gradient augmentation.
 
 
 def _zero_grads():
@@ -377,60 +105,22 @@ def test_sphere_noise_norm_and_uniform_direction():
       ga.isotropic_gradient_augmentation(gamma, distribution="sphere"),
       _zero_grads(), steps)
   samples = _flat_samples(noise)
-  radius = gamma * math.sqrt(1 / 3 + 1 / 4)
-  np.testing.assert_allclose(np.linalg.norm(samples, axis=1), radius,
+  # xi = sqrt(N) u over all N = 7 elements; "mean" weights gamma / n per leaf
+  # ("b": n = 4 first, then "w": n = 3).
+  weights = np.array([gamma / 4] * 4 + [gamma / 3] * 3)
+  xi = samples / weights
+  dims = xi.shape[1]
+  np.testing.assert_allclose(np.linalg.norm(xi, axis=1), math.sqrt(dims),
                              rtol=1e-5)
-  np.testing.assert_allclose(norms, radius, rtol=1e-5)
+  np.testing.assert_allclose(norms, np.linalg.norm(samples, axis=1),
+                             rtol=1e-5)
   # Uniform direction u on the sphere in N dims: E u_j = 0, E u_j^2 = 1/N,
   # Var u_j^2 = 3/(N(N+2)) - 1/N^2.
-  directions = samples / radius
-  dims = directions.shape[1]
+  directions = xi / math.sqrt(dims)
   assert np.all(np.abs(directions.mean(0)) < 5 / math.sqrt(dims * steps))
   second_moment_se = math.sqrt((3 / (dims * (dims + 2)) - 1 / dims**2) / steps)
   assert np.all(np.abs((directions**2).mean(0) - 1 / dims) <
                 5 * second_moment_se)
-
-
-def test_erfinv_matches_scipy_in_float64_into_the_tails():
-  from scipy import special  # pylint: disable=g-import-not-at-top
-  # The symmetric 23-bit grid the sampler feeds it, sampled densely near 0
-  # and into both extreme cells.
-  grid = np.concatenate([np.linspace(-1, 1, 200001)[1:-1],
-                         1 - 2.0**-np.arange(1, 24), -1 + 2.0**-np.arange(1, 24)])
-  grid = grid.astype(np.float32)
-  got = np.asarray(jax.jit(ga._erfinv)(grid), np.float64)
-  want = special.erfinv(grid.astype(np.float64))
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-
-
-def test_hashed_normal_is_standard_normal():
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  n = 2**20
-  samples = np.asarray(ga.hashed_normal(jax.random.key(3), (n,)), np.float64)
-  # Kolmogorov-Smirnov against N(0, 1); moments within 5 standard errors.
-  assert stats.kstest(samples, "norm").pvalue > 1e-3
-  assert abs(samples.mean()) < 5 / math.sqrt(n)
-  assert abs(samples.var() - 1) < 5 * math.sqrt(2 / n)
-  assert abs(stats.skew(samples)) < 5 * math.sqrt(6 / n)
-  assert abs(stats.kurtosis(samples)) < 5 * math.sqrt(24 / n)
-  # Same resolution as jax.random.normal: tails reach past 4.5 sigma in 2^20.
-  assert 4.5 < np.abs(samples).max() < 5.4
-
-
-def test_hashed_bits_are_a_keyed_bijection_of_the_index():
-  a = np.asarray(ga.hashed_bits(jax.random.key(0), (256, 1024)))
-  b = np.asarray(ga.hashed_bits(jax.random.key(1), (256, 1024)))
-  assert a.dtype == np.uint32
-  assert np.unique(a).size == a.size  # No word repeats within one draw.
-  # Another key gives unrelated words: bitwise agreement ~ 1/2, and the two
-  # draws' normals are uncorrelated.
-  agreement = np.unpackbits((~(a ^ b)).view(np.uint8)).mean()
-  assert abs(agreement - 0.5) < 5 * 0.5 / math.sqrt(32 * a.size)
-  # Every bit position is fair.
-  bits = np.unpackbits(a.view(np.uint8)).reshape(a.size, 32).mean(0)
-  assert np.all(np.abs(bits - 0.5) < 5 * 0.5 / math.sqrt(a.size))
-  with pytest.raises(ValueError, match="2\\^32 elements"):
-    ga.hashed_bits(jax.random.key(0), (2**16, 2**16))
 
 
 def test_logged_norm_of_a_large_leaf_is_its_realized_norm():
@@ -520,77 +210,141 @@ def test_chains_with_momentum_sgd_under_jit():
     np.testing.assert_allclose(got[name], expected[name], rtol=1e-6)
 
 
+def _fixed_draw(grads, seed=0):
+  """A draw xi per leaf of `grads` (leaf order) and a sampler returning it."""
+  rng = np.random.default_rng(seed)
+  draws = [rng.normal(size=leaf.shape).astype(np.float32)
+           for leaf in jax.tree.leaves(grads)]
+  calls = iter(draws)
+  return draws, lambda key, shape, dtype: jnp.asarray(next(calls), dtype)
+
+
+def _one_update(grads, **kwargs):
+  """The noise of one un-jitted update from zero gradients."""
+  transform = ga.isotropic_gradient_augmentation(**kwargs)
+  zeros = jax.tree.map(jnp.zeros_like, grads)
+  updates, state = transform.update(zeros, transform.init(zeros))
+  return jax.tree.leaves(updates), state
+
+
+# Three tensors; registered (PyTorch order) as "w", "b", "scale".
+_TENSORS = {"b": jnp.zeros((2, 3)), "scale": jnp.zeros(()),
+            "w": jnp.zeros((4,))}
+_POSITIONS = {"w": 1, "b": 2, "scale": 3}
+
+
+def test_official_scaling_is_the_official_loops_gradient():
+  """(K - k + 1) / n_k * (xi + 1), k the registration position, K = 3."""
+  gamma = 0.01
+  draws, sampler = _fixed_draw(_TENSORS)
+  noise, state = _one_update(
+      _TENSORS, gamma=gamma, scaling="official", sampler=sampler,
+      registration_order=lambda tree: jax.tree.map(
+          lambda _, k: k, tree, _POSITIONS))
+  for name, xi, got in zip(sorted(_TENSORS), draws, noise):
+    k, n = _POSITIONS[name], max(_TENSORS[name].size, 1)
+    np.testing.assert_allclose(got, gamma * (3 - k + 1) / n * (xi + 1),
+                               rtol=1e-6, err_msg=name)
+  squared = sum(np.sum(np.square(np.asarray(x))) for x in noise)
+  np.testing.assert_allclose(state.noise_norm, math.sqrt(squared), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaling, weight", [
+    ("mean", lambda n: 1 / n), ("element", lambda n: 1.0)])
+def test_mean_and_element_scalings_from_a_fixed_draw(scaling, weight):
+  gamma = 0.3
+  draws, sampler = _fixed_draw(_TENSORS, seed=1)
+  noise, _ = _one_update(_TENSORS, gamma=gamma, scaling=scaling,
+                         sampler=sampler)
+  for name, xi, got in zip(sorted(_TENSORS), draws, noise):
+    n = max(_TENSORS[name].size, 1)
+    np.testing.assert_allclose(got, gamma * weight(n) * xi, rtol=1e-6,
+                               err_msg=name)
+
+
+def test_callable_weights_drift_and_schedule():
+  """The general knobs: per-leaf weights, a drift, gamma a schedule."""
+  schedule = optax.linear_schedule(1.0, 0.0, transition_steps=4)
+  grads = {"a": jnp.zeros((3,)), "b": jnp.zeros((2,))}
+  rng = np.random.default_rng(2)
+  draws = {step: [rng.normal(size=(3,)), rng.normal(size=(2,))]
+           for step in range(3)}
+  calls = iter([x for step in range(3) for x in draws[step]])
+  transform = ga.isotropic_gradient_augmentation(
+      schedule, scaling=lambda tree: {"a": 2.0, "b": 0.5}, drift=-0.25,
+      sampler=lambda key, shape, dtype: jnp.asarray(next(calls), dtype))
+  state = transform.init(grads)
+  for step in range(3):
+    updates, state = transform.update(grads, state)
+    for name, weight, xi in zip(("a", "b"), (2.0, 0.5), draws[step]):
+      np.testing.assert_allclose(
+          updates[name], schedule(step) * weight * (xi - 0.25), rtol=1e-6)
+
+
+def test_official_noise_statistics_with_the_drift():
+  """Over steps: mean gamma * w and std gamma * w per element, w = (K-k+1)/n."""
+  gamma, steps = 0.5, 4000
+  transform = ga.isotropic_gradient_augmentation(
+      gamma, scaling="official", seed=3,
+      registration_order=lambda tree: {"b": 1, "w": 2})
+  noise, norms = _noise_sequence(transform, _zero_grads(), steps)
+  samples = _flat_samples(noise)  # "b" (k = 1, n = 4), then "w" (k = 2, n = 3)
+  scales = np.array([gamma * 2 / 4] * 4 + [gamma * 1 / 3] * 3)
+  assert np.all(np.abs(samples.mean(0) - scales) <
+                5 * scales / math.sqrt(steps))
+  np.testing.assert_allclose(samples.std(0), scales,
+                             rtol=5 / math.sqrt(2 * steps))
+  np.testing.assert_allclose(norms, np.linalg.norm(samples, axis=1),
+                             rtol=1e-5)
+
+
+def test_logged_norm_of_a_large_leaf_with_drift():
+  gamma, n = 1.0, 200_000
+  grads = {"large": jnp.zeros((n,))}
+  transform = ga.isotropic_gradient_augmentation(
+      gamma, scaling="element", drift=0.5, seed=4)
+  updates, state = jax.jit(transform.update)(grads, transform.init(grads))
+  realized = np.linalg.norm(np.asarray(updates["large"], np.float64))
+  # E ||xi + c||^2 = n (1 + c^2); Var (xi + c)^2 = 2 + 4 c^2, so the realized
+  # norm's relative std is sqrt((2 + 4 c^2) / n) / (2 (1 + c^2)) < 0.7/sqrt(n).
+  np.testing.assert_allclose(float(state.noise_norm),
+                             math.sqrt(n * (1 + 0.25)), rtol=1e-6)
+  np.testing.assert_allclose(float(state.noise_norm), realized,
+                             rtol=5 / math.sqrt(n))
+
+
+def test_samplers_give_the_same_statistics():
+  gamma = 1.0
+  grads = {"big": jnp.zeros((300, 200))}
+  for sampler in ("hashed", "threefry", "auto"):
+    transform = ga.isotropic_gradient_augmentation(
+        gamma, scaling="element", sampler=sampler)
+    updates, _ = jax.jit(transform.update)(grads, transform.init(grads))
+    values = np.asarray(updates["big"]).ravel()
+    n = values.size
+    assert abs(values.mean()) < 5 / math.sqrt(n), sampler
+    assert abs(values.var() - 1) < 5 * math.sqrt(2 / n), sampler
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"gamma": -0.1}, "gamma must be finite and >= 0"),
     ({"gamma": float("inf")}, "gamma must be finite and >= 0"),
     ({"gamma": 0.1, "distribution": "laplace"}, "distribution='laplace'"),
+    ({"gamma": 0.1, "scaling": "layer"}, "scaling='layer'"),
+    ({"gamma": 0.1, "sampler": "philox"}, "sampler='philox'"),
+    ({"gamma": 0.1, "drift": float("nan")}, "drift must be finite"),
 ])
 def test_isotropic_rejects_bad_configuration(kwargs, message):
   with pytest.raises(ValueError, match=message):
     ga.isotropic_gradient_augmentation(**kwargs)
 
 
-# ---------------------------------------------------------------------------
-# Both pieces on 8 devices.
-
-
-def _train_step(tx, regularized):
-  def step(params, state, x, y):
-    loss, grads = jax.value_and_grad(regularized)(params, x, y)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-  return step
-
-
-def _make_tx():
-  return optax.chain(ga.isotropic_gradient_augmentation(0.05, seed=2),
-                     optax.sgd(0.1, momentum=0.9))
-
-
-# One dual norm here: the others differ only in the per-example reduction,
-# which the closed-form and finite-difference tests cover.
-def test_sharded_jit_equals_one_device(q=1.0):
-  assert jax.device_count() == 8
-  params, x, y = _mlp_data(batch=16)
-  tx = _make_tx()
-  regularized = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.1, q=q)
-  step = jax.jit(_train_step(tx, regularized))
-
-  one_device = jax.devices()[0]
-  single = step(*jax.device_put((params, tx.init(params), x, y), one_device))
-
-  mesh = jax.make_mesh((8,), ("data",))  # Explicit axes, the project's mesh.
-  replicated = NamedSharding(mesh, P())
-  batch_sharded = NamedSharding(mesh, P("data"))
-  sharded_args = (jax.device_put(params, replicated),
-                  jax.device_put(tx.init(params), replicated),
-                  jax.device_put(x, batch_sharded),
-                  jax.device_put(y, batch_sharded))
-  assert len(sharded_args[2].sharding.device_set) == 8
-  sharded = step(*sharded_args)
-  sharded = step(*sharded[:2], *sharded_args[2:])  # Second step: new noise.
-  single = step(*single[:2], *jax.device_put((x, y), one_device))
-  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_pmap_with_pmean_equals_global_batch(q=2.0):
-  devices = jax.device_count()
-  params, x, y = _mlp_data(batch=16)
-  tx = _make_tx()
-  regularized = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.1, q=q)
-  global_step = jax.jit(_train_step(tx, regularized))
-
-  def local_step(params, state, x, y):
-    loss, grads = jax.value_and_grad(regularized)(params, x, y)
-    loss, grads = jax.lax.pmean((loss, grads), "batch")
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  pmapped = jax.pmap(local_step, axis_name="batch", in_axes=(None, None, 0, 0))
-  split = lambda a: a.reshape(devices, -1, *a.shape[1:])
-  got = pmapped(params, tx.init(params), split(x), split(y))
-  expected = global_step(params, tx.init(params), x, y)
-  for per_device, want in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-    for replica in per_device:
-      np.testing.assert_allclose(replica, want, rtol=1e-5, atol=1e-6)
+def test_official_scaling_needs_a_registration_order():
+  grads = _zero_grads()
+  missing = ga.isotropic_gradient_augmentation(0.1, scaling="official")
+  with pytest.raises(ValueError, match="needs registration_order"):
+    missing.update(grads, missing.init(grads))
+  repeated = ga.isotropic_gradient_augmentation(
+      0.1, scaling="official", registration_order=lambda t: {"b": 1, "w": 1})
+  with pytest.raises(ValueError, match="positions 1..2 once each"):
+    repeated.update(grads, repeated.init(grads))

@@ -19,6 +19,7 @@ import numpy as np
 from irtf_jax.models import compose_ae  # registers compose_ae, real_space_concat_ae
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models import tirg_baselines  # registers TIRG's baselines
+from irtf_jax.models import torch_order
 from irtf_jax.models.composers import COMPOSERS, register
 from irtf_jax.models.retrieval import RetrievalModel, TEXT_ENCODERS
 from irtf_jax.models.sentence_encoder import TextTokenizer
@@ -127,6 +128,17 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
       **extra)
 
 
+def official_parameter_positions(model_config) -> Callable:
+  """params -> same-structure tree of each leaf's 1-based position in the
+  official PyTorch model's `named_parameters()` order: the
+  `registration_order` of isotropic GA's "official" scaling."""
+  if model_config.name not in COMPOSERS:
+    raise ValueError(f"config.model.name: unknown {model_config.name!r}; "
+                     f"allowed: {', '.join(sorted(COMPOSERS))}")
+  return torch_order.official_parameter_positions(
+      COMPOSERS[model_config.name])
+
+
 def parameter_labels(model_config) -> Callable | None:
   """params -> same-structure tree of "default" | "backbone" | "frozen", or
   None when every parameter is trained alike.
@@ -159,5 +171,6 @@ def parameter_labels(model_config) -> Callable | None:
 
 
 __all__ = ["COMPOSERS", "register", "RetrievalModel", "build_model",
-           "build_text_tokenizer", "compute_dtype", "parameter_labels",
+           "build_text_tokenizer", "compute_dtype",
+           "official_parameter_positions", "parameter_labels",
            "TextTokenizer", "TEXT_ENCODERS"]

@@ -111,6 +111,11 @@ class _ComplexProjection(nn.Module):
     return z, delta, re, im
 
 
+# The official ComplexProjectionModule registers its text branch first.
+_PROJECTION_ORDER = ("text_bn", "text_fc1", "text_fc2", "image_bn",
+                     "image_fc1", "image_fc2")
+
+
 class _AutoencoderComposer(Composer):
   """Shared by ComposeAE and RealSpaceConcatAE: the a-weighted mix of a
   linear and a convolutional mapping, the two decoders and their losses.
@@ -159,6 +164,12 @@ class ComposeAE(_AutoencoderComposer):
   linear + convolutional mappings, image/text decoders, rotational symmetry
   loss (see the module docstring for the formulas)."""
   symmetric = True
+  torch_own_parameters = ("a",)
+  torch_order = (
+      *(f"linear_projection/{layer}" for layer in _PROJECTION_ORDER),
+      "linear_mapping",
+      *(f"conv_projection/{layer}" for layer in _PROJECTION_ORDER),
+      "conv_mapping", "conv", "image_decoder", "text_decoder")
   conv_channels: int = 64
   pooled_length: int = 16
 
@@ -190,6 +201,9 @@ class RealSpaceConcatAE(_AutoencoderComposer):
   positions); same decoders and reconstruction losses, no symmetry loss.
   """
   symmetric = False
+  torch_own_parameters = ("a",)
+  torch_order = ("linear_mapping", "conv_mapping", "conv", "image_decoder",
+                 "text_decoder")
   conv_channels: int = 64
   pooled_length: int = 20
 

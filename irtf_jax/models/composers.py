@@ -38,6 +38,10 @@ class Composer(nn.Module):
     dtype: computation dtype.
   """
   operates_on = "feature"
+  # PyTorch registration order (see `torch_order.py`): the composer's layers,
+  # and its parameters that the official top-level module owns.
+  torch_order = ()
+  torch_own_parameters = ()
   embed_dim: int = 512
   conv_implementation: str = "auto"
   bn_axis_name: str | None = None
@@ -70,6 +74,7 @@ class TextOnly(Composer):
 class Concat(Composer):
   """MLP on [image, text] (TIRG's concatenation baseline):
   BN, ReLU, Linear(2D, 2D), ReLU, Dropout(0.1), Linear(2D, D)."""
+  torch_order = ("bn", "fc1", "fc2")
   dropout_rate: float = 0.1
 
   @nn.compact
@@ -99,6 +104,8 @@ class Tirg(Composer):
     res  = W_r2 ReLU(W_r1 ReLU(BN([phi_x, phi_t])))
     phi  = a_0 * sigmoid(gate) * phi_x + a_1 * res
   """
+  torch_own_parameters = ("weights",)
+  torch_order = ("gate_bn", "gate_fc", "res_bn", "res_fc1", "res_fc2")
 
   @nn.compact
   def __call__(self, image, text, *, train):
@@ -124,6 +131,10 @@ class TirgLastConv(Composer):
   the retrieval model like any image map.
   """
   operates_on = "map"
+  torch_own_parameters = ("weights",)
+  # The official code registers the residual branch (mod2d) first.
+  torch_order = ("res_bn", "res_conv1", "res_conv2", "gate_bn", "gate_conv1",
+                 "gate_conv2")
 
   @nn.compact
   def __call__(self, image, text, *, train):

@@ -21,6 +21,8 @@ import numpy as np
 from irtf_jax.models.composers import Composer
 from irtf_jax.models.composers import register
 from irtf_jax.models.layers import Conv
+from irtf_jax.models.text_encoders import LSTM
+from irtf_jax.models.text_encoders import last_valid
 
 
 @register("show_and_tell")
@@ -34,6 +36,7 @@ class ShowAndTell(Composer):
   with its own word embedding e; the text feature is not used.
   """
   uses_tokens = True
+  torch_order = ("embedding", "image_input", "lstm", "output")
   vocab_size: int = 0
   word_embed_dim: int = 512
 
@@ -47,10 +50,8 @@ class ShowAndTell(Composer):
       words = words + text_perturbation
     first = nn.Dense(self.word_embed_dim, name="image_input")(image)
     sequence = jnp.concatenate([first[:, None, :], words], axis=1)
-    outputs = nn.RNN(nn.OptimizedLSTMCell(self.embed_dim), name="lstm")(
-        sequence, seq_lengths=lengths + 1)
-    last = jnp.take_along_axis(outputs, lengths[:, None, None].astype(
-        jnp.int32), axis=1)[:, 0]
+    outputs = LSTM(self.embed_dim, name="lstm")(sequence)
+    last = last_valid(outputs, lengths + 1)
     return nn.Dense(self.embed_dim, name="output")(last)
 
 
@@ -73,6 +74,7 @@ class ParameterHashing(Composer):
 
   with a fixed random hash h and sign xi.
   """
+  torch_order = ("candidates", "bias")
   num_hashed_weights: int = 4096
 
   @nn.compact
@@ -101,6 +103,7 @@ class AttributeAsOperator(Composer):
   is the paper's "one matrix per attribute"; the soft choice lets free-form
   texts share operators.
   """
+  torch_order = ("operators", "choice")
   num_operators: int = 16
 
   @nn.compact
@@ -130,6 +133,7 @@ class Relationship(Composer):
   O(h w) instead of O((h w)^2) matrix products.
   """
   operates_on = "map"
+  torch_order = ("g1_left", "g1_right", "g1_text", "g2", "f1", "f2")
   hidden_dim: int = 256
 
   @nn.compact
@@ -165,6 +169,7 @@ class FiLM(Composer):
   projects the output map.
   """
   operates_on = "map"
+  torch_order = ("conv1", "conv2", "film")
 
   @nn.compact
   def __call__(self, image, text, *, train):
