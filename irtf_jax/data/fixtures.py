@@ -262,12 +262,14 @@ def write_css3d(root: str, css: Mapping[str, Any], *, with_images: bool = True,
   return root
 
 
-def css3d_smoke_dict(num_train_scenes: int = 48, num_test_scenes: int = 24,
+def css3d_smoke_dict(num_train_scenes: int = 10, num_test_scenes: int = 16,
+                     mods_per_scene: int = 4, tree_depth: int = 2,
                      num_duplicates: int = 4, seed: int = 0) -> dict:
   """A CSS dict of generated scenes (`css.generate.generate_split`).
 
-  Each split has `num_*_scenes` source scenes with two modifications each;
-  its first `num_duplicates` images are then repeated at the end with their
+  Each split has `num_*_scenes` families of chained modifications
+  (`mods_per_scene` variants of each of `tree_depth` chained scenes); its
+  first `num_duplicates` images are then repeated at the end with their
   labels, as images that look alike share a label in the published file: a
   query aimed at one of them has two correct answers, decided by label.
   """
@@ -275,7 +277,7 @@ def css3d_smoke_dict(num_train_scenes: int = 48, num_test_scenes: int = 24,
   for split, count in (("train", num_train_scenes),
                        ("test", num_test_scenes)):
     generated, mods = generate.generate_split(seed, split, count,
-                                              mods_per_scene=2)
+                                              mods_per_scene, tree_depth)
     objects = [scenes.scene_objects(s) for s in generated]
     labels = list(range(len(objects)))
     duplicated = range(min(num_duplicates, len(objects)))
