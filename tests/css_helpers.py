@@ -7,6 +7,8 @@ check the generator against the documented wording.
 
 from __future__ import annotations
 
+import numpy as np
+
 # The documented grid: row / column name -> centre as a fraction of the side.
 ROW_FRACTION = {"top": 0.2, "middle": 0.5, "bottom": 0.8}
 COLUMN_FRACTION = {"left": 0.2, "center": 0.5, "right": 0.8}
@@ -81,3 +83,28 @@ def novel_pairs_in_text(text: str) -> set[tuple[str, str]]:
   words = text.split()
   return {(b, a) for a, b in zip(words, words[1:])
           if a in COLOR_WORDS and b in SHAPE_WORDS}
+
+
+def cell_codes(objects_sets) -> np.ndarray:
+  """(N, 9, 3) int: per cell (size, color, shape) indices, -1 where empty."""
+  codes = np.full((len(objects_sets), len(CELLS), 3), -1, np.int64)
+  for i, objects in enumerate(objects_sets):
+    for cell, size, color, shape in objects:
+      codes[i, CELLS.index(cell)] = (SIZE_WORDS.index(size),
+                                     COLOR_WORDS.index(color),
+                                     SHAPE_WORDS.index(shape))
+  return codes
+
+
+def one_edit_apart(codes: np.ndarray, scene: np.ndarray) -> np.ndarray:
+  """(N,) bool: which scenes of `codes` are one add / remove / make from
+  `scene` (one cell differs: filled on one side only, or one attribute)."""
+  differs = (codes != scene).any(-1)
+  rows = np.arange(len(codes))
+  cell = differs.argmax(-1)
+  here, there = codes[rows, cell], scene[cell]
+  empty_here, empty_there = here[:, 0] < 0, there[:, 0] < 0
+  one_attribute = (here != there).sum(-1) == 1
+  return (differs.sum(-1) == 1) & (
+      (empty_here != empty_there)
+      | (~empty_here & ~empty_there & one_attribute))

@@ -7,6 +7,7 @@ import collections
 import numpy as np
 import pytest
 
+from irtf_jax.data import css_synth
 from irtf_jax.data.css import generate
 from irtf_jax.data.css import scenes
 from tests import css_helpers
@@ -100,3 +101,26 @@ def test_generate_split_is_pure():
   mods_per_source = collections.Counter(f for m in a[1] for f in m.sources)
   assert set(mods_per_source.values()) == {3}
   assert generate.generate_split(12, "train", 5, 3, 2) != a
+
+
+def test_every_default_test_source_has_its_variants_one_edit_away():
+  """The default test split: each modified scene (every query's source) has
+  its mods_per_scene variants and its parent one edit away in the gallery."""
+  o = css_synth.DEFAULTS
+  families = generate.generate_families(
+      o["seed"], "test", o["num_test_scenes"], o["mods_per_scene"],
+      o["tree_depth"])
+  codes = css_helpers.cell_codes(
+      [css_helpers.scene_as_set(v.scene) for f in families for v in f])
+  offset = 0
+  for family in families:
+    modified = sorted({v.parent for v in family[1:]})
+    assert len(modified) == o["tree_depth"]
+    for p in modified:
+      near = css_helpers.one_edit_apart(codes, codes[offset + p])
+      variants = [offset + i for i, v in enumerate(family) if v.parent == p]
+      assert len(variants) == o["mods_per_scene"] and near[variants].all()
+      if family[p].parent >= 0:
+        assert near[offset + family[p].parent]
+      assert near.sum() >= o["mods_per_scene"] + (family[p].parent >= 0)
+    offset += len(family)

@@ -200,3 +200,59 @@ def test_sampler_second_query_is_uniform_over_other_mods(splits):
     counts[first.source_index] += 1
   # Many different sources are drawn (not one fixed pair).
   assert len(counts) > 20
+
+
+# ------------------------------------------------- raw pixels cannot answer
+
+
+def _raw_pixel_features(gallery, indices, image_size):
+  """Rendered images as float vectors, mean-centred, unit L2 norm."""
+  x = np.stack([render.render_scene(scenes.scene_objects(gallery[i]),
+                                    image_size) for i in indices])
+  x = x.reshape(len(indices), -1).astype(np.float32)
+  x -= x.mean(axis=1, keepdims=True)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def raw_pixel_recall(gallery, captions, sources, targets, ks, image_size,
+                     chunk=2048):
+  """Recall@K of ranking the gallery by raw-pixel cosine to the source.
+
+  Written apart from the project's evaluator: image j scores
+  s_j = <x_source, x_j>; the source is excluded; a query is a hit at K when
+  one of the K best-scored images has the target's caption. Captions are
+  unique here, so that is the target itself: a hit when fewer than K other
+  images score strictly above it (ties count for the baseline, so the recall
+  is if anything overestimated).
+  """
+  assert len(set(captions)) == len(captions)
+  sources, targets = np.asarray(sources), np.asarray(targets)
+  distinct, row = np.unique(sources, return_inverse=True)
+  queries = _raw_pixel_features(gallery, distinct, image_size)
+  target_scores = np.einsum(
+      "qd,qd->q", queries[row], _raw_pixel_features(gallery, targets,
+                                                    image_size))
+  above = np.zeros(len(sources), np.int64)
+  for start in range(0, len(gallery), chunk):
+    columns = np.arange(start, min(start + chunk, len(gallery)))
+    scores = (queries @ _raw_pixel_features(gallery, columns,
+                                            image_size).T)[row]
+    beats = scores > target_scores[:, None]
+    beats &= columns[None, :] != sources[:, None]
+    beats &= columns[None, :] != targets[:, None]  # Rounding: not above itself.
+    above += beats.sum(axis=1)
+  return {k: float(np.mean(above < k)) for k in ks}
+
+
+def test_raw_pixels_cannot_answer_the_default_test_queries():
+  """Every default test query, images only: R@1 at most 10% (DESIGN.md)."""
+  o = css_synth.DEFAULTS
+  gallery, mods = generate.generate_split(
+      o["seed"], "test", o["num_test_scenes"], o["mods_per_scene"],
+      o["tree_depth"])
+  sources = [f for m in mods for f in m.sources]
+  targets = [t for m in mods for t in m.targets]
+  assert len(sources) > 2000  # A few thousand queries.
+  recall = raw_pixel_recall(gallery, [scenes.scene_caption(g) for g in gallery],
+                            sources, targets, (1, 5, 10), o["image_size"])
+  assert recall[1] <= 0.10, recall
