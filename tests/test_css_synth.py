@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import collections
-import itertools
 
 import numpy as np
 import pytest
 
 from irtf_jax import data
 from irtf_jax.data import css_synth
+from irtf_jax.data.css import generate
+from irtf_jax.data.css import render
+from irtf_jax.data.css import scenes
+from tests import css_helpers
 
-RED = (244, 35, 35)
-WHITE = (255, 255, 255)
-SMALL = dict(num_train_scenes=40, num_test_scenes=40, mods_per_scene=2)
-# The documented grid: row / column name -> centre as a fraction of the side.
-ROW_FRACTION = {"top": 0.2, "middle": 0.5, "bottom": 0.8}
-COLUMN_FRACTION = {"left": 0.2, "center": 0.5, "right": 0.8}
-CELL_OF_POS = {(ROW_FRACTION[r], COLUMN_FRACTION[c]): f"{r}-{c}"
-               for r in ROW_FRACTION for c in COLUMN_FRACTION}
-SIZE_WORDS = {"small", "large"}
-COLOR_WORDS = {"gray", "red", "blue", "green", "brown", "purple", "cyan",
-               "yellow"}
-SHAPE_WORDS = {"rectangle", "circle", "triangle"}
+SMALL = dict(num_train_scenes=12, num_test_scenes=12, mods_per_scene=4,
+             tree_depth=3)
 
 
 @pytest.fixture(scope="module")
@@ -33,136 +26,34 @@ def splits(tmp_path_factory):
           for split in ("train", "test")}
 
 
-def _obj(shape, color, size, pos):
-  return {"shape": shape, "color": color, "size": size, "pos": pos}
-
-
-# ------------------------------------------------------------------ renderer
-
-
-def test_small_red_rectangle_top_left_covers_its_8x8_box():
-  image = css_synth.render_scene([_obj("rectangle", "red", "small",
-                                       (0.2, 0.2))])
-  assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-  # Centre 0.2 * 64 = 12.8, half-size 4: rows and columns int(8.8)..int(16.8).
-  expected = np.full((64, 64, 3), 255, np.uint8)
-  expected[8:16, 8:16] = RED
-  np.testing.assert_array_equal(image, expected)
-
-
-def test_large_rectangle_is_16_px_wide():
-  image = css_synth.render_scene([_obj("rectangle", "blue", "large",
-                                       (0.5, 0.8))])
-  covered = np.argwhere(np.any(image != 255, axis=-1))
-  # y = 32, x = 51.2, s = 8: rows 24..39, columns int(43.2)..int(59.2) - 1.
-  assert covered[:, 0].min() == 24 and covered[:, 0].max() == 39
-  assert covered[:, 1].min() == 43 and covered[:, 1].max() == 58
-  assert len(covered) == 16 * 16
-  np.testing.assert_array_equal(image[30, 50], (42, 75, 215))
-
-
-def test_small_circle_is_css_diamond():
-  image = css_synth.render_scene([_obj("circle", "green", "small",
-                                       (0.5, 0.5))])
-  painted = np.any(image != 255, axis=-1)
-  # y = x = 32, s = 4; row r spans [32 + |r-32| - 4, 32 - |r-32| + 4).
-  widths = painted.sum(axis=1)
-  np.testing.assert_array_equal(widths[28:37], [0, 2, 4, 6, 8, 6, 4, 2, 0])
-  assert widths.sum() == 32
-  np.testing.assert_array_equal(np.flatnonzero(painted[32]),
-                                np.arange(28, 36))
-  np.testing.assert_array_equal(image[32, 30], (29, 205, 20))
-
-
-def test_small_triangle_widens_downwards():
-  image = css_synth.render_scene([_obj("triangle", "yellow", "small",
-                                       (0.5, 0.5))])
-  painted = np.any(image != 255, axis=-1)
-  # Row r in [28, 36): columns [int(32 - (r-28)/2), int(32 + (r-28)/2)).
-  np.testing.assert_array_equal(painted.sum(axis=1)[28:36],
-                                [0, 1, 2, 3, 4, 5, 6, 7])
-  assert painted.sum() == 28
-  np.testing.assert_array_equal(np.flatnonzero(painted[35]),
-                                np.arange(28, 35))
-
-
-def test_later_objects_draw_over_earlier_ones_and_clip_at_the_border():
-  image = css_synth.render_scene([
-      _obj("rectangle", "red", "large", (0.5, 0.5)),
-      _obj("rectangle", "gray", "small", (0.5, 0.5)),
-      _obj("rectangle", "cyan", "large", (0.0, 0.0))])
-  np.testing.assert_array_equal(image[32, 32], (87, 87, 87))
-  np.testing.assert_array_equal(image[25, 25], RED)
-  assert np.all(image[:8, :8] == (41, 208, 208)) and np.all(image[8, 8] == 255)
-
-
-def test_render_rejects_unknown_attributes():
-  with pytest.raises(ValueError, match="shape 'star'"):
-    css_synth.render_scene([_obj("star", "red", "small", (0.5, 0.5))])
-  with pytest.raises(ValueError, match="unknown 'pink'"):
-    css_synth.render_scene([_obj("circle", "pink", "small", (0.5, 0.5))])
-
-
 # ------------------------------------------------------------ scene content
-
-
-def _objects_as_set(objects):
-  return frozenset((CELL_OF_POS[tuple(o["pos"])], o["size"], o["color"],
-                    o["shape"]) for o in objects)
-
-
-def _parse_reference(words):
-  """Reference words -> predicate on (cell, size, color, shape)."""
-  *qualifiers, head = words
-  wanted = {}
-  for word in qualifiers:
-    if "-" in word:
-      wanted[0] = word
-    elif word in SIZE_WORDS:
-      wanted[1] = word
-    elif word in COLOR_WORDS:
-      wanted[2] = word
-    else:
-      raise AssertionError(f"unexpected word {word!r}")
-  if head != "object":
-    assert head in SHAPE_WORDS
-    wanted[3] = head
-  return lambda obj: all(obj[i] == v for i, v in wanted.items())
-
-
-def _apply(text, objects):
-  """Independent reading of a modification text: the expected target."""
-  words = text.split()
-  if words[0] == "add":
-    size, color, shape, to, cell = words[1:]
-    assert to == "to" and cell not in {o[0] for o in objects}
-    return objects | {(cell, size, color, shape)}
-  reference = words[1:] if words[0] == "remove" else words[1:-1]
-  matches = [o for o in objects if _parse_reference(reference)(o)]
-  assert len(matches) == 1, (text, objects)  # Refers to exactly one object.
-  (old,) = matches
-  if words[0] == "remove":
-    return objects - {old}
-  assert words[0] == "make"
-  value = words[-1]
-  slot = 1 if value in SIZE_WORDS else 2 if value in COLOR_WORDS else 3
-  assert value in SIZE_WORDS | COLOR_WORDS | SHAPE_WORDS and old[slot] != value
-  new = list(old)
-  new[slot] = value
-  return (objects - {old}) | {tuple(new)}
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_query_target_is_its_text_applied_to_its_source(splits, split):
   s = splits[split]
-  assert len(s.queries) == 2 * SMALL[f"num_{split}_scenes"]
+  assert s.queries
   for q in s.queries:
-    source = _objects_as_set(s.objects[q.source_index])
-    target = _objects_as_set(s.objects[q.target_index])
-    assert _apply(q.text, source) == target
+    source = css_helpers.objects_as_set(s.objects[q.source_index])
+    target = css_helpers.objects_as_set(s.objects[q.target_index])
+    assert css_helpers.apply_text(q.text, source) == target
     assert q.target_index != q.source_index
     assert q.target_caption == s.captions[q.target_index]
     assert q.target_caption != s.captions[q.source_index]
+
+
+def test_the_builder_writes_the_generated_split(splits):
+  """Images, captions and pairs are `generate_split`'s, drawn by
+  `render_scene`: what the generator makes is what a user loads."""
+  for split, s in splits.items():
+    gallery, mods = generate.generate_split(
+        3, split, SMALL[f"num_{split}_scenes"], SMALL["mods_per_scene"],
+        SMALL["tree_depth"])
+    assert s.captions == [scenes.scene_caption(g) for g in gallery]
+    assert s.mods == mods
+    np.testing.assert_array_equal(
+        s.images(np.arange(len(s))),
+        [render.render_scene(scenes.scene_objects(g)) for g in gallery])
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -175,30 +66,23 @@ def test_queries_are_every_pair_of_every_mod(splits, split):
   assert len({mod.text for mod in s.mods}) == len(s.mods)
   assert sorted(s.vocabulary_texts) == sorted(mod.text for mod in s.mods)
   np.testing.assert_array_equal(s.gallery, np.arange(len(s.captions)))
-
-
-def _novel_pairs_in_text(text):
-  words = text.split()
-  return {(b, a) for a, b in zip(words, words[1:])
-          if a in COLOR_WORDS and b in SHAPE_WORDS}
+  if split == "train":  # Every edge of every family.
+    assert len(s.queries) == (SMALL["num_train_scenes"]
+                              * SMALL["mods_per_scene"] * SMALL["tree_depth"])
 
 
 def test_novel_compositions_never_occur_in_training(splits):
-  novel = css_synth.NOVEL_SHAPE_COLORS
+  novel = scenes.NOVEL_SHAPE_COLORS
   train, test = splits["train"], splits["test"]
+  for objects in train.objects:
+    for o in objects:
+      assert (o["shape"], o["color"]) not in novel, o
   for q in train.queries:
-    for index in (q.source_index, q.target_index):
-      for o in train.objects[index]:
-        assert (o["shape"], o["color"]) not in novel, (q, o)
-    assert not _novel_pairs_in_text(q.text) & novel
-  seen_in_training = {(o["shape"], o["color"]) for objs in train.objects
-                      for o in objs}
+    assert not css_helpers.novel_pairs_in_text(q.text) & novel
   for q in test.queries:
-    source = _objects_as_set(test.objects[q.source_index])
-    target = _objects_as_set(test.objects[q.target_index])
-    changed = source ^ target
-    assert any((o[3], o[2]) in novel for o in changed), q
-    assert any((o[3], o[2]) not in seen_in_training for o in changed), q
+    source = css_helpers.objects_as_set(test.objects[q.source_index])
+    target = css_helpers.objects_as_set(test.objects[q.target_index])
+    assert any((o[3], o[2]) in novel for o in source ^ target), q
 
 
 def test_same_looking_scenes_share_a_caption_and_only_they(splits):
@@ -210,13 +94,12 @@ def test_same_looking_scenes_share_a_caption_and_only_they(splits):
       assert caption_of_pixels.setdefault(pixels, caption) == caption
       assert pixels_of_caption.setdefault(caption, pixels) == pixels
   # Same objects listed in another order: the same picture and caption.
-  scene = [css_synth.SceneObject("bottom-right", "small", "red", "circle"),
-           css_synth.SceneObject("top-left", "large", "blue", "triangle")]
-  assert (css_synth.scene_caption(tuple(scene))
-          == css_synth.scene_caption(tuple(scene[::-1])))
+  scene = (scenes.SceneObject("bottom-right", "small", "red", "circle"),
+           scenes.SceneObject("top-left", "large", "blue", "triangle"))
+  assert scenes.scene_caption(scene) == scenes.scene_caption(scene[::-1])
   np.testing.assert_array_equal(
-      css_synth.render_scene(css_synth.scene_objects(tuple(scene))),
-      css_synth.render_scene(css_synth.scene_objects(tuple(scene[::-1]))))
+      render.render_scene(scenes.scene_objects(scene)),
+      render.render_scene(scenes.scene_objects(scene[::-1])))
 
 
 def test_cached_images_equal_the_stored_pngs(splits):
@@ -226,7 +109,7 @@ def test_cached_images_equal_the_stored_pngs(splits):
     stored_png = s._decode(i)  # pylint: disable=protected-access
     np.testing.assert_array_equal(s.image(i), stored_png)
     np.testing.assert_array_equal(s.image(i),
-                                  css_synth.render_scene(s.objects[i]))
+                                  render.render_scene(s.objects[i]))
 
 
 # ------------------------------------------------------ determinism, options
@@ -249,9 +132,19 @@ def test_same_seed_same_dataset_other_seed_other_dataset(splits, tmp_path):
                    **SMALL).captions == first.captions
 
 
+def test_config_name_encodes_every_option():
+  names = {css_synth.config_name(**css_synth.DEFAULTS)}
+  for key, value in css_synth.DEFAULTS.items():
+    names.add(css_synth.config_name(**{**css_synth.DEFAULTS,
+                                       key: value + 1}))
+  assert len(names) == 1 + len(css_synth.DEFAULTS)
+
+
 def test_image_size_option_scales_the_renders(tmp_path):
   s = data.load("css_synth", "train", data_dir=str(tmp_path),
-                num_train_scenes=3, num_test_scenes=3, image_size=32)
+                num_train_scenes=2, num_test_scenes=2, mods_per_scene=2,
+                tree_depth=1, image_size=32)
+  assert len(s) == 2 * (1 + 2)
   assert s.images(np.arange(len(s))).shape == (len(s), 32, 32, 3)
   stored_png = s._decode(0)  # pylint: disable=protected-access
   np.testing.assert_array_equal(stored_png, s.image(0))
@@ -260,6 +153,9 @@ def test_image_size_option_scales_the_renders(tmp_path):
 @pytest.mark.parametrize("options, message", [
     (dict(num_train_scenes=0), "option num_train_scenes: must be an integer "
      ">= 1, got 0"),
+    (dict(tree_depth=0), "option tree_depth: must be an integer >= 1, got 0"),
+    (dict(mods_per_scene=True), "option mods_per_scene: must be an integer "
+     ">= 1, got True"),
     (dict(image_size=8), "option image_size: must be an integer >= 16"),
     (dict(seed=1.5), "option seed: must be an integer >= 0, got 1.5"),
     (dict(num_scenes=3), r"unknown option\(s\) \['num_scenes'\]"),
@@ -306,12 +202,57 @@ def test_sampler_second_query_is_uniform_over_other_mods(splits):
   assert len(counts) > 20
 
 
-def test_generate_split_is_pure():
-  a = css_synth.generate_split(11, "train", 30, 3)
-  b = css_synth.generate_split(11, "train", 30, 3)
-  c = css_synth.generate_split(11, "test", 30, 3)
-  assert a == b and a != c
-  assert sum(len(m.sources) for m in a[1]) == 90
-  sources = collections.Counter(f for m in a[1] for f in m.sources)
-  assert set(sources.values()) == {3}
-  assert len(list(itertools.chain(*[m.sources for m in c[1]]))) == 90
+# ------------------------------------------------- raw pixels cannot answer
+
+
+def _raw_pixel_features(gallery, indices, image_size):
+  """Rendered images as float vectors, mean-centred, unit L2 norm."""
+  x = np.stack([render.render_scene(scenes.scene_objects(gallery[i]),
+                                    image_size) for i in indices])
+  x = x.reshape(len(indices), -1).astype(np.float32)
+  x -= x.mean(axis=1, keepdims=True)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def raw_pixel_recall(gallery, captions, sources, targets, ks, image_size,
+                     chunk=2048):
+  """Recall@K of ranking the gallery by raw-pixel cosine to the source.
+
+  Written apart from the project's evaluator: image j scores
+  s_j = <x_source, x_j>; the source is excluded; a query is a hit at K when
+  one of the K best-scored images has the target's caption. Captions are
+  unique here, so that is the target itself: a hit when fewer than K other
+  images score strictly above it (ties count for the baseline, so the recall
+  is if anything overestimated).
+  """
+  assert len(set(captions)) == len(captions)
+  sources, targets = np.asarray(sources), np.asarray(targets)
+  distinct, row = np.unique(sources, return_inverse=True)
+  queries = _raw_pixel_features(gallery, distinct, image_size)
+  target_scores = np.einsum(
+      "qd,qd->q", queries[row], _raw_pixel_features(gallery, targets,
+                                                    image_size))
+  above = np.zeros(len(sources), np.int64)
+  for start in range(0, len(gallery), chunk):
+    columns = np.arange(start, min(start + chunk, len(gallery)))
+    scores = (queries @ _raw_pixel_features(gallery, columns,
+                                            image_size).T)[row]
+    beats = scores > target_scores[:, None]
+    beats &= columns[None, :] != sources[:, None]
+    beats &= columns[None, :] != targets[:, None]  # Rounding: not above itself.
+    above += beats.sum(axis=1)
+  return {k: float(np.mean(above < k)) for k in ks}
+
+
+def test_raw_pixels_cannot_answer_the_default_test_queries():
+  """Every default test query, images only: R@1 at most 10% (DESIGN.md)."""
+  o = css_synth.DEFAULTS
+  gallery, mods = generate.generate_split(
+      o["seed"], "test", o["num_test_scenes"], o["mods_per_scene"],
+      o["tree_depth"])
+  sources = [f for m in mods for f in m.sources]
+  targets = [t for m in mods for t in m.targets]
+  assert len(sources) > 2000  # A few thousand queries.
+  recall = raw_pixel_recall(gallery, [scenes.scene_caption(g) for g in gallery],
+                            sources, targets, (1, 5, 10), o["image_size"])
+  assert recall[1] <= 0.10, recall

@@ -17,8 +17,10 @@ from tests.helpers import tiny_config
 def css_config(**overrides):
   config = tiny_config(**overrides)
   config.data.name = "css_synth"
-  config.data.options.num_train_scenes = 120
-  config.data.options.num_test_scenes = 60
+  config.data.options.num_train_scenes = 20  # 180 images, 160 queries
+  config.data.options.num_test_scenes = 20
+  config.data.options.mods_per_scene = 4
+  config.data.options.tree_depth = 2
   config.data.options.image_size = 32
   config.model.text_encoder.max_length = 10
   config.num_train_steps = 4

@@ -17,12 +17,12 @@ global beyond builtin containers and NumPy arrays.
 
 Protocol (TIRG's): test queries are every (from, to) pair of every mod;
 training samples a mod and one of its pairs, then a second, different mod of
-the same source image (`css_synth.CSSSplit`). Train-split queries are the
+the same source image (`css.split.CSSSplit`). Train-split queries are the
 training mods' pairs.
 
 Options:
   renderer: "png" (default, the 3D renders) or "2d" (CSS's 2D renderer,
-    `css_synth.render_scene`, drawn from objects_img; the images folder is
+    `css.render.render_scene`, drawn from objects_img; the images folder is
     not read);
   skip_unreadable_images: a missing, unreadable or truncated PNG fails the
     build with its path (default); when True it is left out, with every
@@ -39,9 +39,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from irtf_jax import data
-from irtf_jax.data import css_synth
 from irtf_jax.data import safe_pickle
 from irtf_jax.data import storage
+from irtf_jax.data.css import render
+from irtf_jax.data.css import split as css_split
 
 NPY_NAME = "css_toy_dataset_novel2_small.dup.npy"
 RENDERERS = ("png", "2d")
@@ -137,7 +138,7 @@ def read_split(npy: dict, split: str, npy_path: str):
                 and 0 <= index < count):
           raise ValueError(f"{where} {key!r}: index {index!r} is not an "
                            f"image index in [0, {count})")
-    mods.append(css_synth.Mod(str(mod["to_str"]),
+    mods.append(css_split.Mod(str(mod["to_str"]),
                               tuple(int(f) for f in sources),
                               tuple(int(t) for t in targets)))
   return objects, captions, mods
@@ -170,7 +171,7 @@ def drop_images(keep: np.ndarray, captions, objects, mods):
     pairs = [(int(new_index[f]), int(new_index[t]))
              for f, t in zip(mod.sources, mod.targets) if keep[f] and keep[t]]
     if pairs:
-      kept_mods.append(css_synth.Mod(mod.text, tuple(f for f, _ in pairs),
+      kept_mods.append(css_split.Mod(mod.text, tuple(f for f, _ in pairs),
                                      tuple(t for _, t in pairs)))
   return ([c for c, k in zip(captions, keep) if k],
           [o for o, k in zip(objects, keep) if k], kept_mods)
@@ -200,7 +201,7 @@ class Css3d(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return self.dataset_info_from_configs(
         description="The CSS dataset (Vo et al., CVPR 2019).",
-        features=css_synth.css_features(), disable_shuffling=True,
+        features=css_split.css_features(), disable_shuffling=True,
         homepage="https://github.com/google/tirg")
 
   def _split_generators(self, dl_manager):
@@ -219,7 +220,7 @@ class Css3d(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, manual_dir, split, objects, captions, mods):
     config = self.builder_config
     if config.renderer == "2d":
-      images = [storage.encode_png(css_synth.render_scene(o))
+      images = [storage.encode_png(render.render_scene(o))
                 for o in objects]
     else:
       images = [_read_png(image_path(manual_dir, split, i),
@@ -229,13 +230,13 @@ class Css3d(tfds.core.GeneratorBasedBuilder):
       if not keep.all():
         captions, objects, mods = drop_images(keep, captions, objects, mods)
         images = [image for image in images if image is not None]
-    yield from css_synth.css_examples(images, captions, objects, mods)
+    yield from css_split.css_examples(images, captions, objects, mods)
 
 
 @data.register("css3d")
 def load(split: str, *, data_dir: str | None = None,
          manual_dir: str | None = None, renderer: str = "png",
-         skip_unreadable_images: bool = False) -> css_synth.CSSSplit:
+         skip_unreadable_images: bool = False) -> css_split.CSSSplit:
   """Loads split "train" or "test" of the CSS dataset, preparing it once.
 
   The prepared data is kept per renderer option in `data_dir`; delete
@@ -262,6 +263,6 @@ def load(split: str, *, data_dir: str | None = None,
                                                and renderer == "png"))
   sources = storage.prepare(Css3d, data_dir=data_dir, manual_dir=manual_dir,
                             config=config.name)
-  return css_synth.read_css_split(
+  return css_split.read_css_split(
       sources[split], name="css3d", split=split,
       render_size=64 if renderer == "2d" else None)

@@ -34,6 +34,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from irtf_jax.data.css import generate
+from irtf_jax.data.css import render
+from irtf_jax.data.css import scenes
+
 FIXTURE_DATASETS = ("css3d", "mit_states", "fashion200k")
 
 # Column bands of `write_banded_jpeg`: the outer quarters must be cropped away
@@ -244,9 +248,7 @@ def write_css3d(root: str, css: Mapping[str, Any], *, with_images: bool = True,
   Returns:
     `root`, as a string.
   """
-  # pylint: disable=g-import-not-at-top
-  from irtf_jax.data import css3d
-  from irtf_jax.data import css_synth
+  from irtf_jax.data import css3d  # pylint: disable=g-import-not-at-top
   root = os.fspath(root)
   os.makedirs(root, exist_ok=True)
   np.save(os.path.join(root, css3d.NPY_NAME), css, allow_pickle=True)
@@ -255,27 +257,28 @@ def write_css3d(root: str, css: Mapping[str, Any], *, with_images: bool = True,
     for split in ("train", "test"):
       for i, objects in enumerate(css[split]["objects_img"]):
         pixels = (image_pixels(split, i) if image_pixels else
-                  css_synth.render_scene(objects, image_size))
+                  render.render_scene(objects, image_size))
         Image.fromarray(pixels).save(css3d.image_path(root, split, i))
   return root
 
 
-def css3d_smoke_dict(num_train_scenes: int = 48, num_test_scenes: int = 24,
+def css3d_smoke_dict(num_train_scenes: int = 10, num_test_scenes: int = 16,
+                     mods_per_scene: int = 4, tree_depth: int = 2,
                      num_duplicates: int = 4, seed: int = 0) -> dict:
-  """A CSS dict of generated scenes (`css_synth.generate_split`).
+  """A CSS dict of generated scenes (`css.generate.generate_split`).
 
-  Each split has `num_*_scenes` source scenes with two modifications each;
-  its first `num_duplicates` images are then repeated at the end with their
+  Each split has `num_*_scenes` families of chained modifications
+  (`mods_per_scene` variants of each of `tree_depth` chained scenes); its
+  first `num_duplicates` images are then repeated at the end with their
   labels, as images that look alike share a label in the published file: a
   query aimed at one of them has two correct answers, decided by label.
   """
-  from irtf_jax.data import css_synth  # pylint: disable=g-import-not-at-top
   css = {}
   for split, count in (("train", num_train_scenes),
                        ("test", num_test_scenes)):
-    scenes, mods = css_synth.generate_split(seed, split, count,
-                                            mods_per_scene=2)
-    objects = [css_synth.scene_objects(s) for s in scenes]
+    generated, mods = generate.generate_split(seed, split, count,
+                                              mods_per_scene, tree_depth)
+    objects = [scenes.scene_objects(s) for s in generated]
     labels = list(range(len(objects)))
     duplicated = range(min(num_duplicates, len(objects)))
     css[split] = {
