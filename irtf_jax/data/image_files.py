@@ -50,20 +50,6 @@ class BadImageError(ValueError):
   """An image file that cannot be decoded (unreadable, truncated, missing)."""
 
 
-def check_on_bad_image(value: str) -> str:
-  if value not in ON_BAD_IMAGE:
-    raise ValueError(f"on_bad_image: got {value!r}; use 'error' (stop at the "
-                     f"first bad image) or 'skip' (leave bad images out)")
-  return value
-
-
-def check_image_size(value: int) -> int:
-  if not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"image_size: got {value!r}; use a positive int (224 is "
-                     f"TIRG's)")
-  return int(value)
-
-
 def stored_short_side(image_size: int) -> int:
   """Shorter side of the stored copies: 256, or more for larger crops."""
   return max(DEFAULT_STORED_SHORT_SIDE, int(image_size))

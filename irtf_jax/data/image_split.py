@@ -1,8 +1,8 @@
 """The split and loader shared by image-file datasets: MIT-States, Fashion200k.
 
 What is the same for both (TIRG's protocol, Vo et al., CVPR 2019):
-- options: image_size, on_bad_image, complete_text, num_train_queries,
-  train_query_seed; see `load_split`;
+- options (`OPTIONS`): image_size, on_bad_image, complete_text,
+  num_train_queries, train_query_seed; see `load_split`;
 - test split: the gallery is every image; each query's own image is removed
   from its ranking (`exclude_columns`);
 - train split: its `queries` (train-split recall, the Ms of WHM) are
@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from irtf_jax.data import image_files
+from irtf_jax.data import options as options_lib
 from irtf_jax.data.base import Query, step_rng
 from irtf_jax.data.storage import RecordSplit
 
@@ -40,6 +41,28 @@ NUM_TRAIN_RECALL_QUERIES = 10_000
 # Stream id of the train-recall queries in `step_rng`-style seeding: far from
 # any training step, so they never repeat a training batch.
 TRAIN_RECALL_STREAM = 2**31 - 1
+
+OPTIONS = {
+    "image_size": options_lib.integer(DEFAULT_IMAGE_SIZE, 1,
+                                      " (224 is TIRG's)"),
+    "on_bad_image": options_lib.one_of(
+        "error", image_files.ON_BAD_IMAGE,
+        " ('error' stops at the first bad image, 'skip' leaves bad images "
+        "out)"),
+    "complete_text": options_lib.boolean(False),
+    "num_train_queries": options_lib.integer(NUM_TRAIN_RECALL_QUERIES, 0),
+    "train_query_seed": options_lib.integer(0, 0),
+}
+
+
+def check_options(dataset: str, options: Mapping[str, Any]) -> dict[str, Any]:
+  """The options of `load_split` for `dataset`, checked, defaults filled in.
+
+  Raises:
+    ValueError naming `config.data.options.<option>` (`options.resolve`).
+  """
+  return options_lib.resolve(dataset, OPTIONS, options)
+
 
 def paired_queries(rng: np.random.Generator, count: int, sources: np.ndarray,
                    draw_two: Callable[[np.random.Generator, int],
@@ -187,10 +210,9 @@ class ImageFileSplit(RecordSplit):
 
 
 def load_split(split_cls: type[ImageFileSplit], builder_cls, split: str, *,
-               data_dir: str | None, manual_dir: str | None, image_size: int,
-               on_bad_image: str, complete_text: bool, num_train_queries: int,
-               train_query_seed: int) -> ImageFileSplit:
-  """Prepares `builder_cls` once; returns split `split` as a `split_cls`.
+               data_dir: str | None, manual_dir: str | None,
+               options: Mapping[str, Any]) -> ImageFileSplit:
+  """Checks `options`, prepares `builder_cls` once, returns `split_cls`'s split.
 
   Args:
     split_cls: the dataset's `ImageFileSplit` subclass.
@@ -199,17 +221,22 @@ def load_split(split_cls: type[ImageFileSplit], builder_cls, split: str, *,
     split: "train" or "test".
     data_dir: where the prepared array_record files are kept.
     manual_dir: the dataset folder (only needed to prepare).
-    image_size: S of the S x S images `images` returns.
-    on_bad_image: "error" or "skip" (see `irtf_jax.data.image_files`).
-    complete_text, num_train_queries, train_query_seed: see
-      `ImageFileSplit`.
+    options: the loader options of `OPTIONS`: image_size (S of the S x S
+      images `images` returns), on_bad_image ("error" or "skip", see
+      `irtf_jax.data.image_files`), complete_text, num_train_queries,
+      train_query_seed (see `ImageFileSplit`).
+
+  Raises:
+    ValueError naming `config.data.options.<option>` for a bad option, before
+    anything is prepared.
   """
-  image_size = image_files.check_image_size(image_size)
-  image_files.check_on_bad_image(on_bad_image)
+  options = check_options(builder_cls.name, options)
   sources, metadata = image_files.prepare_with_metadata(
       builder_cls, data_dir=data_dir, manual_dir=manual_dir,
-      image_size=image_size, on_bad_image=on_bad_image)
+      image_size=options["image_size"], on_bad_image=options["on_bad_image"])
   return split_cls(
       sources[split], name=builder_cls.name, split=split, metadata=metadata,
-      image_size=image_size, complete_text=complete_text,
-      num_train_queries=num_train_queries, train_query_seed=train_query_seed)
+      image_size=options["image_size"],
+      complete_text=options["complete_text"],
+      num_train_queries=options["num_train_queries"],
+      train_query_seed=options["train_query_seed"])

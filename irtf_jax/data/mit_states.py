@@ -193,28 +193,24 @@ class MitStatesSplit(image_split.ImageFileSplit):
             self._query_to(rng, source, self._text(second), second))
 
 
-@register(NAME)
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+  """The options of `load`, checked, defaults filled in (`image_split`)."""
+  return image_split.check_options(NAME, options)
+
+
+@register(NAME, check_options=check_options)
 def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None,
-         image_size: int = image_split.DEFAULT_IMAGE_SIZE,
-         on_bad_image: str = "error", complete_text: bool = False,
-         num_train_queries: int = image_split.NUM_TRAIN_RECALL_QUERIES,
-         train_query_seed: int = 0) -> MitStatesSplit:
+         manual_dir: str | None = None, **options) -> MitStatesSplit:
   """Loads split "train" or "test" of MIT-States, preparing it on first use.
 
   Args:
     split: "train" or "test".
     data_dir: where the prepared array_record files are kept.
     manual_dir: the folder holding `images/` (only needed to prepare).
-    image_size: S of the S x S images `images` returns.
-    on_bad_image: "error" or "skip" (see `irtf_jax.data.image_files`).
-    complete_text: ComposeAE's easier texts (the whole target caption).
-    num_train_queries: train split: how many sampled queries measure
-      train-split recall (at most the number of images).
-    train_query_seed: seed of those queries.
+    **options: image_size (224), on_bad_image ("error"), complete_text
+      (False), num_train_queries (10,000), train_query_seed (0); see
+      `image_split.load_split`.
   """
-  return image_split.load_split(
-      MitStatesSplit, MitStates, split, data_dir=data_dir,
-      manual_dir=manual_dir, image_size=image_size, on_bad_image=on_bad_image,
-      complete_text=complete_text, num_train_queries=num_train_queries,
-      train_query_seed=train_query_seed)
+  return image_split.load_split(MitStatesSplit, MitStates, split,
+                                data_dir=data_dir, manual_dir=manual_dir,
+                                options=options)
