@@ -344,10 +344,10 @@ def test_malformed_file_errors_name_the_field(tmp_path, mutate, message):
 
 
 def test_bad_options_are_named(tmp_path):
-  with pytest.raises(ValueError, match="css3d option renderer: must be one "
-                     r"of \('png', '2d'\), got '3d'"):
+  with pytest.raises(ValueError, match="^config.data.options.renderer: got "
+                     "'3d'; css3d needs one of 'png', '2d'$"):
     data.load("css3d", "test", data_dir=str(tmp_path), renderer="3d")
-  with pytest.raises(ValueError, match="skip_unreadable_images: must be True "
-                     "or False, got 'yes'"):
+  with pytest.raises(ValueError, match="^config.data.options.skip_unreadable_"
+                     "images: got 'yes'; css3d needs True or False$"):
     data.load("css3d", "test", data_dir=str(tmp_path),
               skip_unreadable_images="yes")

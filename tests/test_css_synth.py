@@ -151,14 +151,15 @@ def test_image_size_option_scales_the_renders(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(num_train_scenes=0), "option num_train_scenes: must be an integer "
-     ">= 1, got 0"),
-    (dict(tree_depth=0), "option tree_depth: must be an integer >= 1, got 0"),
-    (dict(mods_per_scene=True), "option mods_per_scene: must be an integer "
-     ">= 1, got True"),
-    (dict(image_size=8), "option image_size: must be an integer >= 16"),
-    (dict(seed=1.5), "option seed: must be an integer >= 0, got 1.5"),
-    (dict(num_scenes=3), r"unknown option\(s\) \['num_scenes'\]"),
+    (dict(num_train_scenes=0), "^config.data.options.num_train_scenes: got 0; "
+     "css_synth needs an integer >= 1$"),
+    (dict(tree_depth=0), "tree_depth: got 0; css_synth needs an integer >= 1"),
+    (dict(mods_per_scene=True), "mods_per_scene: got True; css_synth needs an "
+     "integer >= 1"),
+    (dict(image_size=8), "image_size: got 8; css_synth needs an integer >= 16"),
+    (dict(seed=1.5), "seed: got 1.5; css_synth needs an integer >= 0"),
+    (dict(num_scenes=3), "^config.data.options.num_scenes: css_synth has no "
+     "option 'num_scenes'; its options are num_train_scenes, "),
 ])
 def test_bad_options_are_named(tmp_path, options, message):
   with pytest.raises(ValueError, match=message):

@@ -11,7 +11,7 @@ import pytest
 
 from irtf_jax import data
 from irtf_jax.data import fashion200k, image_files
-import image_fixtures
+from irtf_jax.data import fixtures
 
 D = "women/dresses/casual_and_day_dresses"
 S = "women/skirts/mini"
@@ -76,9 +76,9 @@ ONE_WORD_PAIRS |= {(b, a) for a, b in ONE_WORD_PAIRS}
 
 
 def write_fixture(root, labels=None, test_queries=None):
-  image_fixtures.write_fashion200k(str(root), labels or LABELS,
-                                   TEST_QUERIES if test_queries is None
-                                   else test_queries)
+  fixtures.write_fashion200k(str(root), labels or LABELS,
+                             TEST_QUERIES if test_queries is None
+                             else test_queries)
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_label_paths_must_stay_inside(tmp_path, bad_path, reason):
 def test_symlinked_image_out_of_the_dataset_is_refused(tmp_path):
   root = tmp_path / "f"
   write_fixture(root)
-  image_fixtures.write_jpeg(str(tmp_path / "outside.jpeg"), (1, 2, 3))
+  fixtures.write_jpeg(str(tmp_path / "outside.jpeg"), (1, 2, 3))
   os.symlink(tmp_path / "outside.jpeg", root / D / "link.jpeg")
   label = root / "labels" / "dress_train_detect_all.txt"
   label.write_text(label.read_text() + f"{D}/link.jpeg\t0.5\tred dress\n")
@@ -330,7 +330,7 @@ def test_truncated_image_error_or_skip(tmp_path, caplog):
   root = tmp_path / "f"
   write_fixture(root)
   bad = os.path.join(root, D, "t2", "b.jpeg")
-  image_fixtures.write_truncated_jpeg(bad)
+  fixtures.write_truncated_jpeg(bad)
   with pytest.raises(image_files.BadImageError) as info:
     load_from(tmp_path, root)
   assert str(info.value).startswith(f"{bad}: unreadable or truncated image (")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from irtf_jax import data
 from irtf_jax.data import image_files, mit_states
-import image_fixtures
+from irtf_jax.data import fixtures
 
 # (adjective, noun) folders and image counts. fish, tomato and wool are among
 # TIRG's 49 test nouns; apple, car and bag are not. bag and wool have a single
@@ -46,9 +46,9 @@ def class_folders():
 
 
 def write_fixture(root):
-  written = image_fixtures.write_mit_states(str(root), FOLDERS)
+  written = fixtures.write_mit_states(str(root), FOLDERS)
   for name, width, height in BANDED:
-    image_fixtures.write_banded_jpeg(
+    fixtures.write_banded_jpeg(
         os.path.join(root, "images", "striped bag", name), width, height)
   return written
 
@@ -203,8 +203,8 @@ def test_resize_shorter_side_then_center_crop(dataset):
     if height > width:
       image = image.transpose(1, 0, 2)
     # columns 0..7 from red, 8..15 from blue; edges blur, so test the insides
-    assert np.abs(image[:, 1:7] - image_fixtures.RED).max() < 50
-    assert np.abs(image[:, 9:15] - image_fixtures.BLUE).max() < 50
+    assert np.abs(image[:, 1:7] - fixtures.RED).max() < 50
+    assert np.abs(image[:, 9:15] - fixtures.BLUE).max() < 50
     assert image[:, :, 1].max() < 80  # no green band inside the crop
 
 
@@ -232,15 +232,15 @@ def test_missing_dataset_folder_prints_instructions(tmp_path):
 
 def small_root(tmp_path):
   root = tmp_path / "mit"
-  image_fixtures.write_mit_states(str(root), {"raw fish": 1, "dried fish": 1,
-                                              "old car": 1, "new car": 1})
+  fixtures.write_mit_states(str(root), {"raw fish": 1, "dried fish": 1,
+                                        "old car": 1, "new car": 1})
   return root
 
 
 def test_truncated_image_error_or_skip(tmp_path, caplog):
   root = small_root(tmp_path)
   bad = os.path.join(root, "images", "raw fish", "broken.jpg")
-  image_fixtures.write_truncated_jpeg(bad)
+  fixtures.write_truncated_jpeg(bad)
   with pytest.raises(image_files.BadImageError) as info:
     data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
               manual_dir=str(root))
@@ -263,7 +263,7 @@ def test_truncated_image_error_or_skip(tmp_path, caplog):
 
 def test_symlinks_out_of_the_dataset_are_refused(tmp_path):
   outside = tmp_path / "outside"
-  image_fixtures.write_jpeg(str(outside / "x.jpg"), (1, 2, 3))
+  fixtures.write_jpeg(str(outside / "x.jpg"), (1, 2, 3))
   root = small_root(tmp_path)
   os.symlink(outside, root / "images" / "wet fish")
   with pytest.raises(ValueError) as info:
@@ -283,8 +283,8 @@ def test_symlinks_out_of_the_dataset_are_refused(tmp_path):
 
 def test_bad_folder_name_and_options(tmp_path):
   root = small_root(tmp_path)
-  image_fixtures.write_jpeg(str(root / "images" / "very old car" / "a.jpg"),
-                            (1, 2, 3))
+  fixtures.write_jpeg(str(root / "images" / "very old car" / "a.jpg"),
+                      (1, 2, 3))
   with pytest.raises(ValueError, match=re.escape(
       f"{root / 'images' / 'very old car'}: a class folder must be named "
       f"'<adjective> <noun>'")):

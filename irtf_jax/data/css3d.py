@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from irtf_jax import data
+from irtf_jax.data import options as options_lib
 from irtf_jax.data import safe_pickle
 from irtf_jax.data import storage
 from irtf_jax.data.css import render
@@ -46,6 +47,10 @@ from irtf_jax.data.css import split as css_split
 
 NPY_NAME = "css_toy_dataset_novel2_small.dup.npy"
 RENDERERS = ("png", "2d")
+OPTIONS = {
+    "renderer": options_lib.one_of("png", RENDERERS),
+    "skip_unreadable_images": options_lib.boolean(False),
+}
 MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download the CSS dataset released with TIRG (Vo et al., "Composing Text and
 Image for Image Retrieval - An Empirical Odyssey", CVPR 2019; the download
@@ -54,6 +59,11 @@ its folder as manual_dir (config.data.manual_dir). It must hold:
   {NPY_NAME}
   images/css_train_000000.png, ..., images/css_test_000000.png, ...
 """
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+  """The options of `load`, checked (see `options.resolve`), defaults filled."""
+  return options_lib.resolve("css3d", OPTIONS, options)
 
 
 def _missing(what: str) -> FileNotFoundError:
@@ -233,10 +243,9 @@ class Css3d(tfds.core.GeneratorBasedBuilder):
     yield from css_split.css_examples(images, captions, objects, mods)
 
 
-@data.register("css3d")
+@data.register("css3d", check_options=check_options)
 def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None, renderer: str = "png",
-         skip_unreadable_images: bool = False) -> css_split.CSSSplit:
+         manual_dir: str | None = None, **options) -> css_split.CSSSplit:
   """Loads split "train" or "test" of the CSS dataset, preparing it once.
 
   The prepared data is kept per renderer option in `data_dir`; delete
@@ -247,20 +256,19 @@ def load(split: str, *, data_dir: str | None = None,
     data_dir: where the prepared array_record files are kept.
     manual_dir: the folder with the `.npy` and `images/` (see
       `MANUAL_DOWNLOAD_INSTRUCTIONS`); needed to prepare, checked when given.
-    renderer: "png" (the 3D renders) or "2d" (CSS's 2D renderer).
-    skip_unreadable_images: leave unreadable PNGs out instead of failing.
+    **options: renderer ("png", the default, reads the 3D renders; "2d" draws
+      with CSS's 2D renderer) and skip_unreadable_images (False, the
+      default, fails on an unreadable PNG; True leaves it out); see the
+      module doc and `OPTIONS`.
   """
-  if renderer not in RENDERERS:
-    raise ValueError(f"css3d option renderer: must be one of {RENDERERS}, "
-                     f"got {renderer!r}")
-  if not isinstance(skip_unreadable_images, bool):
-    raise ValueError("css3d option skip_unreadable_images: must be True or "
-                     f"False, got {skip_unreadable_images!r}")
+  options = check_options(options)
+  renderer = options["renderer"]
   if manual_dir is not None:
     check_manual_dir(manual_dir, renderer)
   config = Css3dConfig(renderer=renderer,
-                       skip_unreadable_images=(skip_unreadable_images
-                                               and renderer == "png"))
+                       skip_unreadable_images=(
+                           options["skip_unreadable_images"]
+                           and renderer == "png"))
   sources = storage.prepare(Css3d, data_dir=data_dir, manual_dir=manual_dir,
                             config=config.name)
   return css_split.read_css_split(

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from irtf_jax import data
+from irtf_jax.data import options as options_lib
 from irtf_jax.data import storage
 # Public names of the dataset, defined in the shared CSS modules.
 from irtf_jax.data.css.generate import generate_split
@@ -54,15 +54,18 @@ from irtf_jax.data.css.split import css_features
 from irtf_jax.data.css.split import read_css_split
 
 __all__ = ["CSSSplit", "CssSynth", "CssSynthConfig", "DEFAULTS", "Mod",
-           "NOVEL_SHAPE_COLORS", "SceneObject", "config_name",
-           "generate_split", "load", "render_scene", "scene_caption",
-           "scene_objects"]
+           "NOVEL_SHAPE_COLORS", "OPTIONS", "SceneObject", "check_options",
+           "config_name", "generate_split", "load", "render_scene",
+           "scene_caption", "scene_objects"]
 
 # The default options; the module doc gives the sizes and why.
 DEFAULTS = dict(num_train_scenes=250, num_test_scenes=100,
                 mods_per_scene=30, tree_depth=3, seed=0, image_size=64)
+# Every option is an integer; the smallest value each allows.
 _MINIMUM = dict(num_train_scenes=1, num_test_scenes=1, mods_per_scene=1,
                 tree_depth=1, seed=0, image_size=16)
+OPTIONS = {name: options_lib.integer(default, _MINIMUM[name])
+           for name, default in DEFAULTS.items()}
 
 
 def config_name(*, num_train_scenes, num_test_scenes, mods_per_scene,
@@ -72,19 +75,9 @@ def config_name(*, num_train_scenes, num_test_scenes, mods_per_scene,
           f"mods{mods_per_scene}_depth{tree_depth}_px{image_size}")
 
 
-def _check_options(options: Mapping[str, Any]) -> dict[str, int]:
-  unknown = sorted(set(options) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"css_synth: unknown option(s) {unknown}; allowed: "
-                     f"{sorted(DEFAULTS)}")
-  resolved = {**DEFAULTS, **options}
-  for key, value in resolved.items():
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-        or value < _MINIMUM[key]):
-      raise ValueError(f"css_synth option {key}: must be an integer >= "
-                       f"{_MINIMUM[key]}, got {value!r}")
-    resolved[key] = int(value)
-  return resolved
+def check_options(options: Mapping[str, Any]) -> dict[str, int]:
+  """The options of `load`, checked (see `options.resolve`), defaults filled."""
+  return options_lib.resolve("css_synth", OPTIONS, options)
 
 
 class CssSynthConfig(tfds.core.BuilderConfig):
@@ -127,7 +120,7 @@ class CssSynth(tfds.core.GeneratorBasedBuilder):
                             objects, mods)
 
 
-@data.register("css_synth")
+@data.register("css_synth", check_options=check_options)
 def load(split: str, *, data_dir: str | None = None,
          manual_dir: str | None = None, **options) -> CSSSplit:
   """Loads split "train" or "test" of `css_synth`, generating it once.
@@ -142,7 +135,7 @@ def load(split: str, *, data_dir: str | None = None,
       n * (1 + mods_per_scene * tree_depth) images.
   """
   del manual_dir
-  options = _check_options(options)
+  options = check_options(options)
   config = CssSynthConfig(**options)
   if config.name in CssSynth.builder_configs:  # TFDS wants predefined by name.
     config = config.name

@@ -31,18 +31,18 @@ Protocol (TIRG's):
   has a pair, then one of its parents, then a caption of that parent and an
   image with it; consecutive queries share their source and have different
   target captions where the source has more than one. Text as for the test.
-- train-split recall (the Ms of WHM): `NUM_TRAIN_RECALL_QUERIES` (10,000, or
-  the number of training images if fewer) training queries drawn with a fixed
-  seed; the gallery is their target images, one column per query in query
-  order (repeats included, as in TIRG); nothing is excluded from their ranking
-  (`exclude_columns` is -1), as in TIRG.
+- train-split recall (the Ms of WHM): as for every image-file dataset
+  (`irtf_jax.data.image_split`): 10,000 training queries drawn with a fixed
+  seed, their targets as gallery, nothing excluded, as in TIRG.
 
 Option `complete_text=True` (ComposeAE's): the text is the whole target caption.
 It describes the target outright, so it is an easier protocol; do not compare
 its numbers with TIRG's.
 
 Prepared once into `data_dir` as TFDS array_record files (see
-`irtf_jax.data.image_files` for how images are stored and read).
+`irtf_jax.data.image_files` for how images are stored and read, and
+`irtf_jax.data.image_split` for the options and what the split shares with
+MIT-States').
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ import collections
 import glob
 import logging
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from irtf_jax.data import image_files, register
-from irtf_jax.data.base import Query, step_rng
+from irtf_jax.data import image_files, image_split, register
+from irtf_jax.data.base import Query
 
 NAME = "fashion200k"
 TEST_QUERIES_FILE = "test_queries.txt"
@@ -185,41 +185,14 @@ class Fashion200k(image_files.ImageFilesBuilder, skip_registration=True):
             for split, entries in splits.items()}
 
 
-class Fashion200kSplit(image_files.ImageFileSplit):
-  """One split of Fashion200k with TIRG's queries; see the module docstring."""
+class Fashion200kSplit(image_split.ImageFileSplit):
+  """One split of Fashion200k with TIRG's queries; see the module docstring.
 
-  def __init__(self, source, *, split: str, captions: Sequence[str],
-               paths: Sequence[str], test_pairs: Sequence[Sequence[str]],
-               image_size: int, complete_text: bool,
-               num_train_queries: int, train_query_seed: int):
-    super().__init__(source, name=NAME, split=split, captions=captions,
-                     image_size=image_size)
-    self.paths = list(paths)  # relative to the dataset folder
-    self.complete_text = complete_text
-    self.caption_to_indices: dict[str, list[int]] = {}
-    for i, caption in enumerate(self.captions):
-      self.caption_to_indices.setdefault(caption, []).append(i)
-    self._index_parents()
-    self._sources = np.asarray(
-        [i for i, c in enumerate(self.captions) if self.caption_to_parents[c]],
-        np.int64)
-    if split == "test":
-      self.queries = self._test_queries(test_pairs)
-      self._gallery = np.arange(len(self.captions))
-      self.exclude_columns = np.asarray(
-          [q.source_index for q in self.queries], np.int64)
-    else:
-      count = min(num_train_queries, len(self.captions))
-      self.queries = image_files.paired_queries(
-          step_rng(train_query_seed, image_files.TRAIN_RECALL_STREAM), count,
-          self._sources, self._draw_two) if count else []
-      self._gallery = np.asarray([q.target_index for q in self.queries],
-                                 np.int64)
-      self.exclude_columns = np.full(len(self.queries), -1, np.int64)
-
-  @property
-  def gallery(self) -> np.ndarray:
-    return self._gallery
+  Attributes (beyond `image_split.ImageFileSplit`'s):
+    parent_to_children: parent caption -> the captions one word longer.
+    caption_to_parents: caption -> its parents that have a child pairing
+      with it.
+  """
 
   @property
   def vocabulary_texts(self) -> Sequence[str]:
@@ -231,7 +204,7 @@ class Fashion200kSplit(image_files.ImageFileSplit):
       return target_caption
     return replacement_text(source_caption, target_caption)
 
-  def _index_parents(self) -> None:
+  def _index_captions(self) -> None:
     """TIRG's parent-caption index, with one-word parents.
 
     Sets `parent_to_children` (parent -> captions one word longer),
@@ -260,10 +233,14 @@ class Fashion200kSplit(image_files.ImageFileSplit):
           {c for p in counts for c in self.parent_to_children[p]
            if word_multiset(c) != own}) >= 2
 
-  def _test_queries(self, pairs: Sequence[Sequence[str]]) -> list[Query]:
+  def _is_source(self, caption: str) -> bool:
+    return bool(self.caption_to_parents[caption])
+
+  def _test_queries(self, metadata: Mapping[str, Any]) -> list[Query]:
+    """The pairs of `test_queries.txt` (`metadata["test_queries"]`)."""
     path_to_index = {path: i for i, path in enumerate(self.paths)}  # last wins
     queries, dropped = [], 0
-    for source_path, target_path in pairs:
+    for source_path, target_path in metadata["test_queries"]:
       if source_path not in path_to_index or target_path not in path_to_index:
         dropped += 1  # only after on_bad_image="skip" left an image out
         continue
@@ -295,27 +272,18 @@ class Fashion200kSplit(image_files.ImageFileSplit):
     if self._num_targets_at_least_two[caption]:
       while second == first:
         second = self._draw_target(rng, caption)
-    queries = []
-    for target_caption in (first, second):
-      candidates = self.caption_to_indices[target_caption]
-      target = candidates[rng.integers(len(candidates))]
-      queries.append(Query(source, self._text(caption, target_caption),
-                           target_caption, int(target)))
-    return queries[0], queries[1]
-
-  def sample_training_queries(self, seed: int, step: int,
-                              batch_size: int) -> list[Query]:
-    return image_files.paired_queries(step_rng(seed, step), batch_size,
-                                      self._sources, self._draw_two)
+    return (self._query_to(rng, source, self._text(caption, first), first),
+            self._query_to(rng, source, self._text(caption, second), second))
 
 
-@register(NAME)
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+  """The options of `load`, checked, defaults filled in (`image_split`)."""
+  return image_split.check_options(NAME, options)
+
+
+@register(NAME, check_options=check_options)
 def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None,
-         image_size: int = image_files.DEFAULT_IMAGE_SIZE,
-         on_bad_image: str = "error", complete_text: bool = False,
-         num_train_queries: int = image_files.NUM_TRAIN_RECALL_QUERIES,
-         train_query_seed: int = 0) -> Fashion200kSplit:
+         manual_dir: str | None = None, **options) -> Fashion200kSplit:
   """Loads split "train" or "test" of Fashion200k, preparing it on first use.
 
   Args:
@@ -323,20 +291,10 @@ def load(split: str, *, data_dir: str | None = None,
     data_dir: where the prepared array_record files are kept.
     manual_dir: the folder holding `labels/`, `women/` and `test_queries.txt`
       (only needed to prepare).
-    image_size: S of the S x S images `images` returns.
-    on_bad_image: "error" or "skip" (see `irtf_jax.data.image_files`).
-    complete_text: ComposeAE's easier texts (the whole target caption).
-    num_train_queries: train split: how many sampled queries measure
-      train-split recall (at most the number of images).
-    train_query_seed: seed of those queries.
+    **options: image_size (224), on_bad_image ("error"), complete_text
+      (False), num_train_queries (10,000), train_query_seed (0); see
+      `image_split.load_split`.
   """
-  image_size = image_files.check_image_size(image_size)
-  image_files.check_on_bad_image(on_bad_image)
-  sources, metadata = image_files.prepare_with_metadata(
-      Fashion200k, data_dir=data_dir, manual_dir=manual_dir,
-      image_size=image_size, on_bad_image=on_bad_image)
-  return Fashion200kSplit(
-      sources[split], split=split, captions=metadata[split]["captions"],
-      paths=metadata[split]["paths"], test_pairs=metadata["test_queries"],
-      image_size=image_size, complete_text=complete_text,
-      num_train_queries=num_train_queries, train_query_seed=train_query_seed)
+  return image_split.load_split(Fashion200kSplit, Fashion200k, split,
+                                data_dir=data_dir, manual_dir=manual_dir,
+                                options=options)

@@ -1,4 +1,8 @@
-"""Shared pieces of the loaders for datasets of image files (MIT-States, Fashion200k).
+"""Reading and storing datasets of image files (MIT-States, Fashion200k).
+
+The split and the loader these datasets share (options, gallery, queries,
+training sampler) are `irtf_jax.data.image_split`'s; this module reads the
+user's dataset folder and prepares it into TFDS records.
 
 Paths: every image path read from a user's file (a label file, a query list, a
 folder listing) must stay inside the dataset folder: absolute paths, `..`
@@ -8,10 +12,11 @@ escapes and symlinks pointing out are refused with the offending file and line
 Images: at build time each image is decoded once, converted to RGB, shrunk so
 its shorter side is at most `stored_short_side` (default 256, never enlarged)
 and stored as JPEG (quality 95). Reading a training batch then decodes a small
-JPEG instead of a full-size photograph. At read time `images(indices)` applies
-TIRG's test transform, torchvision's `Resize(S)` + `CenterCrop(S)`: resize the
-shorter side to S (bilinear, the longer side to `int(S * long / short)`), then
-crop the centre S x S (offsets `round((size - S) / 2)`). Because the stored
+JPEG instead of a full-size photograph. At read time a split's
+`images(indices)` applies TIRG's test transform (`resize_and_center_crop`),
+torchvision's `Resize(S)` + `CenterCrop(S)`: resize the shorter side to S
+(bilinear, the longer side to `int(S * long / short)`), then crop the centre
+S x S (offsets `round((size - S) / 2)`). Because the stored
 copy is already shrunk, a full-size image is resized twice (to 256, then to
 S) and JPEG-encoded twice: slightly blurrier than one direct resize of the
 original, in exchange for reads several times cheaper. `image_size` above 256
@@ -27,43 +32,22 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from irtf_jax.data.base import Query
-from irtf_jax.data.storage import (RecordSplit, default_data_dir,
-                                   encoded_image_feature, prepare)
+from irtf_jax.data.storage import (default_data_dir, encoded_image_feature,
+                                   prepare)
 
 ON_BAD_IMAGE = ("error", "skip")
-DEFAULT_IMAGE_SIZE = 224
 DEFAULT_STORED_SHORT_SIDE = 256
 JPEG_QUALITY = 95
-# Number of training queries that measure train-split recall (TIRG's).
-NUM_TRAIN_RECALL_QUERIES = 10_000
-# Stream id of the train-recall queries in `step_rng`-style seeding: far from
-# any training step, so they never repeat a training batch.
-TRAIN_RECALL_STREAM = 2**31 - 1
 
 
 class BadImageError(ValueError):
   """An image file that cannot be decoded (unreadable, truncated, missing)."""
-
-
-def check_on_bad_image(value: str) -> str:
-  if value not in ON_BAD_IMAGE:
-    raise ValueError(f"on_bad_image: got {value!r}; use 'error' (stop at the "
-                     f"first bad image) or 'skip' (leave bad images out)")
-  return value
-
-
-def check_image_size(value: int) -> int:
-  if not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"image_size: got {value!r}; use a positive int (224 is "
-                     f"TIRG's)")
-  return int(value)
 
 
 def stored_short_side(image_size: int) -> int:
@@ -171,64 +155,6 @@ def resize_and_center_crop(img: Image.Image, size: int) -> np.ndarray:
   left = int(round((width - size) / 2.0))
   top = int(round((height - size) / 2.0))
   return np.asarray(img.crop((left, top, left + size, top + size)))
-
-
-class ImageFileSplit(RecordSplit):
-  """A `RecordSplit` whose images come out resized and centre-cropped to S.
-
-  Attributes (set by the dataset subclasses):
-    paths: each image's path relative to the dataset folder.
-    exclude_columns: per query, the gallery column removed from its ranking
-      (its source image), or -1 for none; the `exclude` argument of
-      `irtf_jax.metrics.recall_at_k`.
-  """
-
-  def __init__(self, source, *, name: str, split: str,
-               captions: Sequence[str], image_size: int):
-    super().__init__(source, name=name, split=split, captions=captions)
-    self.image_size = image_size
-
-  def images(self, indices: np.ndarray) -> np.ndarray:
-    """uint8 (n, S, S, 3); one batched read of the records."""
-    indices = [int(i) for i in np.asarray(indices, np.int64).reshape(-1)]
-    if not indices:
-      return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
-    records = self._source.__getitems__(indices)
-    return np.stack([self._decode_record(record, index)
-                     for record, index in zip(records, indices)])
-
-  def _decode(self, index: int) -> np.ndarray:
-    return self._decode_record(self._source[int(index)], index)
-
-  def _decode_record(self, record, index: int) -> np.ndarray:
-    encoded = record["image"]
-    source = f"{self.name}/{self.split}[{index}]"
-    try:
-      with Image.open(io.BytesIO(encoded)) as img:
-        return resize_and_center_crop(img, self.image_size)
-    except Exception as e:
-      raise ValueError(f"{source}: unreadable stored image ({e}); delete the "
-                       f"prepared data and prepare again") from e
-
-
-def paired_queries(rng: np.random.Generator, count: int, sources: np.ndarray,
-                   draw_two: Callable[[np.random.Generator, int],
-                                      tuple[Query, Query]]) -> list[Query]:
-  """`count` training queries, two per source image (TIRG's pairing).
-
-  Queries 2k and 2k+1 share a uniformly drawn source from `sources`; `draw_two`
-  gives its two queries (with different modifications where the source has
-  more than one). An odd `count` drops the last query of the last pair.
-  """
-  if len(sources) == 0:
-    raise ValueError("this split has no image with a possible modification "
-                     "(every noun or caption has a single variant); training "
-                     "queries cannot be sampled")
-  queries: list[Query] = []
-  while len(queries) < count:
-    source = int(sources[rng.integers(len(sources))])
-    queries.extend(draw_two(rng, source))
-  return queries[:count]
 
 
 def log_skipped(path: str, error: Exception) -> None:

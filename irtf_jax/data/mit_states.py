@@ -21,31 +21,33 @@ Protocol (TIRG's):
   more than two. (TIRG also lets a target keep the source's adjective, an
   identity modification; here a target always changes the adjective.)
   Nouns with a single adjective give no queries.
-- train-split recall (the Ms of WHM): `NUM_TRAIN_RECALL_QUERIES` (10,000, or
-  the number of training images if fewer) training queries drawn with a fixed
-  seed; the gallery is their target images, one column per query in query
-  order (repeats included, as in TIRG). The query images are not in that
-  gallery as such, so nothing is excluded from their ranking
-  (`exclude_columns` is -1), as in TIRG; a source image that happens to be
-  another query's target stays rankable.
+- train-split recall (the Ms of WHM): as for every image-file dataset
+  (`irtf_jax.data.image_split`), 10,000 (or the number of training images if
+  fewer) training queries drawn with a fixed seed; the gallery is their
+  target images, one column per query in query order (repeats included, as
+  in TIRG). The query images are not in that gallery as such, so nothing is
+  excluded from their ranking (`exclude_columns` is -1), as in TIRG; a source
+  image that happens to be another query's target stays rankable.
 
 Option `complete_text=True` (ComposeAE's): the text is the whole target caption
 ("<target adjective> <noun>") instead of the adjective alone. It names the
 noun, so it is an easier protocol; do not compare its numbers with TIRG's.
 
 Prepared once into `data_dir` as TFDS array_record files (see
-`irtf_jax.data.image_files` for how images are stored and read).
+`irtf_jax.data.image_files` for how images are stored and read, and
+`irtf_jax.data.image_split` for the options and what the split shares with
+Fashion200k's).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from irtf_jax.data import image_files, register
-from irtf_jax.data.base import Query, step_rng
+from irtf_jax.data import image_files, image_split, register
+from irtf_jax.data.base import Query
 
 NAME = "mit_states"
 
@@ -137,45 +139,14 @@ class MitStates(image_files.ImageFilesBuilder, skip_registration=True):
             for split, entries in list_images(root).items()}
 
 
-class MitStatesSplit(image_files.ImageFileSplit):
-  """One split of MIT-States with TIRG's queries; see the module docstring."""
+class MitStatesSplit(image_split.ImageFileSplit):
+  """One split of MIT-States with TIRG's queries; see the module docstring.
 
-  def __init__(self, source, *, split: str, captions: Sequence[str],
-               paths: Sequence[str], image_size: int, complete_text: bool,
-               num_train_queries: int, train_query_seed: int):
-    super().__init__(source, name=NAME, split=split, captions=captions,
-                     image_size=image_size)
-    self.paths = list(paths)  # relative to the dataset folder
-    self.complete_text = complete_text
-    self.caption_views = {"adjective": adjective, "noun": noun}
-    self.caption_to_indices: dict[str, list[int]] = {}
-    # noun -> its adjectives in this split, in order of first appearance.
-    self.noun_to_adjectives: dict[str, list[str]] = {}
-    for i, caption in enumerate(self.captions):
-      self.caption_to_indices.setdefault(caption, []).append(i)
-      adjs = self.noun_to_adjectives.setdefault(noun(caption), [])
-      if adjective(caption) not in adjs:
-        adjs.append(adjective(caption))
-    self._sources = np.asarray(
-        [i for i, c in enumerate(self.captions)
-         if len(self.noun_to_adjectives[noun(c)]) >= 2], np.int64)
-    if split == "test":
-      self.queries = self._test_queries()
-      self._gallery = np.arange(len(self.captions))
-      self.exclude_columns = np.asarray(
-          [q.source_index for q in self.queries], np.int64)
-    else:
-      count = min(num_train_queries, len(self.captions))
-      self.queries = image_files.paired_queries(
-          step_rng(train_query_seed, image_files.TRAIN_RECALL_STREAM), count,
-          self._sources, self._draw_two) if count else []
-      self._gallery = np.asarray([q.target_index for q in self.queries],
-                                 np.int64)
-      self.exclude_columns = np.full(len(self.queries), -1, np.int64)
-
-  @property
-  def gallery(self) -> np.ndarray:
-    return self._gallery
+  Attributes (beyond `image_split.ImageFileSplit`'s):
+    noun_to_adjectives: noun -> its adjectives in this split, in order of
+      first appearance.
+  """
+  caption_views = {"adjective": adjective, "noun": noun}
 
   @property
   def vocabulary_texts(self) -> Sequence[str]:
@@ -186,10 +157,21 @@ class MitStatesSplit(image_files.ImageFileSplit):
     """
     return sorted(self.caption_to_indices)
 
+  def _index_captions(self) -> None:
+    self.noun_to_adjectives: dict[str, list[str]] = {}
+    for caption in self.caption_to_indices:
+      adjs = self.noun_to_adjectives.setdefault(noun(caption), [])
+      if adjective(caption) not in adjs:
+        adjs.append(adjective(caption))
+
+  def _is_source(self, caption: str) -> bool:
+    return len(self.noun_to_adjectives[noun(caption)]) >= 2
+
   def _text(self, target_caption: str) -> str:
     return target_caption if self.complete_text else adjective(target_caption)
 
-  def _test_queries(self) -> list[Query]:
+  def _test_queries(self, metadata: Mapping[str, Any]) -> list[Query]:
+    del metadata  # the test queries follow from the captions alone
     queries = []
     for i, caption in enumerate(self.captions):
       for target_adj in self.noun_to_adjectives[noun(caption)]:
@@ -206,48 +188,29 @@ class MitStatesSplit(image_files.ImageFileSplit):
     others = [a for a in self.noun_to_adjectives[noun(caption)]
               if a != adjective(caption)]
     picks = rng.choice(len(others), size=2, replace=len(others) < 2)
-    queries = []
-    for pick in picks:
-      target_caption = f"{others[pick]} {noun(caption)}"
-      candidates = self.caption_to_indices[target_caption]
-      target = candidates[rng.integers(len(candidates))]
-      queries.append(Query(source, self._text(target_caption), target_caption,
-                           int(target)))
-    return queries[0], queries[1]
-
-  def sample_training_queries(self, seed: int, step: int,
-                              batch_size: int) -> list[Query]:
-    return image_files.paired_queries(step_rng(seed, step), batch_size,
-                                      self._sources, self._draw_two)
+    first, second = (f"{others[pick]} {noun(caption)}" for pick in picks)
+    return (self._query_to(rng, source, self._text(first), first),
+            self._query_to(rng, source, self._text(second), second))
 
 
-@register(NAME)
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+  """The options of `load`, checked, defaults filled in (`image_split`)."""
+  return image_split.check_options(NAME, options)
+
+
+@register(NAME, check_options=check_options)
 def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None,
-         image_size: int = image_files.DEFAULT_IMAGE_SIZE,
-         on_bad_image: str = "error", complete_text: bool = False,
-         num_train_queries: int = image_files.NUM_TRAIN_RECALL_QUERIES,
-         train_query_seed: int = 0) -> MitStatesSplit:
+         manual_dir: str | None = None, **options) -> MitStatesSplit:
   """Loads split "train" or "test" of MIT-States, preparing it on first use.
 
   Args:
     split: "train" or "test".
     data_dir: where the prepared array_record files are kept.
     manual_dir: the folder holding `images/` (only needed to prepare).
-    image_size: S of the S x S images `images` returns.
-    on_bad_image: "error" or "skip" (see `irtf_jax.data.image_files`).
-    complete_text: ComposeAE's easier texts (the whole target caption).
-    num_train_queries: train split: how many sampled queries measure
-      train-split recall (at most the number of images).
-    train_query_seed: seed of those queries.
+    **options: image_size (224), on_bad_image ("error"), complete_text
+      (False), num_train_queries (10,000), train_query_seed (0); see
+      `image_split.load_split`.
   """
-  image_size = image_files.check_image_size(image_size)
-  image_files.check_on_bad_image(on_bad_image)
-  sources, metadata = image_files.prepare_with_metadata(
-      MitStates, data_dir=data_dir, manual_dir=manual_dir,
-      image_size=image_size, on_bad_image=on_bad_image)
-  return MitStatesSplit(
-      sources[split], split=split, captions=metadata[split]["captions"],
-      paths=metadata[split]["paths"], image_size=image_size,
-      complete_text=complete_text, num_train_queries=num_train_queries,
-      train_query_seed=train_query_seed)
+  return image_split.load_split(MitStatesSplit, MitStates, split,
+                                data_dir=data_dir, manual_dir=manual_dir,
+                                options=options)

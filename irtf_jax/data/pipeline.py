@@ -108,8 +108,3 @@ def training_batches(make_batch: Callable[[int], dict], steps: range,
     if close is not None:
       close()
 
-
-def process_shard() -> tuple[int, int]:
-  """(num_processes, process_index): this process's slice of every batch
-  (what `grain.sharding.ShardByJaxProcess` gives record-level pipelines)."""
-  return jax.process_count(), jax.process_index()
