@@ -12,6 +12,19 @@ import math
 
 import ml_collections
 
+from irtf_jax import data
+from irtf_jax import losses
+from irtf_jax import models
+from irtf_jax import parallel
+from irtf_jax import train_step
+from irtf_jax.regularizers import isotropic
+from irtf_jax.regularizers import sampling
+
+
+def dataset_options(name: str, **options) -> ml_collections.ConfigDict:
+  """All loader options of dataset `name`: `options` over its defaults."""
+  return ml_collections.ConfigDict(data.check_options(name, options))
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -21,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "css_synth"
   c.data.data_dir = ""          # "" = ~/.cache/irtf_jax/tfds
   c.data.manual_dir = ""        # the user's copy of a dataset
-  c.data.options = ml_collections.ConfigDict()  # dataset-specific loader options
+  # The dataset's loader options, every one listed with its default so that
+  # --config.data.options.<name>=... can override it.
+  c.data.options = dataset_options("css_synth")
   c.data.fixture = False        # smoke runs: write a tiny copy in the real format
   c.data.workers = 0            # >0: build batches in grain worker processes
 
@@ -118,6 +133,7 @@ def paper_config(dataset: str, *, batch_size: int,
   evaluation on every test query every 10k steps."""
   config = base_config()
   config.data.name = dataset
+  config.data.options = dataset_options(dataset)
   config.data.manual_dir = ""  # the user's copy: --config.data.manual_dir=...
   config.model.name = "tirg_lastconv"
   use_paper_ga(config)
@@ -158,26 +174,51 @@ def use_smoke_settings(config: ml_collections.ConfigDict) -> None:
   config.eval.max_train_queries = 200
 
 
-_CHOICES = {
-    "model.text_encoder.name": ("lstm", "sentence_transformer", "precomputed"),
-    "ga.adversarial.wrt": ("query_image", "text_embedding"),
-    "ga.isotropic.distribution": ("gaussian", "linf", "sphere"),
-    "ga.isotropic.scaling": ("official", "mean", "element"),
-    "ga.isotropic.sampler": ("auto", "threefry", "hashed"),
-    "parallel.strategy": ("jit", "pmap"),
-}
+class ConfigError(ValueError):
+  """A config value is not usable; the message names the field and the fix."""
+
+
+def _choices() -> dict[str, tuple]:
+  """Fields naming one of a set: the allowed names, from the registries
+  that hold them (so the two cannot disagree)."""
+  return {
+      "data.name": data.DATASETS,
+      "model.name": tuple(sorted(models.COMPOSERS)),
+      "model.text_encoder.name": models.TEXT_ENCODERS,
+      "model.conv_implementation": models.CONV_IMPLEMENTATIONS,
+      "model.image_encoder.depth": models.RESNET_DEPTHS,
+      "precision": models.PRECISIONS,
+      "loss.name": tuple(losses.RETRIEVAL_LOSSES),
+      "ga.adversarial.wrt": train_step.PERTURBABLE_INPUTS,
+      "ga.adversarial.q": (1.0, 2.0, math.inf),
+      "ga.isotropic.distribution": isotropic.DISTRIBUTIONS,
+      "ga.isotropic.scaling": isotropic.SCALINGS,
+      "ga.isotropic.sampler": sampling.SAMPLERS,
+      "parallel.strategy": parallel.STRATEGIES,
+  }
+
+
 _NON_NEGATIVE = (
     "loss.eta", "ga.adversarial.epsilon", "ga.isotropic.gamma",
     "baselines.fgsm_epsilon", "baselines.gradient_noise_eta",
     "baselines.gradient_noise_gamma", "optimizer.learning_rate",
     "optimizer.momentum", "optimizer.weight_decay", "optimizer.lr_decay_factor",
-    "model.text_encoder.dropout",
+    "model.text_encoder.dropout", "model.image_encoder.lr_multiplier",
+    "model.normalization_scale", "eval.whm_alpha",
 )
 _POSITIVE_INTS = (
     "batch_size", "num_train_steps", "log_every", "eval_every",
-    "checkpoint_every", "optimizer.lr_decay_steps", "eval.batch_size",
-    "eval.chunk_size", "model.embed_dim", "model.text_encoder.max_length",
+    "checkpoint_every", "keep_checkpoints", "optimizer.lr_decay_steps",
+    "eval.batch_size", "eval.chunk_size", "model.embed_dim",
+    "model.text_encoder.max_length", "model.text_encoder.word_embed_dim",
+    "model.text_encoder.hidden_dim",
 )
+_NON_NEGATIVE_INTS = ("seed", "data.workers", "eval.max_test_queries",
+                      "eval.max_train_queries", "eval.num_qualitative")
+_BELOW_ONE = ("model.text_encoder.dropout", "optimizer.momentum")
+_STRINGS = ("data.data_dir", "data.manual_dir",
+            "model.image_encoder.pretrained", "model.text_encoder.pretrained",
+            "model.text_encoder.features")
 
 
 def _get(config, dotted):
@@ -186,29 +227,57 @@ def _get(config, dotted):
   return config
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(config, num_devices: int) -> None:
-  """Raises ValueError naming the config field and the allowed values."""
-  for field, allowed in _CHOICES.items():
-    if _get(config, field) not in allowed:
-      raise ValueError(f"config.{field}: unknown {_get(config, field)!r}; "
-                       f"allowed: {', '.join(allowed)}")
+  """Checks every field a run reads, before anything loads or compiles.
+
+  Raises:
+    ConfigError: one line naming `config.<field>`, the value, and what is
+      allowed.
+  """
+  for field, allowed in _choices().items():
+    value = _get(config, field)
+    if isinstance(value, bool) or value not in allowed:
+      raise ConfigError(f"config.{field}: unknown {value!r}; allowed: "
+                        f"{', '.join(map(str, allowed))}")
   for field in _NON_NEGATIVE:
     value = _get(config, field)
-    if not (isinstance(value, (int, float)) and math.isfinite(value)
-            and value >= 0):
-      raise ValueError(f"config.{field}: must be a finite number >= 0, "
-                       f"got {value!r}")
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0):
+      raise ConfigError(f"config.{field}: must be a finite number >= 0, "
+                        f"got {value!r}")
+  for field in _BELOW_ONE:
+    if not _get(config, field) < 1:
+      raise ConfigError(f"config.{field}: must be < 1, got "
+                        f"{_get(config, field)!r}")
   for field in _POSITIVE_INTS:
     value = _get(config, field)
-    if not (isinstance(value, int) and value > 0):
-      raise ValueError(f"config.{field}: must be a positive integer, "
-                       f"got {value!r}")
-  if config.ga.adversarial.q not in (1, 2, math.inf):
-    raise ValueError(f"config.ga.adversarial.q: {config.ga.adversarial.q!r}; "
-                     "allowed: 1, 2, inf")
-  if config.batch_size % num_devices:
-    raise ValueError(f"config.batch_size: {config.batch_size} is not divisible "
-                     f"by the {num_devices} devices; use a multiple of "
-                     f"{num_devices}")
-  if config.eval.whm_alpha < 0:
-    raise ValueError("config.eval.whm_alpha: must be >= 0")
+    if not (_is_int(value) and value > 0):
+      raise ConfigError(f"config.{field}: must be a positive integer, "
+                        f"got {value!r}")
+  for field in _NON_NEGATIVE_INTS:
+    value = _get(config, field)
+    if not (_is_int(value) and value >= 0):
+      raise ConfigError(f"config.{field}: must be an integer >= 0, "
+                        f"got {value!r}")
+  for field in _STRINGS:
+    if not isinstance(_get(config, field), str):
+      raise ConfigError(f"config.{field}: must be a path (a string), got "
+                        f"{_get(config, field)!r}")
+  ks = config.eval.ks
+  if not (isinstance(ks, (tuple, list)) and ks and
+          all(_is_int(k) and k > 0 for k in ks)):
+    raise ConfigError(f"config.eval.ks: must be a non-empty tuple of "
+                      f"positive integers such as (1, 5, 10), got {ks!r}")
+  for field in ("batch_size", "eval.batch_size"):
+    if _get(config, field) % num_devices:
+      raise ConfigError(
+          f"config.{field}: {_get(config, field)} is not divisible by the "
+          f"{num_devices} devices; use a multiple of {num_devices}")
+  try:
+    data.check_options(config.data.name, dict(config.data.options))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None

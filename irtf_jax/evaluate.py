@@ -24,6 +24,7 @@ import tqdm
 from jax import lax
 
 from irtf_jax import metrics
+from irtf_jax.models import normalize_images
 
 
 @functools.partial(jax.jit, static_argnames=("k", "precision"))
@@ -208,7 +209,6 @@ class FeatureExtractor:
     self.parallel = parallel
     self.batch_size = batch_size
     self.show_progress = show_progress
-    from irtf_jax.train_step import normalize_images  # pylint: disable=g-import-not-at-top
     replicated, sharded = parallel.replicated, parallel.batch_sharding
 
     def embed_target(variables, images):

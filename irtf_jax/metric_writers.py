@@ -1,6 +1,9 @@
 """Metrics out: one JSON object per line (`metrics.jsonl`) and TensorBoard.
 
 TensorBoard events go through tensorboardX (CLU's writers import TensorFlow).
+A run killed mid-write can leave a torn last line; a resumed run drops it
+with every line past its checkpoint (`truncate_after`), so the file never
+holds a duplicated or partial record.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ import os
 from typing import Mapping
 
 import numpy as np
+from tensorboardX import SummaryWriter
+
+from irtf_jax.checkpointing import DiskFullError
+from irtf_jax.checkpointing import is_disk_full
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,24 +38,48 @@ class MetricWriter:
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tensorboard = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30)
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines of steps > `step`: a resumed run rewrites them identically."""
+    """Drops lines of steps > `step` (a resumed run rewrites them
+    identically) and a torn last line (a run killed mid-write)."""
     if not (self.enabled and os.path.exists(self.path)):
       return
-    with open(self.path) as f:
-      kept = [line for line in f if json.loads(line)["step"] <= step]
-    with open(self.path, "w") as f:
-      f.writelines(kept)
+    kept = [line for line in _complete_lines(self.path)
+            if json.loads(line)["step"] <= step]
+    self._guarded(lambda: _rewrite(self.path, kept))
+
+  def find(self, step: int, key: str) -> dict | None:
+    """The last record of `step` holding `key` (e.g. a finished evaluation),
+    without its "step"; None if there is none."""
+    if not os.path.exists(self.path):
+      return None
+    found = [r for r in map(json.loads, _complete_lines(self.path))
+             if r["step"] == step and key in r]
+    return {k: v for k, v in found[-1].items() if k != "step"} if found else None
+
+  def _guarded(self, write) -> None:
+    try:
+      write()
+    except OSError as e:
+      if is_disk_full(e):
+        raise DiskFullError(
+            e.errno, f"{self.path}: no space left on device; the last "
+            "checkpoint is intact. Free space and run the same command to "
+            "continue.") from e
+      raise
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, allow_nan=True) + "\n")
+    line = json.dumps(record, allow_nan=True) + "\n"
+
+    def append():
+      with open(self.path, "a") as f:
+        f.write(line)
+
+    self._guarded(append)
     for name, value in record.items():
       if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         # TensorBoard tag names may not contain "@".
@@ -58,6 +89,30 @@ class MetricWriter:
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def _complete_lines(path: str) -> list[str]:
+  """The lines of `path` that are whole records (newline-terminated JSON)."""
+  with open(path) as f:
+    lines = f.readlines()
+  complete = []
+  for line in lines:
+    if not line.endswith("\n"):
+      break  # torn: the writer died mid-line (only ever the last line)
+    try:
+      json.loads(line)
+    except json.JSONDecodeError:
+      break
+    complete.append(line)
+  return complete
+
+
+def _rewrite(path: str, lines: list[str]) -> None:
+  """Replaces `path`'s content atomically (a kill leaves old or new)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

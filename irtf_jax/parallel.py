@@ -25,15 +25,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
+STRATEGIES = ("jit", "pmap")
 
 
 class DataParallel:
   """Placement and compilation for one strategy ("jit" or "pmap")."""
 
   def __init__(self, strategy: str = "jit", devices=None):
-    if strategy not in ("jit", "pmap"):
+    if strategy not in STRATEGIES:
       raise ValueError(f"config.parallel.strategy: unknown {strategy!r}; "
-                       "allowed: jit, pmap")
+                       f"allowed: {', '.join(STRATEGIES)}")
     self.strategy = strategy
     self.devices = list(devices if devices is not None else jax.devices())
     self.mesh = Mesh(np.asarray(self.devices), (AXIS,))

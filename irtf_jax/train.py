@@ -5,33 +5,33 @@ metrics.jsonl, TensorBoard events, checkpoints/ (orbax) and one PNG of
 qualitative results per evaluation. Running again in the same workdir resumes
 from the latest checkpoint; because batches and random keys are pure
 functions of (seed, step), a resumed run computes exactly what an
-uninterrupted one does.
+uninterrupted one does, whether the first was stopped by a signal
+(`checkpointing.Preempted`), killed outright, or crashed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import queue
-import threading
 import time
-from typing import Iterator
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
+from irtf_jax import checkpointing
 from irtf_jax import config_base
 from irtf_jax import data
 from irtf_jax import evaluate
-from irtf_jax import losses
 from irtf_jax import metrics as metrics_lib
 from irtf_jax import models
 from irtf_jax import parallel as parallel_lib
 from irtf_jax import train_step as train_step_lib
 from irtf_jax import visualize
+from irtf_jax.data import fixtures
+from irtf_jax.data import pipeline
 from irtf_jax.metric_writers import MetricWriter
 from irtf_jax.models.text_encoders import Vocabulary
 
@@ -50,7 +50,6 @@ def load_splits(config, workdir: str) -> tuple[data.Split, data.Split]:
   manual_dir = config.data.manual_dir or None
   data_dir = config.data.data_dir or None
   if config.data.fixture and not manual_dir:
-    from irtf_jax.data import fixtures  # pylint: disable=g-import-not-at-top
     manual_dir = fixtures.write_fixture(
         config.data.name, os.path.join(workdir, "fixture", "manual"))
     data_dir = data_dir or os.path.join(workdir, "fixture", "prepared")
@@ -85,92 +84,32 @@ def load_or_build_tokenizer(config, workdir: str, train_split):
   return vocab
 
 
-def host_batch(split: data.Split, vocab: Vocabulary, config, step: int,
-               num_processes: int = 1, process_index: int = 0) -> dict:
-  """This process's slice of training batch `step` (numpy)."""
-  queries = split.sample_training_queries(config.seed, step, config.batch_size)
-  local = config.batch_size // num_processes
-  queries = queries[process_index * local:(process_index + 1) * local]
-  tokens, lengths = vocab.encode([q.text for q in queries],
-                                 config.model.text_encoder.max_length)
-  return {
-      "query_image": split.images(np.asarray([q.source_index for q in queries])),
-      "target_image": split.images(np.asarray([q.target_index for q in queries])),
-      "tokens": tokens,
-      "lengths": lengths,
-  }
-
-
-def prefetched_batches(make_batch, steps: range, depth: int = 2, put=None,
-                       workers: int = 0) -> Iterator[tuple[int, dict]]:
-  """Builds batches in a background thread, `depth` ahead of the consumer.
-
-  With `put` (e.g. `DataParallel.shard_batch`), the thread also places each
-  batch on the devices, so the next batch is copied while the current step
-  runs and the step itself makes no host-to-device transfer. With `workers`
-  > 0 (`config.data.workers`: datasets decoded from JPEG files), batches are
-  built in that many grain worker processes (`irtf_jax.data.pipeline`);
-  `make_batch` must then be picklable (e.g. `pipeline.HostBatch`).
-  """
-  buffer: queue.Queue = queue.Queue(maxsize=depth)
-
-  def built():
-    if not workers:
-      return ((step, make_batch(step)) for step in steps)
-    from irtf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.training_batches(pipeline.picklable_or_raise(make_batch),
-                                     steps, workers, prefetch=depth)
-
-  def produce():
-    try:
-      for step, batch in built():
-        buffer.put((step, batch if put is None else put(batch)))
-    except BaseException as e:  # re-raised in the consumer
-      buffer.put((None, e))
-      return
-    buffer.put((None, None))
-
-  threading.Thread(target=produce, daemon=True).start()
-  while True:
-    step, batch = buffer.get()
-    if step is None:
-      if batch is not None:
-        raise batch
-      return
-    yield step, batch
-
-
-def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, create=True, enable_async_checkpointing=False))
-
-
-def _restore(manager, host_state):
-  step = manager.latest_step()
-  if step is None:
-    return None
-  return manager.restore(step, args=ocp.args.StandardRestore(host_state))
+def recall_summary(results: dict[str, float], ks, alpha: float
+                   ) -> dict[str, float]:
+  """WHM (`metrics.weighted_harmonic_mean`) of train and test recall at every
+  K evaluated on both, as "whm@K", and "whm" at the smallest such K."""
+  whm = {}
+  for k in sorted(ks):
+    if f"test/recall@{k}" in results and f"train/recall@{k}" in results:
+      whm[f"whm@{k}"] = metrics_lib.weighted_harmonic_mean(
+          results[f"train/recall@{k}"], results[f"test/recall@{k}"], alpha)
+  if whm:
+    whm["whm"] = whm[f"whm@{min(int(k[4:]) for k in whm)}"]
+  return whm
 
 
 class Trainer:
   """The pieces of one run, built from a config (validated first)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_base.validate(config, jax.device_count())
     self.parallel = parallel_lib.DataParallel(config.parallel.strategy)
-    config_base.validate(config, self.parallel.num_devices)
-    # Fail on unknown names before loading data or compiling anything.
-    losses.retrieval_loss(config.loss.name)
-    models.compute_dtype(config.precision)
-    if config.model.name not in models.COMPOSERS:
-      models.build_model(config.model, 2)  # raises with the allowed names
-    if config.data.name not in data.DATASETS:
-      data.load(config.data.name, "train")  # raises with the allowed names
     self.config = config
     self.workdir = workdir
-    os.makedirs(workdir, exist_ok=True)
     self.is_chief = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    self.lock = (checkpointing.WorkdirLock(workdir).acquire()
+                 if self.is_chief else None)
     if self.is_chief:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -181,26 +120,44 @@ class Trainer:
         bn_axis_name=self.parallel.axis_name)
     self.tx = train_step_lib.make_optimizer(config)
     self.writer = MetricWriter(workdir, enabled=self.is_chief)
-    self.checkpoints = _checkpoint_manager(workdir, config.keep_checkpoints)
+    self.checkpoints = checkpointing.Checkpoints(workdir,
+                                                 config.keep_checkpoints)
     self.extractor = evaluate.FeatureExtractor(
         self.model, self.parallel, config.eval.batch_size,
         show_progress=self.is_chief)
 
+  def close(self) -> None:
+    self.checkpoints.close()
+    self.writer.close()
+    if self.lock is not None:
+      self.lock.release()
+
   @property
-  def make_batch(self):
+  def make_batch(self) -> pipeline.HostBatch:
     """step -> this process's host batch; picklable, for worker processes."""
-    from irtf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.HostBatch(self.train_split, self.vocab, self.config,
-                              jax.process_count(), jax.process_index())
+    config = self.config
+    return pipeline.HostBatch(
+        self.train_split, self.vocab, seed=config.seed,
+        batch_size=config.batch_size,
+        max_length=config.model.text_encoder.max_length,
+        num_processes=jax.process_count(),
+        process_index=jax.process_index())
 
   def initial_state(self) -> train_step_lib.TrainState:
-    """Restored from the latest checkpoint, or freshly initialized (host)."""
-    example = host_batch(self.train_split, self.vocab, self.config, 0)
+    """Restored from the latest checkpoint that restores, or freshly
+    initialized with the pretrained weights the config names (host)."""
+    example = self.make_batch(0)
     init = jax.jit(lambda rng: train_step_lib.init_state(
         self.model, self.tx, example, rng))
     state = jax.device_get(init(jax.random.key(self.config.seed)))
-    restored = _restore(self.checkpoints, state)
-    return state if restored is None else restored
+    restored = self.checkpoints.restore(state)
+    if restored is not None:
+      return restored
+    variables = models.load_pretrained(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        self.config.model)
+    return state.replace(params=jax.device_get(variables["params"]),
+                         batch_stats=jax.device_get(variables["batch_stats"]))
 
   def variables(self, host_state) -> dict:
     return jax.device_put({"params": host_state.params,
@@ -227,19 +184,17 @@ class Trainer:
         rows = np.unique(np.linspace(0, len(queries) - 1,
                                      config.eval.num_qualitative).astype(int))
         shown = ([queries[i] for i in rows], neighbours[rows])
-    for k in config.eval.ks:
-      if f"test/recall@{k}" in results and f"train/recall@{k}" in results:
-        results[f"whm@{k}"] = metrics_lib.weighted_harmonic_mean(
-            results[f"train/recall@{k}"], results[f"test/recall@{k}"],
-            config.eval.whm_alpha)
-    results["whm"] = results["whm@1"]
+    results.update(recall_summary(results, config.eval.ks,
+                                  config.eval.whm_alpha))
     if self.is_chief and shown and shown[0]:
+      first = min(config.eval.ks)
       visualize.save_retrievals(
           os.path.join(self.workdir, f"retrievals_step{step:07d}.png"),
           self.test_split, shown[0], shown[1],
           top_k=min(5, shown[1].shape[1]),
           title=(f"{config.data.name} / {config.model.name}, step {step}: "
-                 f"test R@1 {100 * results['test/recall@1']:.1f}"))
+                 f"test R@{first} "
+                 f"{100 * results.get(f'test/recall@{first}', 0):.1f}"))
     return results
 
 
@@ -255,12 +210,29 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
   return {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+def _is_eval_step(config, step: int) -> bool:
+  return step % config.eval_every == 0 or step == config.num_train_steps
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and
-  evaluates; returns the last evaluation's metrics."""
+  evaluates; returns the last evaluation's metrics.
+
+  Raises:
+    checkpointing.Preempted: SIGTERM or SIGINT arrived; the step it arrived
+      in was finished and checkpointed (rerun to continue).
+  """
   trainer = Trainer(config, workdir)
-  parallel = trainer.parallel
+  with contextlib.ExitStack() as stack:
+    stack.callback(trainer.close)
+    preemption = stack.enter_context(checkpointing.PreemptionWatch())
+    return _train(trainer, preemption, stack)
+
+
+def _train(trainer: Trainer, preemption: checkpointing.PreemptionWatch,
+           stack: contextlib.ExitStack) -> dict[str, float]:
+  config, workdir, parallel = trainer.config, trainer.workdir, trainer.parallel
   host_state = trainer.initial_state()
   start = int(host_state.step)
   trainer.writer.truncate_after(start)
@@ -276,6 +248,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   results: dict[str, float] = {}
   timer = time.perf_counter()
   timed_steps = 0
+  progress = stack.enter_context(tqdm.tqdm(
+      total=config.num_train_steps, initial=start,
+      desc=f"train {config.data.name}/{config.model.name}",
+      disable=not trainer.is_chief, dynamic_ncols=True))
 
   def flush(step):
     nonlocal pending, timer, timed_steps
@@ -295,44 +271,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                          steps_s=f"{values['train/steps_per_second']:.2f}")
     pending, timer, timed_steps = [], time.perf_counter(), 0
 
-  steps = range(start, config.num_train_steps)
-  progress = tqdm.tqdm(total=config.num_train_steps, initial=start,
-                       desc=f"train {config.data.name}/{config.model.name}",
-                       disable=not trainer.is_chief, dynamic_ncols=True)
-  try:
-    for step, batch in prefetched_batches(
-        trainer.make_batch, steps, put=parallel.shard_batch,
-        workers=config.data.workers):
-      state, step_metrics = step_fn(state, batch, rng)  # placed by the thread
-      pending.append(step_metrics)
-      timed_steps += 1
-      progress.update(1)
-      done = step + 1
-      if done % config.log_every == 0:
-        flush(done)
-      is_last = done == config.num_train_steps
-      if done % config.checkpoint_every == 0 or is_last:
-        flush(done)
-        host_state = parallel.unreplicate(state)
-        if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
-            (host_state.params, host_state.batch_stats))):
-          raise NonFiniteLossError(_stopped(
-              f"parameters are not finite after step {done}", last_good,
-              workdir))
-        trainer.checkpoints.save(done, args=ocp.args.StandardSave(host_state))
-        last_good = done
-      if done % config.eval_every == 0 or is_last:
-        flush(done)
-        results = trainer.evaluate(parallel.unreplicate(state), done)
-        trainer.writer.write(done, results)
-        progress.write(_summary(done, results))
-        timer = time.perf_counter()
-    if start >= config.num_train_steps:  # already trained: evaluate only
-      results = trainer.evaluate(host_state, start)
-  finally:
-    progress.close()
-    trainer.checkpoints.wait_until_finished()
-    trainer.writer.close()
+  def save(step):
+    nonlocal host_state, last_good
+    flush(step)
+    host_state = parallel.unreplicate(state)
+    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
+        (host_state.params, host_state.batch_stats))):
+      raise NonFiniteLossError(_stopped(
+          f"parameters are not finite after step {step}", last_good, workdir))
+    trainer.checkpoints.save(step, host_state)
+    last_good = step
+
+  def evaluate(step):
+    nonlocal results, timer
+    flush(step)
+    results = trainer.evaluate(parallel.unreplicate(state), step)
+    trainer.writer.write(step, results)
+    progress.write(_summary(step, results))
+    timer = time.perf_counter()
+
+  # A run stopped after its checkpoint but before that step's evaluation
+  # finished evaluates it now (a finished one is never evaluated twice).
+  recorded = (trainer.writer.find(start, f"test/recall@{min(config.eval.ks)}")
+              if start else None)
+  if recorded is not None:
+    results = recorded
+  elif start and _is_eval_step(config, start):
+    evaluate(start)
+  batches = stack.enter_context(contextlib.closing(
+      pipeline.prefetched_batches(trainer.make_batch,
+                                  range(start, config.num_train_steps),
+                                  put=parallel.shard_batch,
+                                  workers=config.data.workers)))
+  for step, batch in batches:
+    state, step_metrics = step_fn(state, batch, rng)  # placed by the thread
+    pending.append(step_metrics)
+    timed_steps += 1
+    progress.update(1)
+    done = step + 1
+    if done % config.log_every == 0:
+      flush(done)
+    if done % config.checkpoint_every == 0 or done == config.num_train_steps:
+      save(done)
+    if _is_eval_step(config, done):
+      evaluate(done)
+    if preemption.stop_requested() and done < config.num_train_steps:
+      if last_good != done:
+        save(done)
+      raise checkpointing.Preempted(done, workdir, preemption.received)
   return results
 
 
@@ -340,20 +326,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str
                         ) -> dict[str, float]:
   """Evaluates the latest checkpoint of `workdir` (--mode=evaluate)."""
   trainer = Trainer(config, workdir)
-  if trainer.checkpoints.latest_step() is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to evaluate; "
-                            "train first (--mode=train)")
-  host_state = trainer.initial_state()
-  step = int(host_state.step)
-  results = trainer.evaluate(host_state, step)
-  trainer.writer.write(step, {f"evaluate/{k}": v for k, v in results.items()})
-  trainer.writer.close()
+  try:
+    if trainer.checkpoints.latest_step() is None:
+      raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to "
+                              "evaluate; train first (--mode=train)")
+    host_state = trainer.initial_state()
+    step = int(host_state.step)
+    results = trainer.evaluate(host_state, step)
+    trainer.writer.write(step, {f"evaluate/{k}": v for k, v in results.items()})
+  finally:
+    trainer.close()
   print(_summary(step, results))
   return results
 
 
 def _summary(step: int, results: dict[str, float]) -> str:
-  keys = [k for k in ("test/recall@1", "test/recall@10", "test/recall@50",
-                      "train/recall@1", "whm") if k in results]
+  keys = [k for k in results
+          if k.startswith(("test/recall@", "train/recall@")) or k == "whm"]
   return f"step {step}: " + json.dumps(
       {k: round(100 * results[k], 2) for k in keys})

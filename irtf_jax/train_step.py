@@ -21,11 +21,14 @@ import optax
 from jax import lax
 
 from irtf_jax import losses
+from irtf_jax import models
 from irtf_jax import regularizers
+from irtf_jax.models import normalize_images
 
-# ImageNet statistics (TIRG normalizes every dataset with them).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# What the adversarial regularizers may perturb (config.ga.adversarial.wrt):
+# the normalized query images, or an additive perturbation of the query
+# texts' word embeddings.
+PERTURBABLE_INPUTS = ("query_image", "text_embedding")
 
 
 @flax.struct.dataclass
@@ -34,12 +37,6 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 (..., H, W, 3) -> float32, scaled to [0, 1] and standardized."""
-  x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -55,7 +52,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
   update is linear in the learning rate, so this is PyTorch's per-group lr,
   momentum included), and frozen weights get a zero update.
   """
-  from irtf_jax import models  # pylint: disable=g-import-not-at-top
   opt = config.optimizer
   schedule = learning_rate_schedule(config)
   parts = []

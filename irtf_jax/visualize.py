@@ -5,6 +5,8 @@ from __future__ import annotations
 import textwrap
 from typing import Sequence
 
+from matplotlib import figure
+from matplotlib.backends import backend_agg
 import numpy as np
 
 
@@ -21,13 +23,12 @@ def save_retrievals(path: str, split, queries: Sequence, neighbours: np.ndarray,
     top_k: retrieved images per row.
     title: figure title.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   rows, cols = len(queries), top_k + 2
-  fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows),
-                           squeeze=False)
+  # A Figure with its own Agg canvas: no pyplot, so no global backend or
+  # figure registry (safe in notebooks and threads).
+  fig = figure.Figure(figsize=(1.9 * cols, 2.2 * rows))
+  backend_agg.FigureCanvasAgg(fig)
+  axes = fig.subplots(rows, cols, squeeze=False)
   for r, query in enumerate(queries):
     ax = axes[r][0]
     ax.imshow(split.image(query.source_index))
@@ -56,4 +57,3 @@ def save_retrievals(path: str, split, queries: Sequence, neighbours: np.ndarray,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.savefig(path, dpi=80)
-  plt.close(fig)

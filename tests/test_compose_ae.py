@@ -78,11 +78,11 @@ def test_retrieval_model_feeds_the_target_and_sums_the_terms():
   batch = random_batch(0, 4, image_size=16)
   variables = jax.jit(lambda rng: model.init(
       {"params": rng, "dropout": rng},
-      train_step_lib.normalize_images(batch["query_image"]), batch["tokens"],
-      batch["lengths"], train_step_lib.normalize_images(batch["target_image"]),
+      models.normalize_images(batch["query_image"]), batch["tokens"],
+      batch["lengths"], models.normalize_images(batch["target_image"]),
       train=False))(jax.random.key(0))
   loss_fn = train_step_lib.make_loss_fn(model, config)
-  images = lambda key: train_step_lib.normalize_images(batch[key])
+  images = lambda key: models.normalize_images(batch[key])
 
   def by_hand(variables, rng):
     """The weighted symmetry term from the model's own pieces, called in the

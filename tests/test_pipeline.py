@@ -1,13 +1,16 @@
-"""The grain pipeline yields exactly train.host_batch's batches."""
+"""data.pipeline: batches are host_batch's whatever builds them, and
+everything the prefetcher starts stops with it."""
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import multiprocessing
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from irtf_jax import train
 from irtf_jax.data import base
 from irtf_jax.data import pipeline
 from irtf_jax.models.text_encoders import Vocabulary
@@ -43,38 +46,77 @@ def _assert_same(got, steps, make_batch):
       np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
 
 
-def _setup():
+def _host_batch(num_processes=1, process_index=0):
   split = ColourSplit()
   vocab = Vocabulary.build(f"make it {i}" for i in range(20))
-  return split, vocab, tiny_config()
+  config = tiny_config()
+  return pipeline.HostBatch(
+      split, vocab, seed=config.seed, batch_size=config.batch_size,
+      max_length=config.model.text_encoder.max_length,
+      num_processes=num_processes, process_index=process_index)
 
 
 def test_in_process_pipeline_equals_host_batch():
-  split, vocab, config = _setup()
   steps = range(3, 6)
-  make_batch = functools.partial(train.host_batch, split, vocab, config,
-                                 num_processes=2, process_index=1)
+  make_batch = _host_batch(2, 1)
   got = list(pipeline.training_batches(make_batch, steps, 0))
   _assert_same(got, steps, make_batch)
   # The process's half differs from the other process's half.
-  other = train.host_batch(split, vocab, config, 3, 2, 0)
+  other = _host_batch(2, 0)(3)
   assert not np.array_equal(other["query_image"], got[0][1]["query_image"])
 
 
-def test_trainer_prefetch_with_worker_processes_equals_host_batch():
-  split, vocab, config = _setup()
+def test_prefetch_with_worker_processes_equals_host_batch():
   steps = range(2, 8)
-  make_batch = pipeline.HostBatch(split, vocab, config, 2, 1)
-  got = list(train.prefetched_batches(make_batch, steps, workers=2))
+  make_batch = _host_batch(2, 1)
+  got = list(pipeline.prefetched_batches(make_batch, steps, workers=2))
   _assert_same(got, steps, make_batch)
-  np.testing.assert_array_equal(
-      got[0][1]["tokens"], train.host_batch(split, vocab, config, 2, 2, 1)[
-          "tokens"])
+  expected = pipeline.host_batch(
+      make_batch.split, make_batch.tokenizer, seed=make_batch.seed, step=2,
+      batch_size=make_batch.batch_size, max_length=make_batch.max_length,
+      num_processes=2, process_index=1)
+  np.testing.assert_array_equal(got[0][1]["tokens"], expected["tokens"])
+
+
+def _producer_threads():
+  return [t for t in threading.enumerate() if t.name == "irtf_jax-prefetch"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_exception_in_the_loop_stops_producer_and_workers(workers):
+  """The consumer fails after one batch while the producer is blocked on a
+  full queue (and, with workers, grain's processes are running)."""
+  assert not _producer_threads() and not multiprocessing.active_children()
+  with pytest.raises(RuntimeError, match="failed step"):
+    with contextlib.closing(pipeline.prefetched_batches(
+        _host_batch(), range(10_000), depth=1, workers=workers)) as batches:
+      for _ in batches:
+        time.sleep(0.5)  # the producer fills the queue and blocks on it
+        raise RuntimeError("failed step")
+  # Closing joined the thread and ended grain's worker processes.
+  assert not _producer_threads()
+  deadline = time.monotonic() + 10
+  while multiprocessing.active_children() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not multiprocessing.active_children()
+
+
+def test_a_producer_error_reaches_the_consumer():
+  def broken(step):
+    if step == 2:
+      raise OSError("unreadable image 2.jpg")
+    return {"x": np.zeros(1)}
+
+  got = []
+  with pytest.raises(OSError, match="unreadable image 2.jpg"):
+    for step, _ in pipeline.prefetched_batches(broken, range(5)):
+      got.append(step)
+  assert got == [0, 1] and not _producer_threads()
 
 
 def test_unpicklable_batch_function_names_the_config_field():
   with pytest.raises(TypeError, match="config.data.workers"):
-    list(train.prefetched_batches(lambda step: {}, range(2), workers=1))
+    list(pipeline.prefetched_batches(lambda step: {}, range(2), workers=1))
 
 
 def test_negative_workers_name_the_config_field():

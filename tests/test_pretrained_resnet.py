@@ -182,8 +182,8 @@ def test_config_loads_pretrained_resnet_into_the_retrieval_model(tmp_path):
       batch["tokens"], batch["lengths"],
       batch["target_image"].astype(np.float32), train=False)
   # Shapes only (traced, nothing compiled); load_pretrained fills them in.
-  loaded = model.load_pretrained(jax.eval_shape(
-      lambda: init(model.clone(image_pretrained=""))))
+  loaded = models.load_pretrained(jax.eval_shape(lambda: init(model)),
+                                  config.model)
   encoder = loaded["params"]["image_encoder"]
   np.testing.assert_array_equal(
       encoder["layer2_0"]["downsample_conv"]["kernel"],
@@ -191,10 +191,9 @@ def test_config_loads_pretrained_resnet_into_the_retrieval_model(tmp_path):
   np.testing.assert_array_equal(
       loaded["batch_stats"]["image_encoder"]["layer4_0"]["bn2"]["var"],
       state["layer4.0.bn2.running_var"].numpy())
-  shapes = jax.eval_shape(lambda: init(model))  # init loads the file
-  assert shapes["params"]["image_encoder"]["conv1"]["kernel"].shape == (
-      7, 7, 3, 64)
+  assert encoder["conv1"]["kernel"].shape == (7, 7, 3, 64)
   wrong = tiny_config(**{"model.image_encoder.pretrained": str(path),
                          "model.image_encoder.depth": 18})
   with pytest.raises(ValueError, match="missing tensor 'layer1.1.conv1"):
-    jax.eval_shape(lambda: init(models.build_model(wrong.model, 12)))
+    models.load_pretrained(jax.eval_shape(
+        lambda: init(models.build_model(wrong.model, 12))), wrong.model)

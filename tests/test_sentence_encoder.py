@@ -156,9 +156,10 @@ def test_config_selects_the_sentence_encoder_and_its_tokenizer(tmp_path):
   tokens, lengths = tokenizer.encode(SENTENCES[:2], 8)
   model = models.build_model(config.model, len(tokenizer))
   images = np.zeros((2, 16, 16, 3), np.float32)
-  # Traced only: init checks every checkpoint tensor against the model.
-  variables = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), images, tokens, lengths, images, train=False))
+  # Traced only; load_pretrained checks every checkpoint tensor against it.
+  variables = models.load_pretrained(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), images, tokens, lengths, images, train=False)),
+                                     config.model)
   text = variables["params"]["text_encoder"]
   assert text["encoder"]["word_embeddings"]["embedding"].shape == (30522, 384)
   assert text["projection"]["kernel"].shape == (384, 32)

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from irtf_jax import train
+from irtf_jax.data import pipeline
 from irtf_jax.metric_writers import read_metrics
 from tests.helpers import tiny_config
 
@@ -73,7 +74,7 @@ def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
 
   # Interrupted after step 3 (checkpoint at 2), then the same call again.
   resumed = str(tmp_path / "resumed")
-  original = train.prefetched_batches
+  original = pipeline.prefetched_batches
 
   def interrupted(make_batch, steps, **kwargs):
     for step, batch in original(make_batch, steps, **kwargs):
@@ -81,11 +82,11 @@ def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
         raise KeyboardInterrupt
       yield step, batch
 
-  monkeypatch.setattr(train, "prefetched_batches", interrupted)
+  monkeypatch.setattr(pipeline, "prefetched_batches", interrupted)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, resumed)
   assert latest_params(resumed)[0] == 2
-  monkeypatch.setattr(train, "prefetched_batches", original)
+  monkeypatch.setattr(pipeline, "prefetched_batches", original)
   train.train_and_evaluate(config, resumed)
 
   def without_timing(rows):
@@ -120,26 +121,3 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
   losses = [r["train/loss"] for r in read_metrics(workdir)
             if "train/loss" in r]
   assert all(math.isfinite(x) for x in losses)
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("model.name", "resnet_magic", r"config.model.name: unknown 'resnet_magic'; allowed: .*tirg"),
-    ("loss.name", "hinge", r"config.loss.name: unknown 'hinge'; allowed: batch_classification, soft_triplet"),
-    ("data.name", "imagenet", r"config.data.name: unknown dataset 'imagenet'; allowed: css_synth"),
-    ("optimizer.learning_rate", float("nan"), r"config.optimizer.learning_rate: must be a finite number >= 0"),
-    ("ga.isotropic.gamma", -1.0, r"config.ga.isotropic.gamma: must be a finite number >= 0"),
-    ("ga.adversarial.q", 3.0, r"config.ga.adversarial.q: 3.0; allowed: 1, 2, inf"),
-    ("batch_size", 12, r"config.batch_size: 12 is not divisible by the 8 devices"),
-    ("parallel.strategy", "fsdp", r"config.parallel.strategy: unknown 'fsdp'; allowed: jit, pmap"),
-])
-def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
-  config = css_config()
-  node = config
-  *parents, leaf = field.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-  workdir = tmp_path / "bad"
-  with pytest.raises(ValueError, match=message):
-    train.Trainer(config, str(workdir))
-  assert not workdir.exists()  # nothing written, nothing loaded

@@ -9,7 +9,7 @@ import numpy as np
 
 from irtf_jax import models
 from irtf_jax import parallel as parallel_lib
-from irtf_jax import train
+from irtf_jax.data import pipeline
 from irtf_jax import train_step as train_step_lib
 from tests.helpers import random_batch, tiny_config
 
@@ -37,7 +37,7 @@ def test_steady_state_steps_make_no_implicit_transfers():
   make_batch = lambda step: random_batch(step, config.batch_size)
   rng = jax.random.key(config.seed)
   losses = []
-  batches = train.prefetched_batches(make_batch, range(4),
+  batches = pipeline.prefetched_batches(make_batch, range(4),
                                      put=parallel.shard_batch)
   for step, batch in batches:
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
@@ -85,8 +85,8 @@ def test_bfloat16_step_is_finite_and_features_are_float32():
   host = jax.device_get(state)
   query, target = model.apply(
       {"params": host.params, "batch_stats": host.batch_stats},
-      train_step_lib.normalize_images(batch["query_image"]), batch["tokens"],
-      batch["lengths"], train_step_lib.normalize_images(batch["target_image"]),
+      models.normalize_images(batch["query_image"]), batch["tokens"],
+      batch["lengths"], models.normalize_images(batch["target_image"]),
       train=False)
   assert query.dtype == jnp.float32 and target.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(query)))

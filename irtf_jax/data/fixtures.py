@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from irtf_jax.data import css3d
 from irtf_jax.data.css import generate
 from irtf_jax.data.css import render
 from irtf_jax.data.css import scenes
@@ -248,7 +249,6 @@ def write_css3d(root: str, css: Mapping[str, Any], *, with_images: bool = True,
   Returns:
     `root`, as a string.
   """
-  from irtf_jax.data import css3d  # pylint: disable=g-import-not-at-top
   root = os.fspath(root)
   os.makedirs(root, exist_ok=True)
   np.save(os.path.join(root, css3d.NPY_NAME), css, allow_pickle=True)

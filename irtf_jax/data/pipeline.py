@@ -1,54 +1,106 @@
-"""Training batches from worker processes (grain).
+"""Training batches: what one step's batch is, and getting it there in time.
 
-`training_batches` yields exactly the batches of `irtf_jax.train.host_batch`
-(a pure function of (seed, step)), but builds them in `workers` grain worker
-processes, so JPEG decoding and resizing (MIT-States, Fashion200k) run beside
-the train step instead of in its process. The unit of work is one step's
-batch: worker k of W builds steps k, k + W, ... and grain returns them in step
-order, so the stream does not depend on the number of workers. Each JAX
-process builds only its own slice of each global batch (`host_batch`'s
-`process_index`), the per-process sharding of the data.
+`host_batch` is this process's slice of training batch `step`, a pure
+function of (seed, step): a resumed run sees exactly the batches an
+uninterrupted one does. `prefetched_batches` builds batches ahead of the
+train step in a background thread (optionally also placing them on the
+devices), or in grain worker processes (`config.data.workers > 0`: JPEG
+decoding for MIT-States and Fashion200k runs beside the step instead of in
+its process). With workers, the unit of work is one step's batch: worker k of
+W builds steps k, k + W, ... and grain returns them in step order, so the
+stream does not depend on the number of workers.
 
-Selected by `config.data.workers` (0, the default, keeps the in-thread path:
-for in-memory datasets such as css_synth, pickling batches across processes
-costs more than building them).
+Everything started here stops when the consumer stops: `prefetched_batches`
+is a generator whose `close()` (use `contextlib.closing`, or let a `for`
+loop finish) signals the producer thread, drains its queue, closes grain's
+iterator (ending its worker processes) and joins the thread. A failed
+notebook cell leaves no thread or process behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pickle
-from typing import Any, Callable, Iterator
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import numpy as np
 
+# How long the producer waits on a full queue before checking for a stop.
+_POLL_SECONDS = 0.1
+# How long closing waits for the producer to finish its current batch.
+_JOIN_SECONDS = 60.0
 
-@dataclasses.dataclass(frozen=True)
-class StepBatch:
-  """step -> (step, this process's batch of that step); picklable."""
-  make_batch: Callable[[int], dict]
 
-  def __call__(self, step: int) -> tuple[int, dict]:
-    return int(step), self.make_batch(int(step))
+class Tokenizer(Protocol):
+  def encode(self, texts: Sequence[str], max_length: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    ...
+
+
+def host_batch(split, tokenizer: Tokenizer, *, seed: int, step: int,
+               batch_size: int, max_length: int, num_processes: int = 1,
+               process_index: int = 0) -> dict:
+  """This process's slice of the global training batch `step` (numpy).
+
+  Args:
+    split: the training split (`data.Split`).
+    tokenizer: texts -> (token ids, lengths), e.g. a `Vocabulary`.
+    seed, step: what the batch is a pure function of.
+    batch_size: the global batch size.
+    max_length: token ids per text.
+    num_processes, process_index: this process's slice of the global batch.
+
+  Returns:
+    {"query_image", "target_image": uint8 (b, H, W, 3), "tokens": int32
+    (b, max_length), "lengths": int32 (b,)}, b = batch_size / num_processes.
+  """
+  queries = split.sample_training_queries(seed, step, batch_size)
+  local = batch_size // num_processes
+  queries = queries[process_index * local:(process_index + 1) * local]
+  tokens, lengths = tokenizer.encode([q.text for q in queries], max_length)
+  return {
+      "query_image": split.images(np.asarray([q.source_index
+                                              for q in queries])),
+      "target_image": split.images(np.asarray([q.target_index
+                                               for q in queries])),
+      "tokens": tokens,
+      "lengths": lengths,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class HostBatch:
-  """`train.host_batch` of (split, vocab, config) as a picklable step ->
-  batch function (what worker processes need; a Trainer method is not)."""
+  """`host_batch` with everything but the step bound: a picklable
+  step -> batch function (what worker processes need)."""
   split: Any
-  vocab: Any
-  config: Any
+  tokenizer: Tokenizer
+  seed: int
+  batch_size: int
+  max_length: int
   num_processes: int = 1
   process_index: int = 0
 
   def __call__(self, step: int) -> dict:
-    from irtf_jax import train  # pylint: disable=g-import-not-at-top
-    return train.host_batch(self.split, self.vocab, self.config, step,
-                            self.num_processes, self.process_index)
+    return host_batch(self.split, self.tokenizer, seed=self.seed, step=step,
+                      batch_size=self.batch_size, max_length=self.max_length,
+                      num_processes=self.num_processes,
+                      process_index=self.process_index)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepBatch:
+  """step -> (step, batch of that step); picklable."""
+  make_batch: Callable[[int], dict]
+
+  def __call__(self, step: int) -> tuple[int, dict]:
+    return int(step), self.make_batch(int(step))
 
 
 def picklable_or_raise(make_batch: Callable[[int], dict]):
@@ -58,8 +110,7 @@ def picklable_or_raise(make_batch: Callable[[int], dict]):
   except Exception as e:
     raise TypeError(
         f"config.data.workers > 0 needs a picklable batch function, got "
-        f"{make_batch!r} ({e}); pass pipeline.HostBatch(split, vocab, "
-        f"config, num_processes, process_index), or set "
+        f"{make_batch!r} ({e}); pass pipeline.HostBatch(...), or set "
         f"config.data.workers=0") from e
   return make_batch
 
@@ -71,8 +122,7 @@ def training_batches(make_batch: Callable[[int], dict], steps: range,
 
   Args:
     make_batch: picklable function step -> this process's batch (e.g.
-      `functools.partial(train.host_batch, split, vocab, config,
-      num_processes=..., process_index=...)`).
+      `HostBatch`).
     steps: the steps to produce, in order.
     workers: number of worker processes (0: build in this process).
     prefetch: batches each worker keeps ready.
@@ -80,7 +130,7 @@ def training_batches(make_batch: Callable[[int], dict], steps: range,
       `DataParallel.shard_batch`), applied in this process as batches arrive.
 
   Yields:
-    (step, batch) in step order.
+    (step, batch) in step order. Closing the generator ends the workers.
   """
   if workers < 0:
     raise ValueError(f"config.data.workers: {workers} must be >= 0 "
@@ -92,7 +142,7 @@ def training_batches(make_batch: Callable[[int], dict], steps: range,
     # app (tests, notebooks) their defaults are what we want.
     flags.FLAGS.mark_as_parsed()
   dataset = grain.MapDataset.range(steps.start, steps.stop).map(
-      StepBatch(make_batch)).to_iter_dataset(
+      _StepBatch(make_batch)).to_iter_dataset(
           grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if workers:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
@@ -108,3 +158,70 @@ def training_batches(make_batch: Callable[[int], dict], steps: range,
     if close is not None:
       close()
 
+
+def prefetched_batches(make_batch: Callable[[int], dict], steps: range, *,
+                       depth: int = 2, put=None, workers: int = 0
+                       ) -> Iterator[tuple[int, Any]]:
+  """(step, batch) for `steps`, built `depth` ahead in a background thread.
+
+  With `put` (e.g. `DataParallel.shard_batch`) the thread also places each
+  batch on the devices, so the next batch is copied while the current step
+  runs. With `workers` > 0 the thread takes its batches from
+  `training_batches` (grain worker processes; `make_batch` must then be
+  picklable, e.g. `HostBatch`). An exception in the producer is re-raised
+  here. Closing this generator (or an exception in the consuming loop, when
+  it is wrapped in `contextlib.closing`) stops the producer, its workers
+  and its thread before returning.
+  """
+  if workers:
+    picklable_or_raise(make_batch)
+  buffer: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def offer(item) -> bool:
+    """Puts `item` unless stopped first; whether it was put."""
+    while not stop.is_set():
+      try:
+        buffer.put(item, timeout=_POLL_SECONDS)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def produce():
+    source = (training_batches(make_batch, steps, workers, prefetch=depth)
+              if workers else ((step, make_batch(step)) for step in steps))
+    try:
+      for step, batch in source:
+        if not offer((step, batch if put is None else put(batch))):
+          return
+      offer((None, None))
+    except BaseException as e:  # pylint: disable=broad-exception-caught
+      offer((None, e))  # re-raised in the consumer
+    finally:
+      source.close()
+
+  thread = threading.Thread(target=produce, name="irtf_jax-prefetch",
+                            daemon=True)
+  thread.start()
+  try:
+    while True:
+      step, batch = buffer.get()
+      if step is None:
+        if batch is not None:
+          raise batch
+        return
+      yield step, batch
+  finally:
+    stop.set()
+    deadline = time.monotonic() + _JOIN_SECONDS
+    while thread.is_alive() and time.monotonic() < deadline:
+      try:  # unblock a producer waiting on a full queue
+        buffer.get(timeout=_POLL_SECONDS)
+      except queue.Empty:
+        pass
+      thread.join(timeout=_POLL_SECONDS)
+    if thread.is_alive():
+      logging.warning("The batch producer is still building a batch after "
+                      "%.0f s; leaving its (daemon) thread behind.",
+                      _JOIN_SECONDS)

@@ -15,13 +15,13 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from irtf_jax.data.base import Split
 
 # The feature spec for an encoded image; decode with `decode_image`.
 def encoded_image_feature():
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
@@ -59,7 +59,6 @@ def prepare(builder_cls, *, data_dir: str | None, manual_dir: str | None = None,
   Returns:
     split name -> random-access data source (`len`, `[i]`, `__getitems__`).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   kwargs = {"data_dir": data_dir or default_data_dir()}
   if config is not None:
     kwargs["config"] = config

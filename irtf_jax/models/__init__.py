@@ -21,13 +21,18 @@ from irtf_jax.models import sentence_encoder
 from irtf_jax.models import tirg_baselines  # registers TIRG's baselines
 from irtf_jax.models import torch_order
 from irtf_jax.models.composers import COMPOSERS, register
+from irtf_jax.models.image_encoders import RESNET_DEPTHS
+from irtf_jax.models.layers import CONV_IMPLEMENTATIONS
+from irtf_jax.models.loading import load_pretrained
 from irtf_jax.models.retrieval import RetrievalModel, TEXT_ENCODERS
+from irtf_jax.models.retrieval import normalize_images
 from irtf_jax.models.sentence_encoder import TextTokenizer
 from irtf_jax.models.text_encoders import Vocabulary
 
 del compose_ae, tirg_baselines
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRECISIONS = tuple(_DTYPES)
 
 # config.model.<group> fields passed to composers of these names.
 _COMPOSER_OPTION_GROUPS = {"compose_ae": "compose_ae",
@@ -98,7 +103,7 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
   if encoder == "sentence_transformer":
     folder = _required_path(model_config, "pretrained", encoder)
     bert = sentence_encoder.bert_config_from_checkpoint(folder)
-    extra = dict(bert=bert, text_pretrained=folder)
+    extra = dict(bert=bert)
     vocab_size, word_embed_dim = bert.vocab_size, bert.hidden_size
   elif encoder == "precomputed":
     path = _required_path(model_config, "features", encoder)
@@ -107,8 +112,7 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
         raise ValueError(f"{path}: needs a 2-D array `features` (N, F) and "
                          "`texts` (N,)")
       num_texts, feature_dim = archive["features"].shape
-    extra = dict(num_texts=num_texts, text_feature_dim=feature_dim,
-                 text_features=path)
+    extra = dict(num_texts=num_texts, text_feature_dim=feature_dim)
     vocab_size, word_embed_dim = num_texts, feature_dim
   return RetrievalModel(
       composer=model_config.name,
@@ -124,7 +128,6 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
       dtype=compute_dtype(precision),
       composer_options=_composer_options(model_config),
       text_encoder_kind=encoder,
-      image_pretrained=model_config.image_encoder.get("pretrained", ""),
       **extra)
 
 
@@ -170,7 +173,9 @@ def parameter_labels(model_config) -> Callable | None:
   return labels
 
 
-__all__ = ["COMPOSERS", "register", "RetrievalModel", "build_model",
-           "build_text_tokenizer", "compute_dtype",
-           "official_parameter_positions", "parameter_labels",
+__all__ = ["COMPOSERS", "CONV_IMPLEMENTATIONS", "PRECISIONS", "RESNET_DEPTHS",
+           "register", "RetrievalModel", "build_model",
+           "build_text_tokenizer", "compute_dtype", "load_pretrained",
+           "normalize_images", "official_parameter_positions",
+           "parameter_labels",
            "TextTokenizer", "TEXT_ENCODERS"]

@@ -20,6 +20,7 @@ from irtf_jax.models.layers import Conv, max_pool
 
 # Depth 10 (one block per stage) is a small variant for tests and quick runs.
 _STAGES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+RESNET_DEPTHS = tuple(_STAGES)
 _WIDTHS = (64, 128, 256, 512)
 
 

@@ -15,25 +15,34 @@ projected feature and the normalization (ComposeAE's symmetry loss).
 Composers that declare nothing are called exactly as before.
 
 Text encoders (`text_encoder_kind`): "lstm" (TIRG's), "sentence_transformer"
-(BERT + mean pooling from a checkpoint folder), "precomputed" (a feature
-table from a file). Pretrained weights named by `image_pretrained`,
-`text_pretrained` and `text_features` are loaded by `init`.
+(BERT + mean pooling), "precomputed" (a feature table). The model is only a
+model: pretrained weights are put into its initialized variables by
+`irtf_jax.models.load_pretrained`, outside any compiled function.
 """
 
 from __future__ import annotations
 
-import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models.composers import COMPOSERS
 from irtf_jax.models.image_encoders import ResNet
-from irtf_jax.models.image_encoders import resnet_variables_from_torch
 from irtf_jax.models.layers import FeatureNormalization
 from irtf_jax.models.text_encoders import LSTMTextEncoder
 
 TEXT_ENCODERS = ("lstm", "sentence_transformer", "precomputed")
+# ImageNet statistics (TIRG normalizes every dataset with them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 (..., H, W, 3) -> float32 scaled to [0, 1] and standardized: the
+  images a `RetrievalModel` takes."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
 class RetrievalModel(nn.Module):
@@ -54,10 +63,6 @@ class RetrievalModel(nn.Module):
     text_encoder_kind: "lstm", "sentence_transformer" or "precomputed".
     bert: the BertConfig of the "sentence_transformer" encoder.
     num_texts, text_feature_dim: the "precomputed" table's shape.
-    image_pretrained: torchvision ResNet weights file loaded by `init` ("" =
-      random initialization).
-    text_pretrained: sentence-transformers folder ("sentence_transformer").
-    text_features: .npz feature file ("precomputed").
   """
   composer: str
   vocab_size: int
@@ -75,9 +80,6 @@ class RetrievalModel(nn.Module):
   bert: sentence_encoder.BertConfig | None = None
   num_texts: int = 0
   text_feature_dim: int = 0
-  image_pretrained: str = ""
-  text_pretrained: str = ""
-  text_features: str = ""
 
   def setup(self):
     self.image_encoder = ResNet(
@@ -167,59 +169,3 @@ class RetrievalModel(nn.Module):
                           text_perturbation, target=target,
                           normalize=self.normalization)
     return query, self.normalization(target)
-
-  @nn.nowrap
-  def init(self, rngs, *args, **kwargs):
-    """Module.init, then the pretrained weights the attributes name."""
-    variables = super().init(rngs, *args, **kwargs)
-    return self.load_pretrained(variables)
-
-  @nn.nowrap
-  def load_pretrained(self, variables):
-    """`variables` with the image encoder, sentence encoder and precomputed
-    feature table replaced by the files' weights (checking their shapes)."""
-    if not (self.image_pretrained or self.text_pretrained or
-            self.text_features):
-      return variables
-    variables = flax.core.unfreeze(variables)
-    if self.image_pretrained:
-      loaded = resnet_variables_from_torch(self.image_pretrained,
-                                           self.image_depth)
-      for collection in ("params", "batch_stats"):
-        variables[collection]["image_encoder"] = _replace(
-            variables[collection]["image_encoder"], loaded[collection],
-            self.image_pretrained)
-    if self.text_encoder_kind == "sentence_transformer" and self.text_pretrained:
-      text = variables["params"]["text_encoder"]
-      text["encoder"] = _replace(
-          text["encoder"], sentence_encoder.bert_params_from_checkpoint(
-              self.text_pretrained, self.bert), self.text_pretrained)
-    if self.text_encoder_kind == "precomputed" and self.text_features:
-      table = sentence_encoder.PrecomputedTextFeatures(self.text_features)
-      variables["params"]["text_encoder"]["features"] = _replace(
-          variables["params"]["text_encoder"]["features"], table.features,
-          self.text_features)
-    return variables
-
-
-def _replace(current, loaded, path):
-  """`loaded` (a tree like `current`), checked leaf by leaf for shape."""
-  flat_current = flax.traverse_util.flatten_dict(current, sep="/") if isinstance(
-      current, dict) else {"": current}
-  flat_loaded = flax.traverse_util.flatten_dict(loaded, sep="/") if isinstance(
-      loaded, dict) else {"": loaded}
-  if set(flat_current) != set(flat_loaded):
-    missing = sorted(set(flat_current) - set(flat_loaded))
-    extra = sorted(set(flat_loaded) - set(flat_current))
-    raise ValueError(f"{path}: weights do not match the model (missing "
-                     f"{missing[:3]}, unexpected {extra[:3]})")
-  for name, value in flat_current.items():
-    if tuple(value.shape) != tuple(flat_loaded[name].shape):
-      raise ValueError(f"{path}: {name or 'table'} has shape "
-                       f"{tuple(flat_loaded[name].shape)}, the model expects "
-                       f"{tuple(value.shape)}")
-  if not isinstance(current, dict):
-    return jnp.asarray(loaded, current.dtype)
-  return flax.traverse_util.unflatten_dict(
-      {k: jnp.asarray(v, flat_current[k].dtype) for k, v in flat_loaded.items()},
-      sep="/")

@@ -20,6 +20,7 @@ import json
 from typing import Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from irtf_jax.data import base
 from irtf_jax.data import storage
@@ -113,7 +114,6 @@ def css_features():
   target index], ...] for every pair whose source is this image, from which
   the split's mods are rebuilt in their original order.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.features.FeaturesDict({
       "image": storage.encoded_image_feature(),
       "metadata": tfds.features.Tensor(shape=(), dtype=np.object_),
