@@ -11,10 +11,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+
+
+def _check_pair(query, target) -> None:
+  """Query and target features: matching (B, D) matrices (trace-time)."""
+  chex.assert_rank([query, target], 2)
+  chex.assert_equal_shape([query, target])
 
 
 def _global_targets(target, axis_name):
@@ -33,6 +40,7 @@ def batch_classification_loss(query, target, *, axis_name=None):
   The features carry the learned normalization scale, which acts as the
   inverse temperature.
   """
+  _check_pair(query, target)
   targets, offset = _global_targets(target, axis_name)
   logits = jnp.dot(query, targets.T, preferred_element_type=jnp.float32)
   labels = offset + jnp.arange(query.shape[0])
@@ -49,6 +57,7 @@ def soft_triplet_loss(query, target, *, axis_name=None):
   anchor; this computes the mean over all of them, the expectation of TIRG's
   estimator, without its sampling noise.
   """
+  _check_pair(query, target)
   targets, offset = _global_targets(target, axis_name)
   queries, _ = _global_targets(query, axis_name)
   n_global = targets.shape[0]
@@ -72,6 +81,7 @@ def soft_triplet_loss(query, target, *, axis_name=None):
 def similarity_matching_loss(query, target):
   """L_S = mean((f_comp - f_target)^2), the Gradient Augmentation paper's
   similarity matching term (weighted by eta = 1e-3 in its code)."""
+  _check_pair(query, target)
   return jnp.mean(jnp.square(query.astype(jnp.float32) -
                              target.astype(jnp.float32)))
 
