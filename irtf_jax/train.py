@@ -110,6 +110,15 @@ class Trainer:
     os.makedirs(workdir, exist_ok=True)
     self.lock = (checkpointing.WorkdirLock(workdir).acquire()
                  if self.is_chief else None)
+    try:
+      self._build(config, workdir)
+    except BaseException:
+      # A notebook keeps the failed call's frames: free the workdir now.
+      if self.lock is not None:
+        self.lock.release()
+      raise
+
+  def _build(self, config, workdir: str) -> None:
     if self.is_chief:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -4,7 +4,8 @@ Each worker runs `jax.distributed.initialize("127.0.0.1:PORT", 2, i)` on CPU
 with gloo collectives and one device, feeds its half of every global batch
 through `DataParallel.shard_batch` (`jax.make_array_from_process_local_data`),
 and trains a few steps of a tiny model with isotropic GA and dropout on. A
-reference process with two devices trains on the same global batches.
+reference process with two devices trains on the same global batches. Then
+process 1 alone gets a (simulated) SIGTERM, and both must agree to stop.
 
 The parameters must be bitwise equal, not merely close. Both layouts run the
 same per-device program on the same half-batches (same shapes, same XLA
@@ -66,11 +67,19 @@ TRAIN = textwrap.dedent("""
 
 WORKER = TRAIN + textwrap.dedent("""
     import sys
+    from irtf_jax import checkpointing
     port, index, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2,
                                process_id=index)
-    np.savez(out, **train(jax.process_count(), jax.process_index()))
+    params = train(jax.process_count(), jax.process_index())
+    # Preemption: both processes stop when either one got the signal.
+    watch = checkpointing.PreemptionWatch()
+    quiet = watch.stop_requested()
+    if index == 1:
+      watch.received = "SIGTERM"
+    agreed = watch.stop_requested()
+    np.savez(out, **params, __stop__=np.array([quiet, agreed]))
     jax.distributed.shutdown()
 """)
 
@@ -111,7 +120,9 @@ def test_two_processes_equal_one(tmp_path):
     reference = dict(reference)
   for i in range(2):
     with np.load(tmp_path / f"process{i}.npz") as got:
-      assert sorted(got.files) == sorted(reference)
+      # No signal: no stop; process 1's SIGTERM: both stop at that step.
+      assert got["__stop__"].tolist() == [False, True], i
+      assert sorted(set(got.files) - {"__stop__"}) == sorted(reference)
       for name, value in reference.items():
         np.testing.assert_array_equal(got[name], value,
                                       err_msg=f"process {i}: {name}")
