@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 512
   c.model.normalization_scale = 4.0
   c.model.conv_implementation = "auto"
+  # "flax": Flax's default initializers; "torch": PyTorch's, as the official
+  # code (TIRG's) gets them. See irtf_jax/models/initializers.py.
+  c.model.init = "flax"
   c.model.image_encoder = ml_collections.ConfigDict()
   c.model.image_encoder.depth = 18
   c.model.image_encoder.pretrained = ""      # torchvision .pth / .safetensors
@@ -160,6 +163,7 @@ def use_smoke_settings(config: ml_collections.ConfigDict) -> None:
 
 _CHOICES = {
     "model.text_encoder.name": ("lstm", "sentence_transformer", "precomputed"),
+    "model.init": ("flax", "torch"),
     "ga.adversarial.wrt": ("query_image", "text_embedding"),
     "ga.isotropic.distribution": ("gaussian", "linf", "sphere"),
     "ga.isotropic.scaling": ("official", "mean", "element"),

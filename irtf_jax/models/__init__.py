@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from irtf_jax.models import compose_ae  # registers compose_ae, real_space_concat_ae
+from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models import tirg_baselines  # registers TIRG's baselines
 from irtf_jax.models import torch_order
@@ -125,6 +126,7 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
       composer_options=_composer_options(model_config),
       text_encoder_kind=encoder,
       image_pretrained=model_config.image_encoder.get("pretrained", ""),
+      initialization=initializers.check(model_config.init),
       **extra)
 
 
