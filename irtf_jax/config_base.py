@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ks = (1, 5, 10, 50, 100)
   c.eval.max_test_queries = 0      # 0 = all
   c.eval.max_train_queries = 2000  # train-split recall (Ms) on a sample
+  # Ms against the whole train split ("all") or against its first families
+  # with as many images and queries as the test evaluation ("test_size"; see
+  # evaluate.train_recall_split).
+  c.eval.train_gallery = "all"
   c.eval.chunk_size = 1024
   c.eval.whm_alpha = 1.0
   c.eval.num_qualitative = 6
@@ -164,6 +168,7 @@ def use_smoke_settings(config: ml_collections.ConfigDict) -> None:
 _CHOICES = {
     "model.text_encoder.name": ("lstm", "sentence_transformer", "precomputed"),
     "model.init": ("flax", "torch"),
+    "eval.train_gallery": ("all", "test_size"),
     "ga.adversarial.wrt": ("query_image", "text_embedding"),
     "ga.isotropic.distribution": ("gaussian", "linf", "sphere"),
     "ga.isotropic.scaling": ("official", "mean", "element"),
