@@ -1,21 +1,25 @@
-"""Parameter initializations: Flax's defaults or PyTorch's (`config.model.init`).
+"""Parameter initializations: Flax's defaults or PyTorch's (config.model.init).
 
 The one place where "flax" and "torch" become initializers. Every model
 layer with a framework-default initialization asks here, so a model
 initializes as Flax's layers do or as the same layers of the official
 PyTorch code (TIRG, the GA paper's fork) do:
 
-| layer | "flax" | "torch" |
-|---|---|---|
-| Dense kernel (in, out) | LeCun normal | U(+-1/sqrt(in)) (`kaiming_uniform_(a=sqrt(5))`) |
-| Dense bias | 0 | U(+-1/sqrt(in)) |
-| Conv kernel (k..., in, out) | LeCun normal | U(+-1/sqrt(in * prod(k))) |
-| Conv bias | 0 | U(+-1/sqrt(in * prod(k))) |
-| ResNet conv (no bias) | N(0, 2 / (out * prod(k))) | the same (torchvision's `kaiming_normal_(mode="fan_out")`) |
-| Embedding (vocab, dim) | N(0, 1 / dim) | N(0, 1) |
-| LSTM kernel_ih, kernel_hh | LeCun normal; orthogonal per gate | U(+-1/sqrt(hidden)) |
-| LSTM bias_ih, bias_hh | 0 | U(+-1/sqrt(hidden)) |
-| BatchNorm scale, bias | 1, 0 | 1, 0 |
+  layer                      "flax"                   "torch"
+  Dense kernel (in, out)     LeCun normal             U(+-1/sqrt(in)) [1]
+  Dense bias                 0                        U(+-1/sqrt(in))
+  Conv kernel (k.., in, out) LeCun normal             U(+-1/sqrt(in prod(k)))
+  Conv bias                  0                        U(+-1/sqrt(in prod(k)))
+  ResNet conv (no bias)      N(0, 2/(out prod(k)))    the same [2]
+  Embedding (vocab, dim)     N(0, 1/dim)              N(0, 1)
+  LSTM kernel_ih, kernel_hh  LeCun normal; orthogonal U(+-1/sqrt(hidden))
+                             per gate
+  LSTM bias_ih, bias_hh      0                        U(+-1/sqrt(hidden))
+  BatchNorm scale, bias      1, 0                     1, 0
+
+[1] PyTorch's `kaiming_uniform_(a=sqrt(5))`; [2] torchvision's ResNet draws
+its convolutions with `kaiming_normal_(mode="fan_out", nonlinearity="relu")`,
+and the Flax ResNet always has.
 
 Initializations a model chooses on purpose (TIRG's weights a = (1, 10, 1,
 1), the normalization scale 4, FiLM's identity modulation, the operators of
