@@ -13,6 +13,7 @@ import math
 import ml_collections
 
 from irtf_jax import data
+from irtf_jax import evaluate
 from irtf_jax import losses
 from irtf_jax import models
 from irtf_jax import parallel
@@ -45,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 512
   c.model.normalization_scale = 4.0
   c.model.conv_implementation = "auto"
+  # "flax": Flax's default initializers; "torch": PyTorch's, as the official
+  # code (TIRG's) gets them. See irtf_jax/models/initializers.py.
+  c.model.init = "flax"
   c.model.image_encoder = ml_collections.ConfigDict()
   c.model.image_encoder.depth = 18
   c.model.image_encoder.pretrained = ""      # torchvision .pth / .safetensors
@@ -106,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ks = (1, 5, 10, 50, 100)
   c.eval.max_test_queries = 0      # 0 = all
   c.eval.max_train_queries = 2000  # train-split recall (Ms) on a sample
+  # Ms against the whole train split ("all") or against its first families
+  # with as many images and queries as the test evaluation ("test_size"; see
+  # evaluate.train_recall_split).
+  c.eval.train_gallery = "all"
   c.eval.chunk_size = 1024
   c.eval.whm_alpha = 1.0
   c.eval.num_qualitative = 6
@@ -186,6 +194,7 @@ def _choices() -> dict[str, tuple]:
       "model.name": tuple(sorted(models.COMPOSERS)),
       "model.text_encoder.name": models.TEXT_ENCODERS,
       "model.conv_implementation": models.CONV_IMPLEMENTATIONS,
+      "model.init": models.INITIALIZATIONS,
       "model.image_encoder.depth": models.RESNET_DEPTHS,
       "precision": models.PRECISIONS,
       "loss.name": tuple(losses.RETRIEVAL_LOSSES),
@@ -195,6 +204,7 @@ def _choices() -> dict[str, tuple]:
       "ga.isotropic.scaling": isotropic.SCALINGS,
       "ga.isotropic.sampler": sampling.SAMPLERS,
       "parallel.strategy": parallel.STRATEGIES,
+      "eval.train_gallery": evaluate.TRAIN_GALLERIES,
   }
 
 

@@ -25,6 +25,7 @@ from jax import lax
 
 from irtf_jax import metrics
 from irtf_jax.models import normalize_images
+from irtf_jax.data import base as data_base
 
 
 @functools.partial(jax.jit, static_argnames=("k", "precision"))
@@ -298,3 +299,37 @@ def evaluate_split(extractor: FeatureExtractor, variables, split, *,
     prefix = f"{view}/" if view else ""
     results.update({f"{prefix}recall@{kk}": v for kk, v in recall.items()})
   return results, queries, gallery[np.maximum(neighbours, 0)]
+
+
+TRAIN_GALLERIES = ("all", "test_size")
+
+
+def train_recall_split(train_split, test_split, *, train_gallery: str,
+                       max_train_queries: int, max_test_queries: int):
+  """The split and query limit that train-split recall (Ms) is measured on.
+
+  Args:
+    train_gallery: "all": the train split's queries against its whole gallery,
+      at most `max_train_queries` of them (0: all); "test_size": its first
+      whole families (`data.base.first_families`) holding as many images as
+      the test gallery, and as many queries as the test evaluation ranks, so
+      that train and test recall come from galleries of one size and
+      structure and their gap is generalization, not gallery density.
+
+  Returns:
+    (split, max_queries) for `evaluate_split`.
+  """
+  if train_gallery == "all":
+    return train_split, max_train_queries
+  if train_gallery != "test_size":
+    raise ValueError(f"config.eval.train_gallery: unknown {train_gallery!r}; "
+                     f"allowed: {', '.join(TRAIN_GALLERIES)}")
+  if len(train_split.gallery) != len(train_split.captions):
+    raise ValueError(
+        f"config.eval.train_gallery='test_size': the {train_split.name} train "
+        "split does not rank against its own images; use 'all'")
+  num_test = len(test_split.queries)
+  if max_test_queries:
+    num_test = min(num_test, max_test_queries)
+  return (data_base.first_families(train_split, len(test_split.gallery)),
+          num_test)

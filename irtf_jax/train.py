@@ -123,6 +123,11 @@ class Trainer:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     self.train_split, self.test_split = load_splits(config, workdir)
+    self.train_recall = evaluate.train_recall_split(
+        self.train_split, self.test_split,
+        train_gallery=config.eval.train_gallery,
+        max_train_queries=config.eval.max_train_queries,
+        max_test_queries=config.eval.max_test_queries)
     self.vocab = load_or_build_tokenizer(config, workdir, self.train_split)
     self.model = models.build_model(
         config.model, len(self.vocab), precision=config.precision,
@@ -181,7 +186,7 @@ class Trainer:
     shown = None
     for prefix, split, limit in (
         ("test", self.test_split, config.eval.max_test_queries),
-        ("train", self.train_split, config.eval.max_train_queries)):
+        ("train", *self.train_recall)):
       recall, queries, neighbours = evaluate.evaluate_split(
           self.extractor, variables, split, vocab=self.vocab,
           max_length=config.model.text_encoder.max_length, ks=config.eval.ks,

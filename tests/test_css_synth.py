@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from irtf_jax import data
+from irtf_jax import evaluate
 from irtf_jax.data import css_synth
 from irtf_jax.data.css import generate
 from irtf_jax.data.css import render
@@ -201,6 +202,46 @@ def test_sampler_second_query_is_uniform_over_other_mods(splits):
     counts[first.source_index] += 1
   # Many different sources are drawn (not one fixed pair).
   assert len(counts) > 20
+
+
+# ------------------------------------- train-split recall on test-sized data
+
+
+def test_test_sized_train_recall_ranks_whole_families(splits):
+  """config.eval.train_gallery="test_size": the first whole generated
+  families of the train split, as many images as the test gallery, and as
+  many queries as the test evaluation ranks."""
+  train, test = splits["train"], splits["test"]
+  view, num_queries = evaluate.train_recall_split(
+      train, test, train_gallery="test_size", max_train_queries=7,
+      max_test_queries=0)
+  assert num_queries == len(test.queries)
+  generated = generate.generate_families(3, "train",
+                                         SMALL["num_train_scenes"],
+                                         SMALL["mods_per_scene"],
+                                         SMALL["tree_depth"])
+  sizes = np.cumsum([len(family) for family in generated])
+  taken = int(np.searchsorted(sizes, len(test.gallery)))  # first >= it
+  np.testing.assert_array_equal(view.gallery, np.arange(sizes[taken]))
+  assert sizes[taken] >= len(test.gallery)
+  assert taken == 0 or sizes[taken - 1] < len(test.gallery)
+  inside = set(range(sizes[taken]))
+  assert view.queries == [q for q in train.queries
+                          if q.source_index in inside]
+  assert view.queries and all(q.target_index in inside for q in view.queries)
+  # The view ranks against its own gallery, its source excluded.
+  np.testing.assert_array_equal(
+      view.excluded_columns(), [q.source_index for q in view.queries])
+  _, limited = evaluate.train_recall_split(
+      train, test, train_gallery="test_size", max_train_queries=7,
+      max_test_queries=5)
+  assert limited == 5
+  assert evaluate.train_recall_split(
+      train, test, train_gallery="all", max_train_queries=7,
+      max_test_queries=5) == (train, 7)
+  with pytest.raises(ValueError, match="config.eval.train_gallery: unknown"):
+    evaluate.train_recall_split(train, test, train_gallery="half",
+                                max_train_queries=7, max_test_queries=5)
 
 
 # ------------------------------------------------- raw pixels cannot answer

@@ -31,6 +31,7 @@ def css_config(**overrides):
   config.eval.batch_size = 32
   config.eval.max_test_queries = 64
   config.eval.max_train_queries = 64
+  config.eval.train_gallery = "test_size"
   config.eval.num_qualitative = 2
   return config
 

@@ -106,3 +106,80 @@ class Split:
 def step_rng(seed: int, step: int) -> np.random.Generator:
   """A NumPy generator that depends only on (seed, step)."""
   return np.random.default_rng(np.random.SeedSequence([seed, step]))
+
+
+class GalleryView(Split):
+  """`split` seen through a subset of its images.
+
+  The gallery is `images` (in their order in `split`); the queries are those
+  of `split` whose source and target both lie in it; captions, images, texts
+  and the training sampler are `split`'s.
+  """
+
+  def __init__(self, split: Split, images: Sequence[int]):
+    if split.exclude_columns is not None:
+      raise ValueError(f"{split.name}/{split.split}: its queries exclude "
+                       "chosen gallery columns, so a subset of its images "
+                       "is not a split of the same protocol")
+    self.parent = split
+    self.name, self.split = split.name, split.split
+    self.captions = split.captions
+    self.caption_views = split.caption_views
+    self._gallery = np.sort(np.asarray(images, np.int64))
+    inside = set(self._gallery.tolist())
+    self.queries = [q for q in split.queries
+                    if q.source_index in inside and q.target_index in inside]
+
+  @property
+  def gallery(self) -> np.ndarray:
+    return self._gallery
+
+  @property
+  def vocabulary_texts(self) -> Sequence[str]:
+    return self.parent.vocabulary_texts
+
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    return self.parent.images(indices)
+
+  def sample_training_queries(self, seed: int, step: int,
+                              batch_size: int) -> list[Query]:
+    return self.parent.sample_training_queries(seed, step, batch_size)
+
+
+def families(split: Split) -> list[np.ndarray]:
+  """The images of `split`'s gallery grouped by the queries that link them.
+
+  Two images are in one family when a chain of queries (source, target)
+  joins them (CSS: a root scene and its modified variants). Families are
+  listed by their first image in gallery order, each in gallery order.
+  """
+  gallery = np.asarray(split.gallery)
+  parent = {int(i): int(i) for i in gallery}
+
+  def root(i):
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  for q in split.queries:
+    if q.source_index in parent and q.target_index in parent:
+      a, b = root(q.source_index), root(q.target_index)
+      parent[max(a, b)] = min(a, b)
+  grouped: dict[int, list[int]] = {}
+  for i in gallery:
+    grouped.setdefault(root(int(i)), []).append(int(i))
+  return [np.asarray(members) for members in grouped.values()]
+
+
+def first_families(split: Split, num_images: int) -> GalleryView:
+  """`split` restricted to its first whole families (`families`) holding at
+  least `num_images` images (all of them if it has fewer): a gallery of the
+  size of another split's with the same structure."""
+  chosen, count = [], 0
+  for family in families(split):
+    if count >= num_images:
+      break
+    chosen.append(family)
+    count += len(family)
+  return GalleryView(split, np.concatenate(chosen) if chosen else [])

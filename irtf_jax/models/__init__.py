@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from irtf_jax.models import compose_ae  # registers compose_ae, real_space_concat_ae
+from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models import tirg_baselines  # registers TIRG's baselines
 from irtf_jax.models import torch_order
 from irtf_jax.models.composers import COMPOSERS, register
 from irtf_jax.models.image_encoders import RESNET_DEPTHS
+from irtf_jax.models.initializers import INITIALIZATIONS
 from irtf_jax.models.layers import CONV_IMPLEMENTATIONS
 from irtf_jax.models.loading import load_pretrained
 from irtf_jax.models.retrieval import RetrievalModel, TEXT_ENCODERS
@@ -128,6 +130,7 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
       dtype=compute_dtype(precision),
       composer_options=_composer_options(model_config),
       text_encoder_kind=encoder,
+      initialization=initializers.check(model_config.init),
       **extra)
 
 
@@ -173,7 +176,8 @@ def parameter_labels(model_config) -> Callable | None:
   return labels
 
 
-__all__ = ["COMPOSERS", "CONV_IMPLEMENTATIONS", "PRECISIONS", "RESNET_DEPTHS",
+__all__ = ["COMPOSERS", "CONV_IMPLEMENTATIONS", "INITIALIZATIONS", "PRECISIONS",
+           "RESNET_DEPTHS",
            "register", "RetrievalModel", "build_model",
            "build_text_tokenizer", "compute_dtype", "load_pretrained",
            "normalize_images", "official_parameter_positions",

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
+from irtf_jax.models import initializers
 from irtf_jax.models.composers import Composer
 from irtf_jax.models.composers import register
 
@@ -78,13 +79,16 @@ class _Mlp(nn.Module):
   hidden: int
   out: int
   bn_axis_name: str | None = None
+  initialization: str = "flax"
 
   @nn.compact
   def __call__(self, x, train):
+    dense = lambda features, fan_in, name: nn.Dense(
+        features, name=name, **initializers.dense(self.initialization, fan_in))
     x = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=self.bn_axis_name,
                      name="bn")(x, use_running_average=not train)
-    x = nn.relu(nn.Dense(self.hidden, name="fc1")(nn.relu(x)))
-    return nn.Dense(self.out, name="fc2")(x)
+    x = nn.relu(dense(self.hidden, x.shape[-1], "fc1")(nn.relu(x)))
+    return dense(self.out, self.hidden, "fc2")(x)
 
 
 class _ComplexProjection(nn.Module):
@@ -95,18 +99,21 @@ class _ComplexProjection(nn.Module):
   """
   dim: int
   bn_axis_name: str | None = None
+  initialization: str = "flax"
 
   @nn.compact
   def __call__(self, image, text, *, conjugate, train):
     bn = lambda name: nn.BatchNorm(momentum=0.9, epsilon=1e-5,
                                    axis_name=self.bn_axis_name, name=name)
-    z = nn.Dense(self.dim, name="image_fc1")(
+    dense = lambda fan_in, name: nn.Dense(
+        self.dim, name=name, **initializers.dense(self.initialization, fan_in))
+    z = dense(image.shape[-1], "image_fc1")(
         bn("image_bn")(image, use_running_average=not train))
     z = nn.relu(nn.Dropout(0.5, deterministic=not train)(z))
-    z = nn.Dense(self.dim, name="image_fc2")(z)
-    delta = nn.relu(nn.Dense(self.dim, name="text_fc1")(
+    z = dense(self.dim, "image_fc2")(z)
+    delta = nn.relu(dense(text.shape[-1], "text_fc1")(
         bn("text_bn")(text, use_running_average=not train)))
-    delta = nn.Dense(self.dim, name="text_fc2")(delta)
+    delta = dense(self.dim, "text_fc2")(delta)
     re, im = complex_rotation(z, delta, conjugate)
     return z, delta, re, im
 
@@ -131,9 +138,18 @@ class _AutoencoderComposer(Composer):
   def setup(self):
     d = self.embed_dim
     self.weights = self.param("a", lambda _: jnp.array([1.0, 10.0, 1.0, 1.0]))
-    self.image_decoder = _Mlp(d, d, self.bn_axis_name)
-    self.text_decoder = _Mlp(d, d, self.bn_axis_name)
+    self.image_decoder = self.mlp()
+    self.text_decoder = self.mlp()
     self.build_mappings()
+
+  def mlp(self) -> _Mlp:
+    return _Mlp(self.embed_dim, self.embed_dim, self.bn_axis_name,
+                self.initialization)
+
+  def conv1d(self, in_channels: int) -> nn.Conv:
+    """The 1-D convolution (kernel 3) over `in_channels` stacked vectors."""
+    return nn.Conv(self.conv_channels, (3,), padding=((1, 1),),
+                   **initializers.conv(self.initialization, 3 * in_channels))
 
   def compose(self, image, text, *, conjugate=False, train):
     theta_linear, theta_conv = self.mappings(image, text, conjugate, train)
@@ -174,12 +190,13 @@ class ComposeAE(_AutoencoderComposer):
   pooled_length: int = 16
 
   def build_mappings(self):
-    d = self.embed_dim
-    self.linear_projection = _ComplexProjection(d, self.bn_axis_name)
-    self.linear_mapping = _Mlp(d, d, self.bn_axis_name)
-    self.conv_projection = _ComplexProjection(d, self.bn_axis_name)
-    self.conv = nn.Conv(self.conv_channels, (3,), padding=((1, 1),))
-    self.conv_mapping = _Mlp(d, d, self.bn_axis_name)
+    projection = lambda: _ComplexProjection(self.embed_dim, self.bn_axis_name,
+                                            self.initialization)
+    self.linear_projection = projection()
+    self.linear_mapping = self.mlp()
+    self.conv_projection = projection()
+    self.conv = self.conv1d(5)  # [z, delta, phi_x, Re, Im]
+    self.conv_mapping = self.mlp()
 
   def mappings(self, image, text, conjugate, train):
     _, _, re, im = self.linear_projection(image, text, conjugate=conjugate,
@@ -208,10 +225,9 @@ class RealSpaceConcatAE(_AutoencoderComposer):
   pooled_length: int = 20
 
   def build_mappings(self):
-    d = self.embed_dim
-    self.linear_mapping = _Mlp(d, d, self.bn_axis_name)
-    self.conv = nn.Conv(self.conv_channels, (3,), padding=((1, 1),))
-    self.conv_mapping = _Mlp(d, d, self.bn_axis_name)
+    self.linear_mapping = self.mlp()
+    self.conv = self.conv1d(1)  # [phi_x, phi_t] as one channel
+    self.conv_mapping = self.mlp()
 
   def mappings(self, image, text, conjugate, train):
     del conjugate

@@ -16,6 +16,7 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from irtf_jax.models import initializers
 from irtf_jax.models.layers import Conv
 
 COMPOSERS: dict[str, type] = {}
@@ -36,6 +37,8 @@ class Composer(nn.Module):
     conv_implementation: for composers with convolutions (see layers.Conv).
     bn_axis_name: mapped axis for BatchNorm statistics under pmap.
     dtype: computation dtype.
+    initialization: "flax" or "torch" (`config.model.init`): the
+      initializers of the composer's layers (see `initializers`).
   """
   operates_on = "feature"
   # PyTorch registration order (see `torch_order.py`): the composer's layers,
@@ -46,10 +49,29 @@ class Composer(nn.Module):
   conv_implementation: str = "auto"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  initialization: str = "flax"
 
   def batch_norm(self, name):
     return nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=self.bn_axis_name,
                         dtype=self.dtype, name=name)
+
+  def dense(self, features: int, fan_in: int, *, name: str,
+            **kwargs) -> nn.Dense:
+    """A Dense layer with `fan_in` inputs, initialized as `initialization`
+    says unless `kwargs` name an initializer."""
+    return nn.Dense(features, name=name, **{
+        **initializers.dense(self.initialization, fan_in), **kwargs})
+
+  def conv(self, features: int, kernel_size: int, fan_in_channels: int, *,
+           name: str) -> Conv:
+    """A k x k, stride-1, same-padded `layers.Conv` on `fan_in_channels`
+    channels, initialized as `initialization` says."""
+    pad = ((kernel_size // 2, kernel_size // 2),) * 2
+    return Conv(features, (kernel_size, kernel_size), padding=pad,
+                dtype=self.dtype, implementation=self.conv_implementation,
+                name=name, **initializers.conv(
+                    self.initialization,
+                    fan_in_channels * kernel_size * kernel_size))
 
 
 @register("image_only")
@@ -81,9 +103,11 @@ class Concat(Composer):
   def __call__(self, image, text, *, train):
     x = jnp.concatenate([image, text], axis=-1)
     x = nn.relu(self.batch_norm("bn")(x, use_running_average=not train))
-    x = nn.relu(nn.Dense(2 * self.embed_dim, dtype=self.dtype, name="fc1")(x))
+    x = nn.relu(self.dense(2 * self.embed_dim, x.shape[-1], dtype=self.dtype,
+                           name="fc1")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.embed_dim, dtype=self.dtype, name="fc2")(x)
+    return self.dense(self.embed_dim, x.shape[-1], dtype=self.dtype,
+                      name="fc2")(x)
 
 
 class _TirgWeights(nn.Module):
@@ -112,10 +136,11 @@ class Tirg(Composer):
     x = jnp.concatenate([image, text], axis=-1)
     d = self.embed_dim
     gate = nn.relu(self.batch_norm("gate_bn")(x, use_running_average=not train))
-    gate = nn.Dense(d, dtype=self.dtype, name="gate_fc")(gate)
+    gate = self.dense(d, x.shape[-1], dtype=self.dtype, name="gate_fc")(gate)
     res = nn.relu(self.batch_norm("res_bn")(x, use_running_average=not train))
-    res = nn.relu(nn.Dense(2 * d, dtype=self.dtype, name="res_fc1")(res))
-    res = nn.Dense(d, dtype=self.dtype, name="res_fc2")(res)
+    res = nn.relu(self.dense(2 * d, x.shape[-1], dtype=self.dtype,
+                             name="res_fc1")(res))
+    res = self.dense(d, 2 * d, dtype=self.dtype, name="res_fc2")(res)
     a = _TirgWeights(name="weights")()
     return a[0] * nn.sigmoid(gate) * image + a[1] * res
 
@@ -145,13 +170,9 @@ class TirgLastConv(Composer):
 
     def branch(prefix):
       y = self.batch_norm(f"{prefix}_bn")(z, use_running_average=not train)
-      y = Conv(z.shape[-1], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-               implementation=self.conv_implementation,
-               name=f"{prefix}_conv1")(y)
+      y = self.conv(z.shape[-1], 3, z.shape[-1], name=f"{prefix}_conv1")(y)
       y = nn.relu(y)
-      return Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                  implementation=self.conv_implementation,
-                  name=f"{prefix}_conv2")(y)
+      return self.conv(c, 3, z.shape[-1], name=f"{prefix}_conv2")(y)
 
     a = _TirgWeights(name="weights")()
     return (a[0] * nn.sigmoid(branch("gate")) * image +

@@ -15,6 +15,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from irtf_jax.models import initializers
 from irtf_jax.models import pretrained
 from irtf_jax.models.layers import Conv, max_pool
 
@@ -22,6 +23,8 @@ from irtf_jax.models.layers import Conv, max_pool
 _STAGES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 RESNET_DEPTHS = tuple(_STAGES)
 _WIDTHS = (64, 128, 256, 512)
+# Channels of the last map (and of the pooled feature) at every depth.
+FEATURE_DIM = _WIDTHS[-1]
 
 
 class BasicBlock(nn.Module):
@@ -70,8 +73,7 @@ class ResNet(nn.Module):
                        f"in {sorted(_STAGES)}")
     conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              implementation=self.conv_implementation,
-                             kernel_init=nn.initializers.variance_scaling(
-                                 2.0, "fan_out", "normal"))
+                             kernel_init=initializers.RESNET_CONV_KERNEL)
     # torchvision: momentum 0.1 (flax: 0.9 for the running average), eps 1e-5.
     norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype, axis_name=self.bn_axis_name)

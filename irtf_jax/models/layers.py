@@ -135,6 +135,7 @@ class Conv(nn.Module):
     use_bias: whether to add a bias.
     implementation: "auto", "lax" or "im2col" (see module docstring).
     dtype: computation dtype (parameters stay float32).
+    kernel_init, bias_init: the parameters' initializers.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -144,6 +145,7 @@ class Conv(nn.Module):
   implementation: str = "auto"
   dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x):
@@ -163,7 +165,7 @@ class Conv(nn.Module):
     else:
       y = conv_lax(x, kernel, self.strides, self.padding)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros,
+      y = y + self.param("bias", self.bias_init,
                          (self.features,)).astype(self.dtype)
     return y
 

@@ -26,8 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models.composers import COMPOSERS
+from irtf_jax.models.image_encoders import FEATURE_DIM
 from irtf_jax.models.image_encoders import ResNet
 from irtf_jax.models.layers import FeatureNormalization
 from irtf_jax.models.text_encoders import LSTMTextEncoder
@@ -63,6 +65,9 @@ class RetrievalModel(nn.Module):
     text_encoder_kind: "lstm", "sentence_transformer" or "precomputed".
     bert: the BertConfig of the "sentence_transformer" encoder.
     num_texts, text_feature_dim: the "precomputed" table's shape.
+    initialization: "flax" or "torch" (`config.model.init`): Flax's or
+      PyTorch's default initializers for every layer that has no
+      initialization of its own (see `initializers`).
   """
   composer: str
   vocab_size: int
@@ -80,13 +85,16 @@ class RetrievalModel(nn.Module):
   bert: sentence_encoder.BertConfig | None = None
   num_texts: int = 0
   text_feature_dim: int = 0
+  initialization: str = "flax"
 
   def setup(self):
+    initializers.check(self.initialization)
     self.image_encoder = ResNet(
         depth=self.image_depth, conv_implementation=self.conv_implementation,
         bn_axis_name=self.bn_axis_name, dtype=self.dtype)
     # TIRG replaces ResNet's classifier by this projection to the embedding.
-    self.image_projection = nn.Dense(self.embed_dim)
+    self.image_projection = nn.Dense(self.embed_dim, **initializers.dense(
+        self.initialization, FEATURE_DIM))
     self.text_encoder = self._make_text_encoder()
     composer_class = COMPOSERS[self.composer]
     options = dict(self.composer_options)
@@ -95,7 +103,8 @@ class RetrievalModel(nn.Module):
                      word_embed_dim=self.word_embed_dim)
     self.composer_module = composer_class(
         embed_dim=self.embed_dim, conv_implementation=self.conv_implementation,
-        bn_axis_name=self.bn_axis_name, dtype=self.dtype, **options)
+        bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+        initialization=self.initialization, **options)
     self.normalization = FeatureNormalization(self.normalization_scale)
 
   def _make_text_encoder(self):
@@ -103,13 +112,15 @@ class RetrievalModel(nn.Module):
       return LSTMTextEncoder(
           vocab_size=self.vocab_size, word_embed_dim=self.word_embed_dim,
           hidden_dim=self.text_hidden_dim, output_dim=self.embed_dim,
-          dropout_rate=self.text_dropout)
+          dropout_rate=self.text_dropout, initialization=self.initialization)
     if self.text_encoder_kind == "sentence_transformer":
       return sentence_encoder.SentenceTransformerEncoder(
-          self.bert, output_dim=self.embed_dim)
+          self.bert, output_dim=self.embed_dim,
+          initialization=self.initialization)
     if self.text_encoder_kind == "precomputed":
       return sentence_encoder.PrecomputedTextEncoder(
-          self.num_texts, self.text_feature_dim, output_dim=self.embed_dim)
+          self.num_texts, self.text_feature_dim, output_dim=self.embed_dim,
+          initialization=self.initialization)
     raise ValueError(f"config.model.text_encoder.name: unknown "
                      f"{self.text_encoder_kind!r}; allowed: "
                      f"{', '.join(TEXT_ENCODERS)}")

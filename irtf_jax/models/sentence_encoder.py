@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from irtf_jax.models import initializers
 from irtf_jax.models import pretrained
 
 
@@ -151,6 +152,7 @@ class SentenceTransformerEncoder(nn.Module):
   """
   config: BertConfig
   output_dim: int = 512
+  initialization: str = "flax"  # of the projection (see `initializers`)
 
   @nn.compact
   def __call__(self, tokens, lengths, *, train: bool = False,
@@ -158,8 +160,9 @@ class SentenceTransformerEncoder(nn.Module):
     del train  # no dropout: the encoder runs as in inference
     tokens_out = BertEncoder(self.config, name="encoder")(
         tokens, lengths, embedding_perturbation=embedding_perturbation)
-    return nn.Dense(self.output_dim, name="projection")(
-        mean_pool(tokens_out, lengths))
+    pooled = mean_pool(tokens_out, lengths)
+    return nn.Dense(self.output_dim, name="projection", **initializers.dense(
+        self.initialization, pooled.shape[-1]))(pooled)
 
 
 def checkpoint_weights_path(model_dir: str) -> str:
@@ -324,6 +327,7 @@ class PrecomputedTextEncoder(nn.Module):
   num_texts: int
   feature_dim: int
   output_dim: int = 512
+  initialization: str = "flax"  # of the projection (see `initializers`)
 
   @nn.compact
   def __call__(self, tokens, lengths, *, train: bool = False,
@@ -334,4 +338,5 @@ class PrecomputedTextEncoder(nn.Module):
     x = table[tokens]                                    # (B, 1, F)
     if embedding_perturbation is not None:
       x = x + embedding_perturbation
-    return nn.Dense(self.output_dim, name="projection")(x[:, 0])
+    return nn.Dense(self.output_dim, name="projection", **initializers.dense(
+        self.initialization, self.feature_dim))(x[:, 0])

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from irtf_jax.models import initializers
+
 PAD_ID = 0
 UNKNOWN_ID = 1
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -154,12 +156,15 @@ class LSTMTextEncoder(nn.Module):
     hidden_dim: LSTM size (512 in TIRG).
     output_dim: text feature size (the embedding size).
     dropout_rate: dropout before the output layer (0.1 in TIRG).
+    initialization: "flax" or "torch" (`config.model.init`; see
+      `initializers`).
   """
   vocab_size: int
   word_embed_dim: int = 512
   hidden_dim: int = 512
   output_dim: int = 512
   dropout_rate: float = 0.1
+  initialization: str = "flax"
 
   @nn.compact
   def __call__(self, tokens, lengths, *, train: bool,
@@ -177,9 +182,13 @@ class LSTMTextEncoder(nn.Module):
     Returns:
       (B, output_dim) text features.
     """
-    x = nn.Embed(self.vocab_size, self.word_embed_dim, name="embedding")(tokens)
+    x = nn.Embed(self.vocab_size, self.word_embed_dim,
+                 embedding_init=initializers.embedding(self.initialization),
+                 name="embedding")(tokens)
     if embedding_perturbation is not None:
       x = x + embedding_perturbation
-    last = last_valid(LSTM(self.hidden_dim, name="lstm")(x), lengths)
+    last = last_valid(LSTM(self.hidden_dim, name="lstm", **initializers.lstm(
+        self.initialization, self.hidden_dim))(x), lengths)
     last = nn.Dropout(self.dropout_rate, deterministic=not train)(last)
-    return nn.Dense(self.output_dim, name="output")(last)
+    return nn.Dense(self.output_dim, name="output", **initializers.dense(
+        self.initialization, self.hidden_dim))(last)

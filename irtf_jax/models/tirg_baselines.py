@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from irtf_jax.models import initializers
 from irtf_jax.models.composers import Composer
 from irtf_jax.models.composers import register
-from irtf_jax.models.layers import Conv
 from irtf_jax.models.text_encoders import LSTM
 from irtf_jax.models.text_encoders import last_valid
 
@@ -45,14 +45,17 @@ class ShowAndTell(Composer):
                text_perturbation=None):
     del text, train
     words = nn.Embed(self.vocab_size, self.word_embed_dim,
-                     name="embedding")(tokens)
+                     embedding_init=initializers.embedding(
+                         self.initialization), name="embedding")(tokens)
     if text_perturbation is not None:
       words = words + text_perturbation
-    first = nn.Dense(self.word_embed_dim, name="image_input")(image)
+    first = self.dense(self.word_embed_dim, image.shape[-1],
+                       name="image_input")(image)
     sequence = jnp.concatenate([first[:, None, :], words], axis=1)
-    outputs = LSTM(self.embed_dim, name="lstm")(sequence)
+    outputs = LSTM(self.embed_dim, name="lstm", **initializers.lstm(
+        self.initialization, self.embed_dim))(sequence)
     last = last_valid(outputs, lengths + 1)
-    return nn.Dense(self.embed_dim, name="output")(last)
+    return self.dense(self.embed_dim, last.shape[-1], name="output")(last)
 
 
 def _hash_tables(rows: int, cols: int, buckets: int, seed: int = 0):
@@ -82,9 +85,11 @@ class ParameterHashing(Composer):
     del train
     d_out, d_in = self.embed_dim, image.shape[-1]
     bucket, sign = _hash_tables(d_out, d_in, self.num_hashed_weights)
-    candidates = nn.Dense(self.num_hashed_weights, name="candidates",
-                          kernel_init=nn.initializers.normal(
-                              1.0 / np.sqrt(text.shape[-1] * d_in)))(text)
+    # The kernel's scale keeps W(t) phi_x of unit order; the model's choice.
+    candidates = self.dense(self.num_hashed_weights, text.shape[-1],
+                            name="candidates",
+                            kernel_init=nn.initializers.normal(
+                                1.0 / np.sqrt(text.shape[-1] * d_in)))(text)
     weights = candidates[:, bucket] * sign                    # (B, D, D_in)
     bias = self.param("bias", nn.initializers.zeros, (d_out,))
     return jnp.einsum("bij,bj->bi", weights, image) + bias
@@ -114,7 +119,8 @@ class AttributeAsOperator(Composer):
         "operators",
         lambda key, shape: jnp.eye(d)[None] + 0.01 * jax.random.normal(
             key, shape), (self.num_operators, d, d))
-    choice = jax.nn.softmax(nn.Dense(self.num_operators, name="choice")(text))
+    choice = jax.nn.softmax(self.dense(self.num_operators, text.shape[-1],
+                                       name="choice")(text))
     applied = jnp.einsum("kij,bj->bki", operators, image)
     return jnp.einsum("bk,bki->bi", choice, applied)
 
@@ -145,15 +151,22 @@ class Relationship(Composer):
     coords = jnp.broadcast_to(jnp.stack([ys, xs], -1)[None], (b, h, w, 2))
     regions = jnp.concatenate([image.astype(jnp.float32), coords],
                               -1).reshape(b, h * w, c + 2)
-    left = nn.Dense(self.hidden_dim, name="g1_left")(regions)
-    right = nn.Dense(self.hidden_dim, use_bias=False, name="g1_right")(regions)
-    words = nn.Dense(self.hidden_dim, use_bias=False, name="g1_text")(text)
+    # g1 is one Linear on [r_i, r_j, phi_t] split in three: each part is
+    # initialized with the fan-in of the whole layer, its bias on `g1_left`.
+    fan_in = 2 * (c + 2) + text.shape[-1]
+    left = self.dense(self.hidden_dim, fan_in, name="g1_left")(regions)
+    right = self.dense(self.hidden_dim, fan_in, use_bias=False,
+                       name="g1_right")(regions)
+    words = self.dense(self.hidden_dim, fan_in, use_bias=False,
+                       name="g1_text")(text)
     pairs = nn.relu(left[:, :, None] + right[:, None, :] +
                     words[:, None, None, :])       # (B, hw, hw, hidden)
-    pairs = nn.relu(nn.Dense(self.hidden_dim, name="g2")(pairs))
+    pairs = nn.relu(self.dense(self.hidden_dim, self.hidden_dim,
+                               name="g2")(pairs))
     relation = jnp.sum(pairs, axis=(1, 2))
-    out = nn.relu(nn.Dense(self.hidden_dim, name="f1")(relation))
-    return nn.Dense(self.embed_dim, name="f2")(out)
+    out = nn.relu(self.dense(self.hidden_dim, self.hidden_dim,
+                             name="f1")(relation))
+    return self.dense(self.embed_dim, self.hidden_dim, name="f2")(out)
 
 
 @register("film")
@@ -174,19 +187,17 @@ class FiLM(Composer):
   @nn.compact
   def __call__(self, image, text, *, train):
     c = image.shape[-1]
-    conv = lambda k, name: Conv(
-        c, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)),
-        dtype=self.dtype, implementation=self.conv_implementation, name=name)
-    x1 = nn.relu(conv(1, "conv1")(image))
-    y = conv(3, "conv2")(x1)
+    x1 = nn.relu(self.conv(c, 1, c, name="conv1")(image))
+    y = self.conv(c, 3, c, name="conv2")(x1)
     y = nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_scale=False,
                      use_bias=False, axis_name=self.bn_axis_name,
                      dtype=self.dtype, name="bn")(
                          y, use_running_average=not train)
-    film = nn.Dense(2 * c, name="film",
-                    bias_init=lambda key, shape, dtype=jnp.float32:
-                    jnp.concatenate([jnp.ones((c,)), jnp.zeros((c,))]
-                                    ).astype(dtype))(text)
+    # Identity modulation at the start (gamma 1, beta 0): the model's choice.
+    film = self.dense(2 * c, text.shape[-1], name="film",
+                      bias_init=lambda key, shape, dtype=jnp.float32:
+                      jnp.concatenate([jnp.ones((c,)), jnp.zeros((c,))]
+                                      ).astype(dtype))(text)
     gamma, beta = film[:, None, None, :c], film[:, None, None, c:]
     y = nn.relu(gamma * y.astype(jnp.float32) + beta)
     return (x1 + y).astype(image.dtype)
