@@ -72,6 +72,7 @@ def fixture_runs(tmp_path_factory):
   return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file_name", list(CONFIGS))
 def test_smoke_run_writes_its_fixture_and_evaluates(fixture_runs, file_name,
                                                     tmp_path):
@@ -91,6 +92,7 @@ def test_smoke_run_writes_its_fixture_and_evaluates(fixture_runs, file_name,
   assert os.path.isdir(os.path.join(workdir, "fixture", "prepared", dataset))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file_name", list(CONFIGS))
 def test_manual_dir_gives_the_data_the_smoke_run_trained_on(fixture_runs,
                                                             file_name,

@@ -28,6 +28,7 @@ import textwrap
 
 import numpy as np
 import portpicker
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -99,6 +100,7 @@ def _start(script, args, devices: int):
                           stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   (tmp_path / "worker.py").write_text(WORKER)
   (tmp_path / "reference.py").write_text(REFERENCE)

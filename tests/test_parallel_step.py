@@ -30,6 +30,7 @@ def run_steps(config, strategy, devices, num_steps=1):
   return initial, par.unreplicate(state), history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ga", [False, True])
 def test_eight_devices_equal_one(ga):
   assert jax.device_count() == 8

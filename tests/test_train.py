@@ -48,6 +48,7 @@ def latest_params(workdir):
   return step, restored["params"]
 
 
+@pytest.mark.slow
 def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
                                                      monkeypatch):
   config = css_config(**{"data.data_dir": data_dir})
@@ -107,6 +108,7 @@ def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
   assert read_metrics(straight) == records
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
                                                               data_dir):
   config = css_config(**{"data.data_dir": data_dir,
