@@ -46,9 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 512
   c.model.normalization_scale = 4.0
   c.model.conv_implementation = "auto"
-  # "flax": Flax's default initializers; "torch": PyTorch's, as the official
-  # code (TIRG's) gets them. See irtf_jax/models/initializers.py.
-  c.model.init = "flax"
+  # "torch": PyTorch's default initializers, as the official code (TIRG's)
+  # gets them; "flax": Flax's. See irtf_jax/models/initializers.py.
+  c.model.init = "torch"
   c.model.image_encoder = ml_collections.ConfigDict()
   c.model.image_encoder.depth = 18
   c.model.image_encoder.pretrained = ""      # torchvision .pth / .safetensors
