@@ -27,14 +27,20 @@ from irtf_jax.data import pipeline
 import report  # benchmarks/report.py
 
 
+def photo_like(rng: np.random.Generator, width: int = 320,
+               height: int = 240) -> Image.Image:
+  """Random smooth content (a bicubic blow-up of 6x8 random colours), which
+  JPEG compresses about as well as a photo."""
+  low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+  return Image.fromarray(low).resize((width, height), Image.BICUBIC)
+
+
 def write_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
   rng = np.random.default_rng(seed)
   paths = []
   for i in range(count):
-    low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    img = Image.fromarray(low).resize((320, 240), Image.BICUBIC)
     path = os.path.join(folder, f"{i:05d}.jpg")
-    img.save(path, format="JPEG", quality=90)
+    photo_like(rng).save(path, format="JPEG", quality=90)
     paths.append(path)
   return paths
 

@@ -2,6 +2,7 @@
 
 Usage:
   python benchmarks/ranking.py --queries=30000 --gallery=30000 --json-out=/tmp/ranking.json
+  python benchmarks/ranking.py --queries=100000 --gallery=100000 --json-out=/tmp/ranking100k.json
 
 Both methods rank the same synthetic problem: N random unit gallery features
 of dimension D whose N captions repeat (N / 4 distinct caption ids by default),
@@ -19,6 +20,13 @@ for K in {1, 5, 10, 50, 100}.
   --naive-queries queries and its time is scaled linearly to Q
   ("extrapolated": true). Its time is the fastest of --repeats runs, split
   into the similarity matrix and the argsorts.
+
+- matmul floor: the bare float32 (Q, N) score matmul every exact method
+  pays, timed two ways in the same run: XLA in the project's chunking
+  (`chunk_size` query rows per compiled call against the transposed gallery,
+  as `top_k_neighbours` computes its scores) and NumPy's BLAS in row chunks of
+  at most 512 MB of scores ("chunked to fit memory"). The faster is
+  `matmul_floor_seconds`; `project_over_floor` is the project's time over it.
 
 Each method runs in its own spawned process, whose peak resident memory
 (`resource.getrusage`) is reported; it includes the interpreter, the imported
@@ -112,6 +120,56 @@ def run_project(problem_args: dict, chunk_size: int, subset: int, repeats: int) 
               device=f"{device.platform}: {device.device_kind}, {os.cpu_count()} host CPU cores")
 
 
+def run_xla_matmul(problem_args: dict, chunk_size: int, repeats: int) -> dict:
+  """Child process: the score matmul alone, in the project's chunks (fastest of `repeats`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  problem = make_problem(**problem_args)
+  queries = jnp.asarray(problem["query_features"])
+  gallery_t = jnp.asarray(problem["gallery_features"].T)
+  chunk_size = min(chunk_size, queries.shape[0])
+  num_chunks = -(-queries.shape[0] // chunk_size)
+  queries = jnp.pad(queries, ((0, num_chunks * chunk_size - queries.shape[0]), (0, 0)))
+  scores = jax.jit(lambda q, g: jnp.dot(q, g, precision=jax.lax.Precision.HIGHEST))
+
+  def run():
+    for start in range(0, num_chunks * chunk_size, chunk_size):
+      # One chunk's scores at a time, as the ranking holds them.
+      scores(queries[start:start + chunk_size], gallery_t).block_until_ready()
+
+  run()  # compile
+  timings = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    timings.append(time.perf_counter() - start)
+  return dict(seconds=min(timings), chunk_size=chunk_size, peak_rss_mb=peak_rss_mb())
+
+
+def run_numpy_matmul(problem_args: dict, repeats: int) -> dict:
+  """Child process: the score matmul alone with NumPy's BLAS, in row chunks of at most 512 MB."""
+  problem = make_problem(**problem_args)
+  queries, gallery = problem["query_features"], problem["gallery_features"]
+  rows = max(1, min(queries.shape[0], 2**27 // gallery.shape[0]))
+  timings = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for first in range(0, queries.shape[0], rows):
+      queries[first:first + rows].dot(gallery.T)
+    timings.append(time.perf_counter() - start)
+  return dict(seconds=min(timings), chunk_rows=rows, peak_rss_mb=peak_rss_mb(),
+              blas=blas_name())
+
+
+def blas_name() -> str:
+  """The BLAS NumPy calls, as `numpy.show_config` names it."""
+  try:
+    return str(np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"])
+  except Exception:  # pylint: disable=broad-except  # older NumPy: no dicts mode
+    return "unknown"
+
+
 def naive_recall(queries, gallery_features, sources, targets, gallery_ids):
   """TIRG's evaluation: full host similarity matrix, one full argsort per query.
 
@@ -181,6 +239,9 @@ def main(argv=None) -> int:
   subset = min(args.queries, args.naive_queries)
 
   project = in_child(run_project, problem_args, args.chunk_size, subset, args.repeats)
+  xla_matmul = in_child(run_xla_matmul, problem_args, args.chunk_size, args.repeats)
+  numpy_matmul = in_child(run_numpy_matmul, problem_args, args.repeats)
+  floor = min(xla_matmul["seconds"], numpy_matmul["seconds"])
   naive = in_child(run_naive, problem_args, subset, args.repeats)
   naive["extrapolated"] = subset < args.queries
   naive["seconds"] = naive["measured_seconds"] * args.queries / subset
@@ -192,6 +253,11 @@ def main(argv=None) -> int:
           "seconds", "first_call_seconds", "peak_rss_mb", "peak_rss_mb_before_ranking",
           "chunk_size", "recall", "recall_on_naive_queries")},
       naive=naive,
+      matmul_floor_seconds=floor,
+      matmul_floor={"xla_project_chunks": xla_matmul, "numpy_blas_chunks": numpy_matmul,
+                    "fastest": ("xla_project_chunks" if xla_matmul["seconds"] <= numpy_matmul["seconds"]
+                                else "numpy_blas_chunks")},
+      project_over_floor=project["seconds"] / floor,
       speedup=naive["seconds"] / project["seconds"],
       recalls_identical=identical,
       queries=args.queries, gallery=args.gallery, dim=args.dim, captions=captions,

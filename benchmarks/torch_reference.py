@@ -141,12 +141,18 @@ class RetrievalModel(nn.Module):
   def pool_and_project(self, image_map):
     return self.image_projection(image_map.mean(dim=(2, 3)))
 
-  def forward(self, query_images, tokens, lengths, target_images):
+  def embed_query(self, query_images, tokens, lengths):
     text = self.text_encoder(tokens, lengths)
-    query = self.pool_and_project(
-        self.composer(self.image_encoder(query_images), text))
-    target = self.pool_and_project(self.image_encoder(target_images))
-    return self.normalize(query), self.normalize(target)
+    return self.normalize(self.pool_and_project(
+        self.composer(self.image_encoder(query_images), text)))
+
+  def embed_target(self, target_images):
+    return self.normalize(self.pool_and_project(
+        self.image_encoder(target_images)))
+
+  def forward(self, query_images, tokens, lengths, target_images):
+    return (self.embed_query(query_images, tokens, lengths),
+            self.embed_target(target_images))
 
 
 class Trainer:

@@ -28,29 +28,68 @@ from irtf_jax.models import normalize_images
 from irtf_jax.data import base as data_base
 
 
-@functools.partial(jax.jit, static_argnames=("k", "precision"))
-def _top_k_chunk(query_chunk: jax.Array, gallery_features: jax.Array, exclude_chunk: jax.Array,
-                 k: int, precision: lax.Precision) -> tuple[jax.Array, jax.Array]:
+def candidate_block_size(gallery_size: int, k: int) -> int:
+  """Columns per block of the two-stage top-k (0: one plain top_k).
+
+  The largest power of two b >= 8 whose k blocks hold at most a quarter of
+  the gallery, so the exact second stage sorts at most N / 4 candidates.
+  """
+  block = 0
+  while k * (2 * max(block, 4)) * 4 <= gallery_size:
+    block = 2 * max(block, 4)
+  return block
+
+
+@functools.partial(jax.jit, static_argnames=("k", "precision", "block"))
+def _top_k_chunk(query_chunk: jax.Array, gallery_t: jax.Array, exclude_chunk: jax.Array,
+                 k: int, precision: lax.Precision, block: int) -> tuple[jax.Array, jax.Array]:
   """Top-k gallery columns of one chunk of queries.
+
+  With `block` > 0 the selection is exact in two stages: the row's k best
+  columns lie in the k blocks of `block` consecutive columns with the highest
+  maxima (a block holding one of them has a maximum at least the row's k-th
+  best score, and among equal maxima `lax.top_k` keeps the lower block, whose
+  columns also win ties), so `lax.top_k` runs over the block maxima, then over
+  the k chosen blocks' columns in increasing column order, instead of over all
+  N columns.
 
   Args:
     query_chunk: (C, D) float32 query features.
-    gallery_features: (N, D) float32 gallery features.
+    gallery_t: (D, N) float32 gallery features, transposed (so the score
+      matmul reads both operands row-major).
     exclude_chunk: (C,) int32 column removed from each query's ranking, -1 for none.
     k: number of neighbours.
     precision: matmul precision of the scores.
+    block: columns per block of the two-stage selection, 0 for one top_k.
 
   Returns:
     scores (C, k) float32, descending, and indices (C, k) int32; a slot that
     could only be filled by the excluded column (k > N - 1) has index -1.
   """
-  scores = jnp.dot(query_chunk, gallery_features.T, precision=precision)
+  scores = jnp.dot(query_chunk, gallery_t, precision=precision)
   columns = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
-  is_excluded = columns == exclude_chunk[:, None]
-  scores = jnp.where(is_excluded, -jnp.inf, scores)
-  top_scores, top_indices = lax.top_k(scores, k)
+  scores = jnp.where(columns == exclude_chunk[:, None], -jnp.inf, scores)
+  if block:
+    rows, size = scores.shape
+    num_blocks = -(-size // block)
+    # Padding columns are -inf and come after every real column, so no real
+    # column loses a tie to them.
+    padded = jnp.pad(scores, ((0, 0), (0, num_blocks * block - size)),
+                     constant_values=-jnp.inf).reshape(rows, num_blocks, block)
+    _, best_blocks = lax.top_k(jnp.max(padded, axis=2), k)
+    best_blocks = jnp.sort(best_blocks, axis=1)
+    candidates = jnp.take_along_axis(padded, best_blocks[:, :, None], axis=1)
+    candidate_columns = best_blocks[:, :, None] * block + jnp.arange(block, dtype=jnp.int32)
+    top_scores, positions = lax.top_k(candidates.reshape(rows, k * block), k)
+    top_indices = jnp.take_along_axis(candidate_columns.reshape(rows, k * block), positions,
+                                      axis=1)
+  else:
+    top_scores, top_indices = lax.top_k(scores, k)
   top_indices = jnp.where(top_indices == exclude_chunk[:, None], -1, top_indices)
   return top_scores, top_indices
+
+
+_transpose = jax.jit(jnp.transpose)
 
 
 def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chunk_size: int = 1024,
@@ -111,13 +150,15 @@ def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chu
     query_features = jnp.pad(query_features, ((0, padding), (0, 0)))
     exclude = np.pad(exclude, (0, padding), constant_values=-1)
   exclude = jnp.asarray(exclude)
+  gallery_t = _transpose(gallery_features)
+  block = candidate_block_size(gallery_size, k)
   chunk_scores, chunk_indices = [], []
   for start in range(0, num_chunks * chunk_size, chunk_size):
     top_scores, top_indices = _top_k_chunk(
         lax.dynamic_slice_in_dim(query_features, start, chunk_size),
-        gallery_features,
+        gallery_t,
         lax.dynamic_slice_in_dim(exclude, start, chunk_size),
-        k=k, precision=precision)
+        k=k, precision=precision, block=block)
     chunk_scores.append(top_scores)
     chunk_indices.append(top_indices)
   # One transfer of the (Q, k) result at the end; the chunks stay on device meanwhile.

@@ -1,5 +1,12 @@
 """Every convolution formulation against lax.conv_general_dilated, and the
-slice max-pool against flax's, values and gradients."""
+slice max-pool against flax's, values and gradients.
+
+Two kinds of check: random normal data against the native convolution at
+HIGHEST precision (the original float tolerances), and small-integer data on
+which every formulation must give exactly the native result, first and second
+derivatives included: products and sums of small integers are exact in
+float32 (checked below), so any summation order gives the same bits and no
+tolerance is needed."""
 
 from __future__ import annotations
 
@@ -27,20 +34,45 @@ CASES = [  # (N, H, W, C, O, k, stride, padding)
     (2, 7, 9, 5, 4, 3, 2, ((1, 1), (1, 1))),
     (2, 11, 13, 3, 6, 7, 2, ((3, 3), (3, 3))),
     (1, 5, 6, 4, 3, 3, 2, "SAME"),
+    # Uneven paddings at both ends of [0, k - 1]; stride 3; few channels and
+    # many output channels (the other branch of kernel_gradient_im2col).
+    (2, 6, 5, 2, 3, 3, 1, ((0, 2), (2, 0))),
+    (1, 8, 7, 12, 16, 4, 1, ((0, 0), (0, 0))),
+    (2, 10, 9, 3, 4, 3, 3, ((1, 2), (0, 1))),
 ]
 
 
-@pytest.mark.parametrize("implementation", ["lax", "im2col"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[2]}k{c[5]}s{c[6]}")
+FORMULATIONS = ("lax", "im2col", "lax_dw_im2col", "space_to_depth")
+
+
+def case_id(case):
+  return f"{case[1]}x{case[2]}k{case[5]}s{case[6]}"
+
+
+def formulation(implementation, case):
+  """`(x, kernel) -> y` of `implementation` for `case`, or skip the test where
+  the formulation does not cover the case (stride 1 only / strided only)."""
+  _, h, w, c, _, k, s, padding = case
+  if implementation == "lax_dw_im2col" and s != 1:
+    pytest.skip("lax_dw_im2col is a stride-1 formulation")
+  if implementation == "space_to_depth" and s == 1:
+    pytest.skip("space_to_depth is a strided formulation")
+  return layers.conv_function(implementation, kernel_size=(k, k),
+                              strides=(s, s), padding=padding,
+                              input_hw=(h, w), in_channels=c)
+
+
+@pytest.mark.parametrize("implementation", FORMULATIONS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_conv_matches_lax_values_and_gradients(implementation, case):
   n, h, w, c, o, k, s, padding = case
   kx, kw, kc = jax.random.split(jax.random.key(k * 10 + s), 3)
   x = jax.random.normal(kx, (n, h, w, c))
   kernel = jax.random.normal(kw, (k, k, c, o))
   explicit = layers._pad_pairs(padding, (k, k))
-  conv = {"lax": layers.conv_lax, "im2col": layers.conv_im2col}[implementation]
+  conv = formulation(implementation, case)
   with jax.default_matmul_precision("highest"):
-    y, vjp = jax.vjp(lambda x, w: conv(x, w, (s, s), padding), x, kernel)
+    y, vjp = jax.vjp(conv, x, kernel)
   y_ref, vjp_ref = jax.vjp(
       lambda x, w: reference_conv(x, w, (s, s), explicit), x, kernel)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -52,6 +84,72 @@ def test_conv_matches_lax_values_and_gradients(implementation, case):
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
 
 
+def integer_problem(case, seed):
+  """Sparse {-1, 0, 1} input, kernel and output weights for `case`."""
+  n, h, w, c, o, k, _, _ = case
+  rng = np.random.default_rng(seed)
+  draw = lambda shape: jnp.asarray(
+      rng.choice([-1.0, 0.0, 0.0, 1.0], size=shape).astype(np.float32))
+  return draw((n, h, w, c)), draw((k, k, c, o))
+
+
+def assert_exact_and_equal(value, reference):
+  """Equal bits, on values that are exact integers in float32."""
+  reference = np.asarray(reference)
+  assert np.all(np.abs(reference) < 2.0**24), "float32 no longer exact"
+  np.testing.assert_array_equal(np.asarray(value), reference)
+
+
+@pytest.mark.parametrize("implementation", FORMULATIONS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_conv_equals_lax_exactly_to_second_order_on_integers(implementation,
+                                                            case):
+  """Value, gradient and the double backprop of an input-gradient penalty
+  (adversarial GA's shape: d/dw of |dL/dx|^2) equal the native ones."""
+  _, _, _, _, _, k, s, padding = case
+  x, kernel = integer_problem(case, seed=k * 10 + s)
+  conv = formulation(implementation, case)
+  native = lambda x, w: layers.conv_lax(x, w, (s, s), padding)
+
+  def derivatives(conv):
+    loss = lambda x, w: 0.5 * jnp.sum(conv(x, w) ** 2)
+    penalty = lambda x, w: 0.5 * jnp.sum(jax.grad(loss)(x, w) ** 2)
+    with jax.default_matmul_precision("highest"):
+      return (conv(x, kernel), jax.grad(loss, argnums=(0, 1))(x, kernel),
+              jax.grad(penalty, argnums=(0, 1))(x, kernel))
+
+  for value, reference in zip(jax.tree.leaves(derivatives(conv)),
+                              jax.tree.leaves(derivatives(native))):
+    assert_exact_and_equal(value, reference)
+
+
+@pytest.mark.parametrize("channels", [(5, 4), (2, 16)], ids=["shift_both",
+                                                           "shift_input"])
+def test_kernel_gradient_im2col_equals_the_native_kernel_gradient(channels):
+  """Both placements of the shifts (split between input and cotangent, or all
+  on the input when it has few channels) against lax's transpose rule."""
+  c, o = channels
+  rng = np.random.default_rng(c)
+  x = jnp.asarray(rng.integers(-2, 3, (2, 6, 7, c)).astype(np.float32))
+  padding = ((1, 0), (2, 1))
+  y, vjp = jax.vjp(lambda w: layers.conv_lax(x, w, (1, 1), padding),
+                   jnp.zeros((3, 3, c, o)))
+  cotangent = jnp.asarray(rng.integers(-2, 3, y.shape).astype(np.float32))
+  with jax.default_matmul_precision("highest"):
+    assert_exact_and_equal(
+        layers.kernel_gradient_im2col(x, cotangent, (3, 3), padding),
+        vjp(cotangent)[0])
+
+
+def test_conv_function_rejects_what_a_formulation_cannot_compute():
+  with pytest.raises(ValueError, match="needs stride 1"):
+    layers.conv_function("lax_dw_im2col", kernel_size=(3, 3), strides=(2, 2),
+                         padding="SAME", input_hw=(8, 8))
+  with pytest.raises(ValueError, match="paddings in"):
+    layers.conv_function("lax_dw_im2col", kernel_size=(3, 3), strides=(1, 1),
+                         padding=((3, 0), (0, 0)), input_hw=(8, 8))
+
+
 def test_conv_module_auto_equals_lax_on_a_resnet_sized_stack():
   """"auto" mixes formulations per shape; the module's outputs and parameter
   gradients equal the all-lax module's."""
@@ -60,14 +158,17 @@ def test_conv_module_auto_equals_lax_on_a_resnet_sized_stack():
       @nn.compact
       def __call__(self, x):
         x = layers.Conv(8, (7, 7), (2, 2), ((3, 3), (3, 3)),
+                        implementation=impl)(x)  # RGB stem: space_to_depth
+        x = layers.Conv(8, (3, 3), (2, 2), ((1, 1), (1, 1)),
                         implementation=impl)(x)  # strided: im2col
-        x = layers.Conv(8, (3, 3), implementation=impl)(x)  # 8x8 s1: lax
+        # 8x8, stride 1: lax_dw_im2col
+        x = layers.Conv(8, (3, 3), implementation=impl)(x)
         x = layers.Conv(8, (1, 1), (2, 2), ((0, 0), (0, 0)),
                         implementation=impl)(x)  # 1x1: im2col
         return layers.Conv(4, (3, 3), implementation=impl)(x)  # 4x4: im2col
     return Stack()
 
-  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   params = stack("lax").init(jax.random.key(1), x)
 
   def loss(params, impl):
@@ -84,7 +185,14 @@ def test_conv_module_auto_equals_lax_on_a_resnet_sized_stack():
 def test_resolve_conv_implementation_per_backend_and_shape():
   resolve = layers.resolve_conv_implementation
   assert resolve("auto", kernel_size=(3, 3), strides=(1, 1), output_hw=(8, 8),
-                 backend="cpu") == "lax"
+                 backend="cpu") == "lax_dw_im2col"
+  assert resolve("auto", kernel_size=(7, 7), strides=(2, 2),
+                 output_hw=(112, 112), in_channels=3,
+                 backend="cpu") == "space_to_depth"
+  assert resolve("auto", kernel_size=(3, 3), strides=(2, 2),
+                 output_hw=(28, 28), in_channels=64, backend="cpu") == "im2col"
+  assert resolve("auto", kernel_size=(1, 1), strides=(2, 2),
+                 output_hw=(28, 28), in_channels=3, backend="cpu") == "im2col"
   assert resolve("auto", kernel_size=(3, 3), strides=(2, 2),
                  output_hw=(16, 16), backend="cpu") == "im2col"
   assert resolve("auto", kernel_size=(3, 3), strides=(1, 1), output_hw=(4, 4),

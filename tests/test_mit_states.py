@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import pickle
 import re
 import shutil
 
@@ -192,6 +193,20 @@ def test_images_match_their_files(dataset):
                           np.float64)
     # shorter side already 16: the centre crop keeps columns 4..19
     assert np.abs(images[i] - original[:, 4:20]).mean() < 6
+
+
+def test_split_survives_pickling_for_worker_processes(dataset):
+  """config.data.workers > 0 sends the split to grain worker processes, which
+  unpickle it and read images there (TFDS refuses to rebuild a builder from a
+  copy of one of its listed configs)."""
+  # The default storage (a config the builder lists) and a larger one (not
+  # listed: a config of its own).
+  for split in (dataset["train"], dataset["test"],
+                dataset["load"]("test", image_size=300)):
+    copy = pickle.loads(pickle.dumps(split))
+    indices = np.arange(len(split.captions))
+    np.testing.assert_array_equal(copy.images(indices), split.images(indices))
+    assert copy.captions == split.captions
 
 
 def test_resize_shorter_side_then_center_crop(dataset):

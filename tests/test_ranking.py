@@ -44,6 +44,35 @@ def test_top_k_matches_stable_argsort(chunk_size):
   np.testing.assert_array_equal(scores, expected_scores)
 
 
+@pytest.mark.parametrize("gallery_size", [384, 500, 1029])
+def test_two_stage_top_k_matches_stable_argsort(gallery_size):
+  """Galleries large enough for the block-maxima stage (blocks of 8 to 16
+  columns, a ragged last block at 500 and 1029), with ties everywhere: integer
+  features in {-1, 0, 1}^4 take few distinct scores."""
+  k = 12
+  assert evaluate.candidate_block_size(gallery_size, k) >= 8
+  rng = np.random.default_rng(gallery_size)
+  queries = integer_features(rng, 40, 4)
+  gallery = integer_features(rng, gallery_size, 4)
+  exclude = rng.integers(-1, gallery_size, size=40)
+  scores, indices = evaluate.top_k_neighbours(queries, gallery, k, exclude=exclude,
+                                              chunk_size=16)
+  expected_scores, expected_indices = numpy_top_k(queries, gallery, k, exclude)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_candidate_block_size():
+  # k blocks of b columns hold at most a quarter of the gallery; b >= 8.
+  assert evaluate.candidate_block_size(383, 12) == 0
+  assert evaluate.candidate_block_size(384, 12) == 8
+  assert evaluate.candidate_block_size(30000, 100) == 64
+  assert evaluate.candidate_block_size(100000, 100) == 128
+  for size, k in ((30000, 100), (100000, 100), (1000, 3)):
+    block = evaluate.candidate_block_size(size, k)
+    assert 4 * k * block <= size < 4 * k * 2 * block
+
+
 def test_top_k_of_the_whole_gallery_marks_the_excluded_slot():
   rng = np.random.default_rng(1)
   queries, gallery = integer_features(rng, 9, 4), integer_features(rng, 8, 4)

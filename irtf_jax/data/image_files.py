@@ -173,6 +173,21 @@ class StorageConfig(tfds.core.BuilderConfig):
     self.short_side = short_side
     self.on_bad_image = on_bad_image
 
+  def __reduce__(self):
+    # A split sent to grain worker processes (config.data.workers > 0)
+    # carries its TFDS builder, which the worker rebuilds from this config;
+    # TFDS accepts only the builder class's own object for a config the class
+    # lists, not an equal copy, so unpickling returns that object.
+    return (_storage_config, (self.short_side, self.on_bad_image))
+
+
+def _storage_config(short_side: int, on_bad_image: str) -> StorageConfig:
+  """The listed StorageConfig with these settings, or a new one."""
+  for config in ImageFilesBuilder.BUILDER_CONFIGS:
+    if (config.short_side, config.on_bad_image) == (short_side, on_bad_image):
+      return config
+  return StorageConfig(short_side=short_side, on_bad_image=on_bad_image)
+
 
 class ImageFilesBuilder(tfds.core.GeneratorBasedBuilder,
                         skip_registration=True):
