@@ -26,7 +26,7 @@ images and 22,500 training queries, 9,100 test images and 2,793 test queries.
 They are chosen so that images alone cannot answer a query: ranking the test
 gallery by cosine similarity of mean-centred raw pixels to the query image
 (source excluded) gives R@1 3.6%, R@5 17.6%, R@10 31.5% over every default
-test query (tests/test_css_synth.py recomputes R@1; about 1 / 31, the chance
+test query (tests/test_data_css_synth.py recomputes R@1; about 1 / 31, the chance
 of picking the target among a source's 30 variants and its parent). Each
 modified scene's variants are what keeps this low: 20 variants give R@1 5.5%.
 """
