@@ -65,31 +65,104 @@ def model_convolutions(image_size: int) -> list[dict]:
     backprop runs).
   """
   side = lambda h, k, s, p: (h + 2 * p - k) // s + 1
-  convs = [dict(name="conv1", h=image_size, c=3, o=64, k=7, s=2, p=3,
-                count=2, stem=True)]
+  convs = [
+      dict(
+          name="conv1",
+          h=image_size,
+          c=3,
+          o=64,
+          k=7,
+          s=2,
+          p=3,
+          count=2,
+          stem=True,
+      )
+  ]
   h = side(side(image_size, 7, 2, 3), 3, 2, 1)  # stem conv, then max-pool
   c = 64
   for stage, width in enumerate((64, 128, 256, 512)):
     s = 1 if stage == 0 else 2
     if s == 2:
-      convs.append(dict(name=f"layer{stage + 1}_0/conv1", h=h, c=c, o=width,
-                        k=3, s=2, p=1, count=2))
-      convs.append(dict(name=f"layer{stage + 1}_0/downsample", h=h, c=c,
-                        o=width, k=1, s=2, p=0, count=2))
+      convs.append(
+          dict(
+              name=f"layer{stage + 1}_0/conv1",
+              h=h,
+              c=c,
+              o=width,
+              k=3,
+              s=2,
+              p=1,
+              count=2,
+          )
+      )
+      convs.append(
+          dict(
+              name=f"layer{stage + 1}_0/downsample",
+              h=h,
+              c=c,
+              o=width,
+              k=1,
+              s=2,
+              p=0,
+              count=2,
+          )
+      )
       h = side(h, 3, 2, 1)
       # The remaining three 3x3 convolutions of the stage are stride 1.
-      convs.append(dict(name=f"layer{stage + 1}_*/conv (3 of 4)", h=h,
-                        c=width, o=width, k=3, s=1, p=1, count=6))
+      convs.append(
+          dict(
+              name=f"layer{stage + 1}_*/conv (3 of 4)",
+              h=h,
+              c=width,
+              o=width,
+              k=3,
+              s=1,
+              p=1,
+              count=6,
+          )
+      )
     else:
-      convs.append(dict(name="layer1_*/conv (4 of 4)", h=h, c=c, o=width,
-                        k=3, s=1, p=1, count=8))
+      convs.append(
+          dict(
+              name="layer1_*/conv (4 of 4)",
+              h=h,
+              c=c,
+              o=width,
+              k=3,
+              s=1,
+              p=1,
+              count=8,
+          )
+      )
     c = width
   for conv in convs:  # the ResNet runs on the query and the target image
     conv["query_count"] = conv["count"] // 2
-  convs.append(dict(name="composer/*_conv1 (gate, res)", h=h, c=2 * c,
-                    o=2 * c, k=3, s=1, p=1, count=2, query_count=2))
-  convs.append(dict(name="composer/*_conv2 (gate, res)", h=h, c=2 * c, o=c,
-                    k=3, s=1, p=1, count=2, query_count=2))
+  convs.append(
+      dict(
+          name="composer/*_conv1 (gate, res)",
+          h=h,
+          c=2 * c,
+          o=2 * c,
+          k=3,
+          s=1,
+          p=1,
+          count=2,
+          query_count=2,
+      )
+  )
+  convs.append(
+      dict(
+          name="composer/*_conv2 (gate, res)",
+          h=h,
+          c=2 * c,
+          o=c,
+          k=3,
+          s=1,
+          p=1,
+          count=2,
+          query_count=2,
+      )
+  )
   return convs
 
 
@@ -100,8 +173,9 @@ def jax_passes(conv, x, w, r, stem: bool):
     return conv(x, w)
 
   def grad(x, w):
-    return jax.grad(lambda x, w: jnp.sum(conv(x, w) * r),
-                    argnums=1 if stem else (0, 1))(x, w)
+    return jax.grad(
+        lambda x, w: jnp.sum(conv(x, w) * r), argnums=1 if stem else (0, 1)
+    )(x, w)
 
   def double(x, w):
     def loss(x, w):
@@ -112,15 +186,19 @@ def jax_passes(conv, x, w, r, stem: bool):
 
     return jax.grad(penalized)(w)
 
-  return {name: jax.jit(f) for name, f in
-          (("fwd", fwd), ("grad", grad), ("double", double))}
+  return {
+      name: jax.jit(f)
+      for name, f in (("fwd", fwd), ("grad", grad), ("double", double))
+  }
 
 
-def torch_passes(layer: dict, x: np.ndarray, w: np.ndarray, r: np.ndarray
-                 ) -> dict:
+def torch_passes(
+    layer: dict, x: np.ndarray, w: np.ndarray, r: np.ndarray
+) -> dict:
   """The same three passes with torch.nn.functional.conv2d (NCHW)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
   tr = torch.from_numpy(r.transpose(0, 3, 1, 2).copy())
@@ -132,8 +210,9 @@ def torch_passes(layer: dict, x: np.ndarray, w: np.ndarray, r: np.ndarray
 
   def grad():
     x, w = tx.requires_grad_(not layer.get("stem")), tw.requires_grad_(True)
-    return torch.autograd.grad((conv(x, w) * tr).sum(),
-                               (w,) if layer.get("stem") else (x, w))
+    return torch.autograd.grad(
+        (conv(x, w) * tr).sum(), (w,) if layer.get("stem") else (x, w)
+    )
 
   def double():
     x, w = tx.requires_grad_(True), tw.requires_grad_(True)
@@ -144,34 +223,45 @@ def torch_passes(layer: dict, x: np.ndarray, w: np.ndarray, r: np.ndarray
   return {"fwd": fwd, "grad": grad, "double": double}
 
 
-def time_layer(layer: dict, implementations, passes, rounds: int,
-               batch_size: int, with_torch: bool) -> dict:
+def time_layer(
+    layer: dict,
+    implementations,
+    passes,
+    rounds: int,
+    batch_size: int,
+    with_torch: bool,
+) -> dict:
   """{formulation: {pass: {"min_ms", "median_ms"}}} for one layer."""
   rng = np.random.default_rng(0)
   k, s, p = layer["k"], layer["s"], layer["p"]
-  x = rng.standard_normal((batch_size, layer["h"], layer["h"], layer["c"]),
-                          dtype=np.float32)
+  x = rng.standard_normal(
+      (batch_size, layer["h"], layer["h"], layer["c"]), dtype=np.float32
+  )
   w = rng.standard_normal((k, k, layer["c"], layer["o"]), dtype=np.float32)
   w /= np.sqrt(k * k * layer["c"])
   out = (layer["h"] + 2 * p - k) // s + 1
-  r = rng.standard_normal((batch_size, out, out, layer["o"]),
-                          dtype=np.float32)
+  r = rng.standard_normal((batch_size, out, out, layer["o"]), dtype=np.float32)
   jx, jw, jr = jnp.asarray(x), jnp.asarray(w), jnp.asarray(r)
   runners = {}
   for impl in implementations:
     try:
-      conv = layers.conv_function(impl, kernel_size=(k, k), strides=(s, s),
-                                  padding=((p, p), (p, p)),
-                                  input_hw=(layer["h"], layer["h"]),
-                                  in_channels=layer["c"])
+      conv = layers.conv_function(
+          impl,
+          kernel_size=(k, k),
+          strides=(s, s),
+          padding=((p, p), (p, p)),
+          input_hw=(layer["h"], layer["h"]),
+          in_channels=layer["c"],
+      )
     except ValueError:  # the formulation does not cover this convolution
       continue
     compiled = jax_passes(conv, jx, jw, jr, bool(layer.get("stem")))
     for name in passes:
       fn = compiled[name]
       args = (jx, jw)
-      runners[(impl, name)] = (
-          lambda fn=fn, args=args: jax.block_until_ready(fn(*args)))
+      runners[(impl, name)] = lambda fn=fn, args=args: jax.block_until_ready(
+          fn(*args)
+      )
   if with_torch:
     for name, fn in torch_passes(layer, x, w, r).items():
       if name in passes:
@@ -188,7 +278,8 @@ def time_layer(layer: dict, implementations, passes, rounds: int,
   for (impl, name), values in seconds.items():
     result.setdefault(impl, {})[name] = {
         "min_ms": 1e3 * min(values),
-        "median_ms": 1e3 * statistics.median(values)}
+        "median_ms": 1e3 * statistics.median(values),
+    }
   return result
 
 
@@ -199,8 +290,11 @@ def per_step(table: list[dict], formulations) -> dict:
   def ms(layer, impl, name):
     times = layer["ms"]
     if impl == "best_jax":
-      candidates = [v[name]["min_ms"] for f, v in times.items()
-                    if f != "torch" and name in v]
+      candidates = [
+          v[name]["min_ms"]
+          for f, v in times.items()
+          if f != "torch" and name in v
+      ]
       return min(candidates) if candidates else None
     return times.get(impl, {}).get(name, {}).get("min_ms")
 
@@ -219,7 +313,8 @@ def per_step(table: list[dict], formulations) -> dict:
       "base": lambda layer: {"grad": layer["count"]},
       "adversarial": lambda layer: {
           "double": layer["query_count"],
-          "grad": layer["count"] - layer["query_count"]},
+          "grad": layer["count"] - layer["query_count"],
+      },
   }
   totals = {}
   for scheme, weights in schemes.items():
@@ -233,15 +328,20 @@ def per_step(table: list[dict], formulations) -> dict:
 
 def print_table(table: list[dict], formulations, passes) -> None:
   """Minimum ms per layer, formulation and pass ("-": not applicable)."""
-  print("layer".ljust(34) + "".join(f"{f} {p}".rjust(20) for p in passes
-                                    for f in formulations), file=sys.stderr)
+  print(
+      "layer".ljust(34)
+      + "".join(f"{f} {p}".rjust(20) for p in passes for f in formulations),
+      file=sys.stderr,
+  )
   for layer in table:
-    row = (f"{layer['name'][:22]} {layer['h']}x{layer['c']}>{layer['o']} "
-           f"k{layer['k']}s{layer['s']}")[:33].ljust(34)
+    row = (
+        f"{layer['name'][:22]} {layer['h']}x{layer['c']}>{layer['o']} "
+        f"k{layer['k']}s{layer['s']}"
+    )[:33].ljust(34)
     for p in passes:
       for f in formulations:
         value = layer["ms"].get(f, {}).get(p)
-        row += (f"{value['min_ms']:20.1f}" if value else "-".rjust(20))
+        row += f"{value['min_ms']:20.1f}" if value else "-".rjust(20)
     print(row, file=sys.stderr)
 
 
@@ -249,12 +349,20 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--implementations", default="lax,im2col,auto",
-                      help="comma-separated layers.CONV_IMPLEMENTATIONS")
+  parser.add_argument(
+      "--implementations",
+      default="lax,im2col,auto",
+      help="comma-separated layers.CONV_IMPLEMENTATIONS",
+  )
   parser.add_argument("--passes", default=",".join(PASSES))
-  parser.add_argument("--layers", default="",
-                      help="only layers whose name matches one of these "
-                           "comma-separated regular expressions (re.search)")
+  parser.add_argument(
+      "--layers",
+      default="",
+      help=(
+          "only layers whose name matches one of these "
+          "comma-separated regular expressions (re.search)"
+      ),
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--json-out", default="")
@@ -262,8 +370,10 @@ def main(argv=None):
   implementations = [i for i in args.implementations.split(",") if i]
   for impl in implementations:
     if impl not in layers.CONV_IMPLEMENTATIONS:
-      parser.error(f"--implementations: unknown {impl!r}; allowed: "
-                   f"{', '.join(layers.CONV_IMPLEMENTATIONS)}")
+      parser.error(
+          f"--implementations: unknown {impl!r}; allowed: "
+          f"{', '.join(layers.CONV_IMPLEMENTATIONS)}"
+      )
   passes = [p for p in args.passes.split(",") if p]
   for name in passes:
     if name not in PASSES:
@@ -271,31 +381,61 @@ def main(argv=None):
   with_torch = not args.no_torch
   if with_torch:
     import torch  # pylint: disable=g-import-not-at-top
+
     torch.set_num_threads(os.cpu_count() or 1)
-  selected = [layer for layer in model_convolutions(args.image_size)
-              if not args.layers or any(re.search(pattern, layer["name"])
-                                        for pattern in args.layers.split(","))]
+  selected = [
+      layer
+      for layer in model_convolutions(args.image_size)
+      if not args.layers
+      or any(
+          re.search(pattern, layer["name"])
+          for pattern in args.layers.split(",")
+      )
+  ]
   load_before = list(os.getloadavg())
   table = []
   for layer in selected:
-    layer = dict(layer, ms=time_layer(layer, implementations, passes,
-                                      args.rounds, args.batch_size,
-                                      with_torch))
+    layer = dict(
+        layer,
+        ms=time_layer(
+            layer,
+            implementations,
+            passes,
+            args.rounds,
+            args.batch_size,
+            with_torch,
+        ),
+    )
     table.append(layer)
-    print(f"{layer['name']}: " + ", ".join(
-        f"{f} {p} {v[p]['min_ms']:.0f}" for f, v in layer["ms"].items()
-        for p in passes), file=sys.stderr, flush=True)
+    print(
+        f"{layer['name']}: "
+        + ", ".join(
+            f"{f} {p} {v[p]['min_ms']:.0f}"
+            for f, v in layer["ms"].items()
+            for p in passes
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
   formulations = implementations + (["torch"] if with_torch else [])
   print_table(table, formulations, passes)
-  report.emit({
-      "image_size": args.image_size, "batch_size": args.batch_size,
-      "rounds": args.rounds, "layers": table,
-      "per_step_ms": per_step(table, formulations),
-      "device": f"{jax.devices()[0].device_kind}, "
-                f"{platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} CPUs",
-      "load_average_before": load_before,
-      "load_average_after": list(os.getloadavg())}, args.json_out)
+  report.emit(
+      {
+          "image_size": args.image_size,
+          "batch_size": args.batch_size,
+          "rounds": args.rounds,
+          "layers": table,
+          "per_step_ms": per_step(table, formulations),
+          "device": (
+              f"{jax.devices()[0].device_kind}, "
+              f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs"
+          ),
+          "load_average_before": load_before,
+          "load_average_after": list(os.getloadavg()),
+      },
+      args.json_out,
+  )
 
 
 if __name__ == "__main__":

@@ -54,31 +54,46 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCHMARKS)
 sys.path.insert(0, REPO)
 sys.path.insert(0, BENCHMARKS)
-import input_pipeline  # pylint: disable=wrong-import-position
-import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
+import input_pipeline  # noqa: E402  (after the path set-up above)
+import report  # noqa: E402  # benchmarks/report.py
 
-TRAIN_NOUNS = ("apple", "bag", "ball", "bottle", "bread", "building", "car",
-               "chair", "flower", "key", "knife", "shoe")
+TRAIN_NOUNS = (
+    "apple",
+    "bag",
+    "ball",
+    "bottle",
+    "bread",
+    "building",
+    "car",
+    "chair",
+    "flower",
+    "key",
+    "knife",
+    "shoe",
+)
 TEST_NOUNS = ("fish", "tomato", "wool", "clock", "garden", "mirror")
 ADJECTIVES = ("old", "new", "wet", "dry")
 KS = (1, 5, 10, 50)
 
 
-def write_mit_states(root: str, images_per_class: int,
-                     test_images_per_class: int, seed: int = 0) -> int:
+def write_mit_states(
+    root: str, images_per_class: int, test_images_per_class: int, seed: int = 0
+) -> int:
   """The fixture; returns its number of images."""
   rng = np.random.default_rng(seed)
   count = 0
-  for nouns, per_class in ((TRAIN_NOUNS, images_per_class),
-                           (TEST_NOUNS, test_images_per_class)):
+  for nouns, per_class in (
+      (TRAIN_NOUNS, images_per_class),
+      (TEST_NOUNS, test_images_per_class),
+  ):
     for noun in nouns:
       for adjective in ADJECTIVES:
         folder = os.path.join(root, "images", f"{adjective} {noun}")
         os.makedirs(folder, exist_ok=True)
         for k in range(per_class):
           input_pipeline.photo_like(rng, 320, 256).save(
-              os.path.join(folder, f"image_{k}.jpg"), format="JPEG",
-              quality=90)
+              os.path.join(folder, f"image_{k}.jpg"), format="JPEG", quality=90
+          )
           count += 1
   return count
 
@@ -101,8 +116,9 @@ def mit_config(args):
   return config
 
 
-def _time_steps(steps, run_step, warmup: int, max_steps: int,
-                max_seconds: float) -> dict:
+def _time_steps(
+    steps, run_step, warmup: int, max_steps: int, max_seconds: float
+) -> dict:
   """Runs `run_step(step, batch)` over `steps`; times those after warm-up.
 
   `run_step` returns something to wait on (the new state), or None.
@@ -117,8 +133,7 @@ def _time_steps(steps, run_step, warmup: int, max_steps: int,
       start = time.perf_counter()
     elif count + 1 > warmup:
       timed += 1
-      if (timed >= max_steps
-          or time.perf_counter() - start >= max_seconds):
+      if timed >= max_steps or time.perf_counter() - start >= max_seconds:
         break
   wait(last)
   return {"timed_steps": timed, "seconds": time.perf_counter() - start}
@@ -127,12 +142,14 @@ def _time_steps(steps, run_step, warmup: int, max_steps: int,
 def wait(value) -> None:
   if value is not None:
     import jax  # pylint: disable=g-import-not-at-top
+
     jax.block_until_ready(value)
 
 
 def run_jax(args) -> dict:
   """Child process: the irtf-jax trainer's steps, then the test evaluation."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from irtf_jax import evaluate  # pylint: disable=g-import-not-at-top
   from irtf_jax import train  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step  # pylint: disable=g-import-not-at-top
@@ -143,8 +160,11 @@ def run_jax(args) -> dict:
   prepare_seconds = time.perf_counter() - start
   parallel = trainer.parallel
   state = parallel.replicate(trainer.initial_state())
-  step_fn = parallel.compile_step(train_step.make_train_step(
-      trainer.model, trainer.tx, config, axis_name=parallel.axis_name))
+  step_fn = parallel.compile_step(
+      train_step.make_train_step(
+          trainer.model, trainer.tx, config, axis_name=parallel.axis_name
+      )
+  )
   rng = jax.random.key(config.seed)
   holder = [state]
 
@@ -155,32 +175,49 @@ def run_jax(args) -> dict:
 
   total = args.warmup_steps + args.steps
   timing = _time_steps(
-      train.prefetched_batches(trainer.make_batch, range(total),
-                               put=parallel.shard_batch,
-                               workers=config.data.workers),
-      run_step, args.warmup_steps, args.steps, args.seconds)
+      train.prefetched_batches(
+          trainer.make_batch,
+          range(total),
+          put=parallel.shard_batch,
+          workers=config.data.workers,
+      ),
+      run_step,
+      args.warmup_steps,
+      args.steps,
+      args.seconds,
+  )
   variables = trainer.variables(parallel.unreplicate(holder[0]))
   evaluations = []
   for _ in range(2):
     start = time.perf_counter()
     recall, queries, _ = evaluate.evaluate_split(
-        trainer.extractor, variables, trainer.test_split, vocab=trainer.vocab,
-        max_length=config.model.text_encoder.max_length, ks=KS,
-        chunk_size=config.eval.chunk_size, name="test")
+        trainer.extractor,
+        variables,
+        trainer.test_split,
+        vocab=trainer.vocab,
+        max_length=config.model.text_encoder.max_length,
+        ks=KS,
+        chunk_size=config.eval.chunk_size,
+        name="test",
+    )
     evaluations.append(time.perf_counter() - start)
-  return {"train_queries_per_second":
-              config.batch_size * timing["timed_steps"] / timing["seconds"],
-          **timing, "prepare_seconds": prepare_seconds,
-          "evaluate_seconds": evaluations[1],
-          "evaluate_first_call_seconds": evaluations[0],
-          "test_queries": len(queries),
-          "gallery": len(trainer.test_split.gallery),
-          "recall": {k: v for k, v in recall.items() if "/" not in k},
-          "workers": config.data.workers, "batch_size": config.batch_size,
-          "image_size": config.data.options.image_size,
-          "device": f"{jax.devices()[0].platform}: "
-                    f"{jax.devices()[0].device_kind}",
-          "jax_version": jax.__version__}
+  return {
+      "train_queries_per_second": (
+          config.batch_size * timing["timed_steps"] / timing["seconds"]
+      ),
+      **timing,
+      "prepare_seconds": prepare_seconds,
+      "evaluate_seconds": evaluations[1],
+      "evaluate_first_call_seconds": evaluations[0],
+      "test_queries": len(queries),
+      "gallery": len(trainer.test_split.gallery),
+      "recall": {k: v for k, v in recall.items() if "/" not in k},
+      "workers": config.data.workers,
+      "batch_size": config.batch_size,
+      "image_size": config.data.options.image_size,
+      "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+      "jax_version": jax.__version__,
+  }
 
 
 class TorchPairs:
@@ -199,73 +236,104 @@ class TorchPairs:
 
   def load(self, index):
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     from irtf_jax.data import image_files  # pylint: disable=g-import-not-at-top
+
     with Image.open(os.path.join(self.root, self.paths[index])) as img:
       return image_files.resize_and_center_crop(img, self.image_size)
 
   def __getitem__(self, i):
     source, target = self.queries[i]
-    return {"query_image": self.load(source),
-            "target_image": self.load(target),
-            "tokens": self.tokens[i], "lengths": self.lengths[i]}
+    return {
+        "query_image": self.load(source),
+        "target_image": self.load(target),
+        "tokens": self.tokens[i],
+        "lengths": self.lengths[i],
+    }
 
 
 def run_torch(args) -> dict:
   """Child process: the official-style PyTorch loop, then TIRG's evaluation."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
+
   from irtf_jax import data  # pylint: disable=g-import-not-at-top
   from irtf_jax.models.text_encoders import Vocabulary  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
   config = mit_config(args)
-  load = lambda split: data.load("mit_states", split,
-                                 data_dir=config.data.data_dir,
-                                 manual_dir=config.data.manual_dir,
-                                 **dict(config.data.options))
+  load = lambda split: data.load(
+      "mit_states",
+      split,
+      data_dir=config.data.data_dir,
+      manual_dir=config.data.manual_dir,
+      **dict(config.data.options),
+  )
   train_split, test_split = load("train"), load("test")
   vocab = Vocabulary.build(train_split.vocabulary_texts)
   max_length = config.model.text_encoder.max_length
   total = args.warmup_steps + args.steps
-  queries = [q for step in range(total) for q in
-             train_split.sample_training_queries(config.seed, step,
-                                                 config.batch_size)]
+  queries = [
+      q
+      for step in range(total)
+      for q in train_split.sample_training_queries(
+          config.seed, step, config.batch_size
+      )
+  ]
   tokens, lengths = vocab.encode([q.text for q in queries], max_length)
-  dataset = TorchPairs(args.fixture, train_split.paths,
-                       [(q.source_index, q.target_index) for q in queries],
-                       tokens, lengths, config.data.options.image_size)
-  loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size,
-                                       num_workers=config.data.workers)
+  dataset = TorchPairs(
+      args.fixture,
+      train_split.paths,
+      [(q.source_index, q.target_index) for q in queries],
+      tokens,
+      lengths,
+      config.data.options.image_size,
+  )
+  loader = torch.utils.data.DataLoader(
+      dataset, batch_size=config.batch_size, num_workers=config.data.workers
+  )
   trainer = torch_reference.Trainer(
-      vocab_size=len(vocab), eta=config.loss.eta,
+      vocab_size=len(vocab),
+      eta=config.loss.eta,
       isotropic_gamma=config.ga.isotropic.gamma,
-      adversarial_epsilon=config.ga.adversarial.epsilon)
+      adversarial_epsilon=config.ga.adversarial.epsilon,
+  )
 
   def run_step(step, batch):
     del step
     trainer.step(batch)
 
-  timing = _time_steps(enumerate(loader), run_step, args.warmup_steps,
-                       args.steps, args.seconds)
+  timing = _time_steps(
+      enumerate(loader), run_step, args.warmup_steps, args.steps, args.seconds
+  )
   start = time.perf_counter()
-  recall = tirg_test_retrieval(trainer.model, test_split, vocab, max_length,
-                               args.fixture)
+  recall = tirg_test_retrieval(
+      trainer.model, test_split, vocab, max_length, args.fixture
+  )
   evaluate_seconds = time.perf_counter() - start
-  return {"train_queries_per_second":
-              config.batch_size * timing["timed_steps"] / timing["seconds"],
-          **timing, "evaluate_seconds": evaluate_seconds, "recall": recall,
-          "workers": config.data.workers, "threads": torch.get_num_threads(),
-          "torch_version": torch.__version__}
+  return {
+      "train_queries_per_second": (
+          config.batch_size * timing["timed_steps"] / timing["seconds"]
+      ),
+      **timing,
+      "evaluate_seconds": evaluate_seconds,
+      "recall": recall,
+      "workers": config.data.workers,
+      "threads": torch.get_num_threads(),
+      "torch_version": torch.__version__,
+  }
 
 
-def tirg_test_retrieval(model, split, vocab, max_length, root,
-                        batch_size: int = 32) -> dict:
+def tirg_test_retrieval(
+    model, split, vocab, max_length, root, batch_size: int = 32
+) -> dict:
   """TIRG's test_retrieval.py: features in eval mode, the full similarity
   matrix, the source image's column at -1e10, one argsort per query."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from irtf_jax.data import image_files  # pylint: disable=g-import-not-at-top
 
   def images(indices):
@@ -280,15 +348,20 @@ def tirg_test_retrieval(model, split, vocab, max_length, root,
   with torch.no_grad():
     query_features = []
     for start in range(0, len(queries), batch_size):
-      chosen = queries[start:start + batch_size]
+      chosen = queries[start : start + batch_size]
       tokens, lengths = vocab.encode([q.text for q in chosen], max_length)
-      query_features.append(model.embed_query(
-          images([q.source_index for q in chosen]), torch.from_numpy(tokens),
-          torch.from_numpy(lengths)).numpy())
+      query_features.append(
+          model.embed_query(
+              images([q.source_index for q in chosen]),
+              torch.from_numpy(tokens),
+              torch.from_numpy(lengths),
+          ).numpy()
+      )
     gallery = split.gallery
     gallery_features = [
-        model.embed_target(images(gallery[start:start + batch_size])).numpy()
-        for start in range(0, len(gallery), batch_size)]
+        model.embed_target(images(gallery[start : start + batch_size])).numpy()
+        for start in range(0, len(gallery), batch_size)
+    ]
   all_queries = np.concatenate(query_features)
   all_images = np.concatenate(gallery_features)
   all_queries /= np.linalg.norm(all_queries, axis=1, keepdims=True)
@@ -300,46 +373,82 @@ def tirg_test_retrieval(model, split, vocab, max_length, root,
   captions = [split.captions[i] for i in gallery]
   recall = {}
   for k in KS:
-    hits = sum(q.target_caption in [captions[j] for j in nn_result[i][:k]]
-               for i, q in enumerate(queries))
+    hits = sum(
+        q.target_caption in [captions[j] for j in nn_result[i][:k]]
+        for i, q in enumerate(queries)
+    )
     recall[f"recall@{k}"] = hits / len(queries)
   return recall
 
 
 def _run_child(side: str, args) -> dict:
-  command = [sys.executable, os.path.abspath(__file__), f"--child={side}",
-             f"--fixture={args.fixture}", f"--workdir={args.workdir}",
-             f"--workers={args.workers}", f"--steps={args.steps}",
-             f"--warmup-steps={args.warmup_steps}",
-             f"--seconds={args.seconds}", f"--variant={args.variant}",
-             f"--batch-size={args.batch_size}"] + (["--smoke"] if args.smoke
-                                                   else [])
+  command = [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--child={side}",
+      f"--fixture={args.fixture}",
+      f"--workdir={args.workdir}",
+      f"--workers={args.workers}",
+      f"--steps={args.steps}",
+      f"--warmup-steps={args.warmup_steps}",
+      f"--seconds={args.seconds}",
+      f"--variant={args.variant}",
+      f"--batch-size={args.batch_size}",
+  ] + (["--smoke"] if args.smoke else [])
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE,
-                       text=True, cwd=REPO)
+  out = subprocess.run(
+      command, env=env, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workers", type=int,
-                      default=min(4, os.cpu_count() or 1),
-                      help="input workers on both sides "
-                           "(config.data.workers; DataLoader num_workers)")
-  parser.add_argument("--steps", type=int, default=300,
-                      help="timed training steps per side (at most)")
-  parser.add_argument("--seconds", type=float, default=180.0,
-                      help="stop timing a side after this long")
+  parser.add_argument(
+      "--workers",
+      type=int,
+      default=min(4, os.cpu_count() or 1),
+      help=(
+          "input workers on both sides "
+          "(config.data.workers; DataLoader num_workers)"
+      ),
+  )
+  parser.add_argument(
+      "--steps",
+      type=int,
+      default=300,
+      help="timed training steps per side (at most)",
+  )
+  parser.add_argument(
+      "--seconds",
+      type=float,
+      default=180.0,
+      help="stop timing a side after this long",
+  )
   parser.add_argument("--warmup-steps", type=int, default=2)
-  parser.add_argument("--variant", default="paper", choices=("paper", "base"),
-                      help="paper: configs/mit.py's adversarial + isotropic "
-                           "GA; base: without GA")
-  parser.add_argument("--batch-size", type=int, default=0,
-                      help="0: the config's (32 for MIT-States)")
-  parser.add_argument("--smoke", action="store_true",
-                      help="seconds on CPU: configs/mit.py:smoke's tiny "
-                           "model at 64 px, 2 steps, a small fixture")
+  parser.add_argument(
+      "--variant",
+      default="paper",
+      choices=("paper", "base"),
+      help=(
+          "paper: configs/mit.py's adversarial + isotropic GA; base: without GA"
+      ),
+  )
+  parser.add_argument(
+      "--batch-size",
+      type=int,
+      default=0,
+      help="0: the config's (32 for MIT-States)",
+  )
+  parser.add_argument(
+      "--smoke",
+      action="store_true",
+      help=(
+          "seconds on CPU: configs/mit.py:smoke's tiny "
+          "model at 64 px, 2 steps, a small fixture"
+      ),
+  )
   parser.add_argument("--images-per-class", type=int, default=12)
   parser.add_argument("--test-images-per-class", type=int, default=10)
   parser.add_argument("--json-out", default="")
@@ -363,27 +472,46 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as folder:
     args.fixture = os.path.join(folder, "mit_states")
     args.workdir = os.path.join(folder, "work")
-    images = write_mit_states(args.fixture, args.images_per_class,
-                              args.test_images_per_class)
+    images = write_mit_states(
+        args.fixture, args.images_per_class, args.test_images_per_class
+    )
     jax_result = _run_child("jax", args)  # prepares the TFDS copy first
     torch_result = _run_child("torch", args)
-  report.emit({
-      "train": {"irtf_jax": jax_result["train_queries_per_second"],
-                "torch": torch_result["train_queries_per_second"],
-                "ratio": jax_result["train_queries_per_second"]
-                         / torch_result["train_queries_per_second"]},
-      "evaluate": {"irtf_jax": jax_result["evaluate_seconds"],
-                   "torch": torch_result["evaluate_seconds"],
-                   "ratio": torch_result["evaluate_seconds"]
-                            / jax_result["evaluate_seconds"]},
-      "device": f"{jax_result['device']}, "
-                f"{platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} CPUs",
-      "fixture_images": images, "variant": args.variant,
-      "smoke": args.smoke, "batch_size": jax_result["batch_size"],
-      "workers": args.workers, "irtf_jax_details": jax_result,
-      "torch_details": torch_result, "load_average_before": load_before,
-      "load_average_after": list(os.getloadavg())}, args.json_out)
+  report.emit(
+      {
+          "train": {
+              "irtf_jax": jax_result["train_queries_per_second"],
+              "torch": torch_result["train_queries_per_second"],
+              "ratio": (
+                  jax_result["train_queries_per_second"]
+                  / torch_result["train_queries_per_second"]
+              ),
+          },
+          "evaluate": {
+              "irtf_jax": jax_result["evaluate_seconds"],
+              "torch": torch_result["evaluate_seconds"],
+              "ratio": (
+                  torch_result["evaluate_seconds"]
+                  / jax_result["evaluate_seconds"]
+              ),
+          },
+          "device": (
+              f"{jax_result['device']}, "
+              f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs"
+          ),
+          "fixture_images": images,
+          "variant": args.variant,
+          "smoke": args.smoke,
+          "batch_size": jax_result["batch_size"],
+          "workers": args.workers,
+          "irtf_jax_details": jax_result,
+          "torch_details": torch_result,
+          "load_average_before": load_before,
+          "load_average_after": list(os.getloadavg()),
+      },
+      args.json_out,
+  )
 
 
 if __name__ == "__main__":

@@ -20,15 +20,15 @@ import time
 
 import numpy as np
 from PIL import Image
+import report  # benchmarks/report.py
 
 from irtf_jax.data import image_files
 from irtf_jax.data import pipeline
 
-import report  # benchmarks/report.py
 
-
-def photo_like(rng: np.random.Generator, width: int = 320,
-               height: int = 240) -> Image.Image:
+def photo_like(
+    rng: np.random.Generator, width: int = 320, height: int = 240
+) -> Image.Image:
   """Random smooth content (a bicubic blow-up of 6x8 random colours), which
   JPEG compresses about as well as a photo."""
   low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
@@ -48,6 +48,7 @@ def write_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class DecodeBatch:
   """step -> uint8 (batch, size, size, 3), decoded from files; picklable."""
+
   paths: tuple[str, ...]
   batch_size: int
   size: int
@@ -82,11 +83,16 @@ def main():
     paths = write_jpegs(folder, args.images)
     decode = DecodeBatch(tuple(paths), args.batch_size, args.image_size)
     steps = max(1, args.images // args.batch_size)
-    result = {"cpus": os.cpu_count(), "image_size": args.image_size,
-              "batch_size": args.batch_size, "steps": steps,
-              "load_average": list(os.getloadavg()),
-              "images_per_second": {str(w): images_per_second(decode, steps, w)
-                                    for w in workers}}
+    result = {
+        "cpus": os.cpu_count(),
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "steps": steps,
+        "load_average": list(os.getloadavg()),
+        "images_per_second": {
+            str(w): images_per_second(decode, steps, w) for w in workers
+        },
+    }
   report.emit(result, args.json_out)
 
 

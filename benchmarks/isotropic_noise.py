@@ -33,8 +33,8 @@ import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 import train_step as train_step_benchmark  # pylint: disable=wrong-import-position
 
 from irtf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from irtf_jax.regularizers import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from irtf_jax.regularizers import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GAMMA = 1e-2
 
@@ -43,11 +43,14 @@ def _samplers():
   uniform = sampling.symmetric_uniform
   return {
       "hashed_normal": sampling.hashed_normal,
-      "hashed_lax_erfinv": lambda key, shape: jnp.sqrt(2.0) * jax.lax.erf_inv(
-          uniform(sampling.hashed_bits(key, shape))),
+      "hashed_lax_erfinv": (
+          lambda key, shape: jnp.sqrt(2.0)
+          * jax.lax.erf_inv(uniform(sampling.hashed_bits(key, shape)))
+      ),
       "threefry_normal": lambda key, shape: jax.random.normal(key, shape),
       "hashed_uniform": lambda key, shape: uniform(
-          sampling.hashed_bits(key, shape)),
+          sampling.hashed_bits(key, shape)
+      ),
   }
 
 
@@ -56,8 +59,11 @@ def default_model_parameters():
   config = train_step_benchmark.jax_config("base")
   model = models.build_model(config.model, train_step_benchmark.VOCAB_SIZE)
   batch = train_step_benchmark.random_batch(0, 2, 64)
-  shapes = jax.eval_shape(lambda: train_step.init_state(
-      model, optax.identity(), batch, jax.random.key(0))).params
+  shapes = jax.eval_shape(
+      lambda: train_step.init_state(
+          model, optax.identity(), batch, jax.random.key(0)
+      )
+  ).params
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -66,12 +72,17 @@ def make_update(sampler):
     if sampler is not None:
       leaves, treedef = jax.tree.flatten(grads)
       keys = jax.random.split(key, len(leaves))
-      grads = jax.tree.unflatten(treedef, [
-          g + (GAMMA / g.size) * sampler(k, g.shape).astype(g.dtype)
-          for g, k in zip(leaves, keys)])
+      grads = jax.tree.unflatten(
+          treedef,
+          [
+              g + (GAMMA / g.size) * sampler(k, g.shape).astype(g.dtype)
+              for g, k in zip(leaves, keys)
+          ],
+      )
     momentum = jax.tree.map(lambda m, g: 0.9 * m + g, momentum, grads)
     params = jax.tree.map(lambda p, m: p - 1e-2 * m, params, momentum)
     return params, momentum
+
   return jax.jit(update, donate_argnums=(0, 1))
 
 
@@ -87,8 +98,10 @@ def main(argv=None):
   milliseconds = {}
   for name, sampler in [("baseline", None), *_samplers().items()]:
     update = make_update(sampler)
-    state = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.zeros_like,
-                                                          params))
+    state = (
+        jax.tree.map(jnp.copy, params),
+        jax.tree.map(jnp.zeros_like, params),
+    )
     state = jax.block_until_ready(update(*state, grads, key))  # compile
     times = []
     for _ in range(args.repeats):
@@ -98,13 +111,17 @@ def main(argv=None):
     milliseconds[name] = 1e3 * statistics.median(times)
     print(f"{name}: {milliseconds[name]:.1f} ms", file=sys.stderr, flush=True)
   result = {
-      "parameters": size, "leaves": len(jax.tree.leaves(params)),
-      "backend": jax.default_backend(), "cpus": os.cpu_count(),
+      "parameters": size,
+      "leaves": len(jax.tree.leaves(params)),
+      "backend": jax.default_backend(),
+      "cpus": os.cpu_count(),
       "load_average": list(os.getloadavg()),
       "ms_per_update": milliseconds,
-      "ms_over_baseline": {k: v - milliseconds["baseline"]
-                           for k, v in milliseconds.items()
-                           if k != "baseline"},
+      "ms_over_baseline": {
+          k: v - milliseconds["baseline"]
+          for k, v in milliseconds.items()
+          if k != "baseline"
+      },
   }
   report.emit(result, args.json_out)
 

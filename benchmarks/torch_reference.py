@@ -35,7 +35,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def to_torch(batch: dict) -> dict:
   """The benchmark's numpy batch (NHWC uint8 images) -> torch tensors."""
-  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+  return {
+      k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()
+  }
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,8 @@ class BasicBlock(nn.Module):
     self.downsample = None
     if stride != 1 or cin != cout:
       self.downsample = nn.Sequential(
-          nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+          nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -110,8 +113,11 @@ class TirgLastConv(nn.Module):
 
     def branch():
       return nn.Sequential(
-          nn.BatchNorm2d(width), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(),
-          nn.Conv2d(width, channels, 3, 1, 1))
+          nn.BatchNorm2d(width),
+          nn.Conv2d(width, width, 3, 1, 1),
+          nn.ReLU(),
+          nn.Conv2d(width, channels, 3, 1, 1),
+      )
 
     self.gate = branch()
     self.res = branch()
@@ -121,8 +127,9 @@ class TirgLastConv(nn.Module):
     b, _, h, w = image_map.shape
     tiled = text[:, :, None, None].expand(b, text.shape[1], h, w)
     z = torch.cat([image_map, tiled], dim=1)
-    return (self.a[0] * torch.sigmoid(self.gate(z)) * image_map
-            + self.a[1] * self.res(z))
+    return self.a[0] * torch.sigmoid(self.gate(z)) * image_map + self.a[
+        1
+    ] * self.res(z)
 
 
 class RetrievalModel(nn.Module):
@@ -143,36 +150,54 @@ class RetrievalModel(nn.Module):
 
   def embed_query(self, query_images, tokens, lengths):
     text = self.text_encoder(tokens, lengths)
-    return self.normalize(self.pool_and_project(
-        self.composer(self.image_encoder(query_images), text)))
+    return self.normalize(
+        self.pool_and_project(
+            self.composer(self.image_encoder(query_images), text)
+        )
+    )
 
   def embed_target(self, target_images):
-    return self.normalize(self.pool_and_project(
-        self.image_encoder(target_images)))
+    return self.normalize(
+        self.pool_and_project(self.image_encoder(target_images))
+    )
 
   def forward(self, query_images, tokens, lengths, target_images):
-    return (self.embed_query(query_images, tokens, lengths),
-            self.embed_target(target_images))
+    return (
+        self.embed_query(query_images, tokens, lengths),
+        self.embed_target(target_images),
+    )
 
 
 class Trainer:
   """One model, its optimizer, and the variant's regularizers."""
 
-  def __init__(self, vocab_size: int, *, eta: float = 1e-3,
-               isotropic_gamma: float = 0.0, adversarial_epsilon: float = 0.0,
-               fgsm_epsilon: float = 0.0, learning_rate: float = 1e-2):
+  def __init__(
+      self,
+      vocab_size: int,
+      *,
+      eta: float = 1e-3,
+      isotropic_gamma: float = 0.0,
+      adversarial_epsilon: float = 0.0,
+      fgsm_epsilon: float = 0.0,
+      learning_rate: float = 1e-2,
+  ):
     self.model = RetrievalModel(vocab_size)
     self.model.train()
-    self.optimizer = torch.optim.SGD(self.model.parameters(), lr=learning_rate,
-                                     momentum=0.9, weight_decay=1e-6)
+    self.optimizer = torch.optim.SGD(
+        self.model.parameters(),
+        lr=learning_rate,
+        momentum=0.9,
+        weight_decay=1e-6,
+    )
     self.eta = eta
     self.isotropic_gamma = isotropic_gamma
     self.adversarial_epsilon = adversarial_epsilon
     self.fgsm_epsilon = fgsm_epsilon
 
   def loss(self, query_images, batch, target_images):
-    query, target = self.model(query_images, batch["tokens"], batch["lengths"],
-                               target_images)
+    query, target = self.model(
+        query_images, batch["tokens"], batch["lengths"], target_images
+    )
     logits = query @ target.t()
     labels = torch.arange(query.shape[0])
     loss = F.cross_entropy(logits, labels)
@@ -188,23 +213,24 @@ class Trainer:
       query_images.requires_grad_(True)
     loss = self.loss(query_images, batch, target_images)
     if self.adversarial_epsilon > 0:
-      (input_grad,) = torch.autograd.grad(loss, query_images,
-                                          create_graph=True)
+      (input_grad,) = torch.autograd.grad(loss, query_images, create_graph=True)
       b = input_grad.shape[0]
-      penalty = (self.adversarial_epsilon / 2) * (
-          b * input_grad).abs().flatten(1).sum(1).mean()
+      penalty = (self.adversarial_epsilon / 2) * (b * input_grad).abs().flatten(
+          1
+      ).sum(1).mean()
       loss = loss + penalty
     elif self.fgsm_epsilon > 0:
-      (input_grad,) = torch.autograd.grad(loss, query_images,
-                                          retain_graph=True)
-      perturbed = (query_images + self.fgsm_epsilon
-                   * input_grad.sign()).detach()
+      (input_grad,) = torch.autograd.grad(loss, query_images, retain_graph=True)
+      perturbed = (
+          query_images + self.fgsm_epsilon * input_grad.sign()
+      ).detach()
       loss = (loss + self.loss(perturbed, batch, target_images)) / 2
     loss.backward()
     if self.isotropic_gamma > 0:
       with torch.no_grad():
         for p in self.model.parameters():
-          p.grad.add_(torch.randn_like(p), alpha=self.isotropic_gamma
-                      / p.numel())
+          p.grad.add_(
+              torch.randn_like(p), alpha=self.isotropic_gamma / p.numel()
+          )
     self.optimizer.step()
     return float(loss)

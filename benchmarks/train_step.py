@@ -36,6 +36,8 @@ import time
 
 import report  # benchmarks/report.py
 
+from irtf_jax.data import fixtures
+
 VARIANTS = ("base", "isotropic", "adversarial", "both", "fgsm")
 TORCH_VARIANTS = ("base", "isotropic", "adversarial", "both", "fgsm")
 FRAMEWORKS = ("jax", "torch")
@@ -48,16 +50,16 @@ ETA = 1e-3
 
 
 def random_batch(seed: int, batch_size: int, image_size: int) -> dict:
-  """uint8 images and padded token ids, as the trainer feeds them."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(3, 9, batch_size).astype(np.int32)
-  tokens = rng.integers(2, VOCAB_SIZE, (batch_size, MAX_LENGTH)).astype(np.int32)
-  tokens[np.arange(MAX_LENGTH)[None, :] >= lengths[:, None]] = 0
-  shape = (batch_size, image_size, image_size, 3)
-  return {"query_image": rng.integers(0, 256, shape, dtype=np.uint8),
-          "target_image": rng.integers(0, 256, shape, dtype=np.uint8),
-          "tokens": tokens, "lengths": lengths}
+  """uint8 images and padded token ids (3 to 8 words), as the trainer feeds
+  them."""
+  return fixtures.random_batch(
+      seed,
+      batch_size,
+      image_size,
+      max_length=MAX_LENGTH,
+      vocab_size=VOCAB_SIZE,
+      length_range=(3, 8),
+  )
 
 
 def _time_steps(run_steps, steps: int, repeats: int) -> float:
@@ -72,6 +74,7 @@ def _time_steps(run_steps, steps: int, repeats: int) -> float:
 
 def jax_config(variant: str, conv_implementation: str = "auto"):
   from irtf_jax.config_base import base_config  # pylint: disable=g-import-not-at-top
+
   config = base_config()
   config.model.name = "tirg_lastconv"
   config.model.conv_implementation = conv_implementation
@@ -90,6 +93,7 @@ def jax_config(variant: str, conv_implementation: str = "auto"):
 def run_jax(args) -> dict:
   """Seconds per step of the project's compiled step, per variant."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from irtf_jax import models  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
@@ -98,11 +102,13 @@ def run_jax(args) -> dict:
   for variant in args.variants:
     config = jax_config(variant, args.conv_implementation)
     config.batch_size = args.batch_size
-    model = models.build_model(config.model, VOCAB_SIZE,
-                               precision=args.precision)
+    model = models.build_model(
+        config.model, VOCAB_SIZE, precision=args.precision
+    )
     tx = ts.make_optimizer(config)
     state = jax.jit(lambda rng: ts.init_state(model, tx, batch, rng))(
-        jax.random.key(0))
+        jax.random.key(0)
+    )
     step = jax.jit(ts.make_train_step(model, tx, config), donate_argnums=(0,))
     rng = jax.random.key(1)
     holder = [state]
@@ -116,34 +122,47 @@ def run_jax(args) -> dict:
 
     run_steps(args.warmup)
     seconds[variant] = _time_steps(run_steps, args.steps, args.repeats)
-    print(f"jax {variant}: {1e3 * seconds[variant]:.0f} ms/step",
-          file=sys.stderr, flush=True)
-  return {"seconds_per_step": seconds, "threads": os.cpu_count(),
-          "version": jax.__version__, "backend": jax.default_backend(),
-          "device": str(jax.devices()[0].device_kind)}
+    print(
+        f"jax {variant}: {1e3 * seconds[variant]:.0f} ms/step",
+        file=sys.stderr,
+        flush=True,
+    )
+  return {
+      "seconds_per_step": seconds,
+      "threads": os.cpu_count(),
+      "version": jax.__version__,
+      "backend": jax.default_backend(),
+      "device": str(jax.devices()[0].device_kind),
+  }
 
 
 def run_torch(args) -> dict:
   """Seconds per step of the eager PyTorch reference, per variant."""
   import torch  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   batch = torch_reference.to_torch(
-      random_batch(0, args.batch_size, args.image_size))
+      random_batch(0, args.batch_size, args.image_size)
+  )
   seconds = {}
   for variant in args.variants:
     if variant not in TORCH_VARIANTS:
       continue
     trainer = torch_reference.Trainer(
-        vocab_size=VOCAB_SIZE, eta=ETA,
-        isotropic_gamma=ISOTROPIC_GAMMA if variant in ("isotropic", "both")
+        vocab_size=VOCAB_SIZE,
+        eta=ETA,
+        isotropic_gamma=ISOTROPIC_GAMMA
+        if variant in ("isotropic", "both")
         else 0.0,
         adversarial_epsilon=ADVERSARIAL_EPSILON
-        if variant in ("adversarial", "both") else 0.0,
-        fgsm_epsilon=FGSM_EPSILON if variant == "fgsm" else 0.0)
+        if variant in ("adversarial", "both")
+        else 0.0,
+        fgsm_epsilon=FGSM_EPSILON if variant == "fgsm" else 0.0,
+    )
 
     def run_steps(n):
       for _ in range(n):
@@ -151,11 +170,17 @@ def run_torch(args) -> dict:
 
     run_steps(args.warmup)
     seconds[variant] = _time_steps(run_steps, args.steps, args.repeats)
-    print(f"torch {variant}: {1e3 * seconds[variant]:.0f} ms/step",
-          file=sys.stderr, flush=True)
-  return {"seconds_per_step": seconds, "threads": torch.get_num_threads(),
-          "interop_threads": torch.get_num_interop_threads(),
-          "version": torch.__version__}
+    print(
+        f"torch {variant}: {1e3 * seconds[variant]:.0f} ms/step",
+        file=sys.stderr,
+        flush=True,
+    )
+  return {
+      "seconds_per_step": seconds,
+      "threads": torch.get_num_threads(),
+      "interop_threads": torch.get_num_interop_threads(),
+      "version": torch.__version__,
+  }
 
 
 def _worker_env(framework: str, threads: int) -> dict:
@@ -170,17 +195,25 @@ def _worker_env(framework: str, threads: int) -> dict:
 def _run_worker(framework: str, args) -> dict:
   """Runs one framework in a fresh process (its own threads, no sharing)."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  command = [sys.executable, os.path.abspath(__file__), f"--worker={framework}",
-             f"--image-size={args.image_size}",
-             f"--batch-size={args.batch_size}", f"--steps={args.steps}",
-             f"--repeats={args.repeats}", f"--warmup={args.warmup}",
-             f"--threads={args.threads}", f"--variants={','.join(args.variants)}",
-             f"--precision={args.precision}",
-             f"--conv-implementation={args.conv_implementation}"]
+  command = [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--worker={framework}",
+      f"--image-size={args.image_size}",
+      f"--batch-size={args.batch_size}",
+      f"--steps={args.steps}",
+      f"--repeats={args.repeats}",
+      f"--warmup={args.warmup}",
+      f"--threads={args.threads}",
+      f"--variants={','.join(args.variants)}",
+      f"--precision={args.precision}",
+      f"--conv-implementation={args.conv_implementation}",
+  ]
   env = _worker_env(framework, args.threads)
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE,
-                       text=True, cwd=repo)
+  out = subprocess.run(
+      command, env=env, check=True, stdout=subprocess.PIPE, text=True, cwd=repo
+  )
   return json.loads(out.stdout)
 
 
@@ -193,19 +226,27 @@ def _load_average() -> list[float] | None:
 
 def summarize(results: dict, args) -> dict:
   """queries/s per framework and variant, and the ratios."""
-  summary = {"device": f"{platform.processor() or platform.machine()}, "
-                       f"{os.cpu_count()} CPUs",
-             "image_size": args.image_size, "batch_size": args.batch_size,
-             "steps": args.steps, "repeats": args.repeats,
-             "load_average_before": args.load_before,
-             "load_average_after": _load_average()}
+  summary = {
+      "device": (
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+      ),
+      "image_size": args.image_size,
+      "batch_size": args.batch_size,
+      "steps": args.steps,
+      "repeats": args.repeats,
+      "load_average_before": args.load_before,
+      "load_average_after": _load_average(),
+  }
   for framework, result in results.items():
-    summary[framework] = {v: args.batch_size / s
-                          for v, s in result["seconds_per_step"].items()}
+    summary[framework] = {
+        v: args.batch_size / s for v, s in result["seconds_per_step"].items()
+    }
     summary[f"{framework}_ms_per_step"] = {
-        v: 1e3 * s for v, s in result["seconds_per_step"].items()}
-    summary[f"{framework}_info"] = {k: v for k, v in result.items()
-                                    if k != "seconds_per_step"}
+        v: 1e3 * s for v, s in result["seconds_per_step"].items()
+    }
+    summary[f"{framework}_info"] = {
+        k: v for k, v in result.items() if k != "seconds_per_step"
+    }
     summary[f"{framework}_threads"] = result["threads"]
   ratios = {}
   if "jax" in summary and "torch" in summary:
@@ -227,21 +268,33 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--image-size", type=int, default=64)
   parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--steps", type=int, default=3,
-                      help="steps per timing")
-  parser.add_argument("--repeats", type=int, default=3,
-                      help="timings per variant (the median is reported)")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed steps after compilation")
+  parser.add_argument("--steps", type=int, default=3, help="steps per timing")
+  parser.add_argument(
+      "--repeats",
+      type=int,
+      default=3,
+      help="timings per variant (the median is reported)",
+  )
+  parser.add_argument(
+      "--warmup", type=int, default=2, help="untimed steps after compilation"
+  )
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                      help="PyTorch intra-op threads (XLA:CPU uses every "
-                           "core; keep the default for a fair comparison)")
-  parser.add_argument("--precision", default="float32",
-                      choices=("float32", "bfloat16"))
-  parser.add_argument("--conv-implementation", default="auto",
-                      choices=("auto", "lax", "im2col"))
+  parser.add_argument(
+      "--threads",
+      type=int,
+      default=os.cpu_count() or 1,
+      help=(
+          "PyTorch intra-op threads (XLA:CPU uses every "
+          "core; keep the default for a fair comparison)"
+      ),
+  )
+  parser.add_argument(
+      "--precision", default="float32", choices=("float32", "bfloat16")
+  )
+  parser.add_argument(
+      "--conv-implementation", default="auto", choices=("auto", "lax", "im2col")
+  )
   parser.add_argument("--json-out", default="")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -252,8 +305,9 @@ def parse_args(argv=None):
       parser.error(f"--variants: unknown {v!r}; allowed: {', '.join(VARIANTS)}")
   for f in args.frameworks:
     if f not in FRAMEWORKS:
-      parser.error(f"--frameworks: unknown {f!r}; allowed: "
-                   f"{', '.join(FRAMEWORKS)}")
+      parser.error(
+          f"--frameworks: unknown {f!r}; allowed: {', '.join(FRAMEWORKS)}"
+      )
   return args
 
 

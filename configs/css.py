@@ -23,7 +23,9 @@ written in the published format into the workdir (`config.data.fixture`),
 then evaluates once: the full code path in about a minute on a CPU.
 """
 
-from irtf_jax.config_base import paper_config, unknown_argument, use_smoke_settings
+from irtf_jax.config_base import paper_config
+from irtf_jax.config_base import unknown_argument
+from irtf_jax.config_base import use_smoke_settings
 
 
 def get_config(arg: str = ""):

@@ -18,7 +18,9 @@ experiment: the same model and loss, 400 steps with an evaluation every 100
 so that a run costs about a quarter of the default's convolutions.
 """
 
-from irtf_jax.config_base import base_config, unknown_argument, use_smoke_settings
+from irtf_jax.config_base import base_config
+from irtf_jax.config_base import unknown_argument
+from irtf_jax.config_base import use_smoke_settings
 
 
 def get_config(arg: str = ""):

@@ -29,7 +29,9 @@ Fashion200k copy written in the published format into the workdir
 (`config.data.fixture`), at 64 x 64, then evaluates once.
 """
 
-from irtf_jax.config_base import paper_config, unknown_argument, use_smoke_settings
+from irtf_jax.config_base import paper_config
+from irtf_jax.config_base import unknown_argument
+from irtf_jax.config_base import use_smoke_settings
 
 
 def get_config(arg: str = ""):

@@ -31,9 +31,9 @@ import threading
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 # EX_TEMPFAIL (sysexits.h): "temporary failure; the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75
@@ -48,7 +48,8 @@ class Preempted(Exception):
     super().__init__(
         f"{signal_name} received: stopped after step {step} with its "
         f"checkpoint saved in {workdir}/checkpoints; run the same command to "
-        "continue.")
+        "continue."
+    )
 
 
 class WorkdirBusyError(RuntimeError):
@@ -92,7 +93,8 @@ class WorkdirLock:
       raise WorkdirBusyError(
           f"{os.path.dirname(self.path)} is in use by {holder} (lock "
           f"{self.path}); wait for that run, stop it, or pass another "
-          "--workdir.") from None
+          "--workdir."
+      ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
@@ -113,8 +115,11 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        ),
+    )
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -135,21 +140,26 @@ class Checkpoints:
     for step in reversed(steps):
       try:
         state = self._manager.restore(
-            step, args=ocp.args.StandardRestore(template))
+            step, args=ocp.args.StandardRestore(template)
+        )
       except Exception as e:  # pylint: disable=broad-exception-caught
         failures.append(f"step {step}: {type(e).__name__}: {e}")
         continue
       if failures:
         logging.warning(
             "%s: the newest checkpoint could not be restored (%s); resuming "
-            "from step %d instead.", self.directory, "; ".join(failures),
-            step)
+            "from step %d instead.",
+            self.directory,
+            "; ".join(failures),
+            step,
+        )
       return state
     if steps:
       raise CheckpointError(
           f"{self.directory}: no checkpoint can be restored ("
           f"{'; '.join(failures)[:2000]}). Restore the files, or move the "
-          "folder away to start this run over.")
+          "folder away to start this run over."
+      )
     return None
 
   def save(self, step: int, state: Any) -> None:
@@ -164,7 +174,8 @@ class Checkpoints:
             f"{self.directory}: no space left on device while saving step "
             f"{step}; the checkpoint of step "
             f"{previous[-1] if previous else '(none)'} is intact. Free space "
-            "and run the same command to continue.") from e
+            "and run the same command to continue.",
+        ) from e
       raise
 
   def close(self) -> None:
@@ -194,8 +205,11 @@ class PreemptionWatch:
         raise KeyboardInterrupt
       raise SystemExit(128 + signum)
     self.received = signal.Signals(signum).name
-    logging.warning("%s received: stopping after this step (send it again "
-                    "to stop at once).", self.received)
+    logging.warning(
+        "%s received: stopping after this step (send it again "
+        "to stop at once).",
+        self.received,
+    )
 
   def __enter__(self) -> "PreemptionWatch":
     if threading.current_thread() is threading.main_thread():

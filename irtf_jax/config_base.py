@@ -33,13 +33,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "css_synth"
-  c.data.data_dir = ""          # "" = ~/.cache/irtf_jax/tfds
-  c.data.manual_dir = ""        # the user's copy of a dataset
+  c.data.data_dir = ""  # "" = ~/.cache/irtf_jax/tfds
+  c.data.manual_dir = ""  # the user's copy of a dataset
   # The dataset's loader options, every one listed with its default so that
   # --config.data.options.<name>=... can override it.
   c.data.options = dataset_options("css_synth")
-  c.data.fixture = False        # smoke runs: write a tiny copy in the real format
-  c.data.workers = 0            # >0: build batches in grain worker processes
+  c.data.fixture = False  # smoke runs: write a tiny copy in the real format
+  c.data.workers = 0  # >0: build batches in grain worker processes
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tirg_lastconv"
@@ -51,12 +51,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init = "torch"
   c.model.image_encoder = ml_collections.ConfigDict()
   c.model.image_encoder.depth = 18
-  c.model.image_encoder.pretrained = ""      # torchvision .pth / .safetensors
+  c.model.image_encoder.pretrained = ""  # torchvision .pth / .safetensors
   c.model.image_encoder.lr_multiplier = 1.0  # TIRG on real datasets: 0.1
   c.model.text_encoder = ml_collections.ConfigDict()
   c.model.text_encoder.name = "lstm"  # | "sentence_transformer" | "precomputed"
   c.model.text_encoder.pretrained = ""  # sentence-transformers model folder
-  c.model.text_encoder.features = ""    # precomputed: .npz (texts, features)
+  c.model.text_encoder.features = ""  # precomputed: .npz (texts, features)
   c.model.text_encoder.trainable = True  # fine-tune the sentence encoder
   c.model.text_encoder.word_embed_dim = 512
   c.model.text_encoder.hidden_dim = 512
@@ -70,15 +70,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "batch_classification"
-  c.loss.eta = 1e-3             # similarity matching weight
+  c.loss.eta = 1e-3  # similarity matching weight
 
   c.ga = ml_collections.ConfigDict()
   c.ga.adversarial = ml_collections.ConfigDict()
-  c.ga.adversarial.epsilon = 0.0   # paper: 1e-6
+  c.ga.adversarial.epsilon = 0.0  # paper: 1e-6
   c.ga.adversarial.q = 1.0
   c.ga.adversarial.wrt = "query_image"
   c.ga.isotropic = ml_collections.ConfigDict()
-  c.ga.isotropic.gamma = 0.0       # paper: 1e-2
+  c.ga.isotropic.gamma = 0.0  # paper: 1e-2
   # "official" (the official code's noise), "mean" or "element"; see
   # regularizers.isotropic_gradient_augmentation.
   c.ga.isotropic.scaling = "official"
@@ -87,8 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The regularizers the paper compares GA with.
   c.baselines = ml_collections.ConfigDict()
-  c.baselines.fgsm_epsilon = 0.0           # FGSM adversarial training
-  c.baselines.gradient_noise_eta = 0.0     # optax.add_noise (Neelakantan et al.)
+  c.baselines.fgsm_epsilon = 0.0  # FGSM adversarial training
+  c.baselines.gradient_noise_eta = 0.0  # optax.add_noise (Neelakantan et al.)
   c.baselines.gradient_noise_gamma = 0.55
 
   c.optimizer = ml_collections.ConfigDict()
@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
   c.eval.ks = (1, 5, 10, 50, 100)
-  c.eval.max_test_queries = 0      # 0 = all
+  c.eval.max_test_queries = 0  # 0 = all
   c.eval.max_train_queries = 2000  # train-split recall (Ms) on a sample
   # Ms against the whole train split ("all") or against its first families
   # with as many images and queries as the test evaluation ("test_size"; see
@@ -134,8 +134,9 @@ def use_paper_ga(config: ml_collections.ConfigDict) -> None:
   config.ga.isotropic.gamma = 1e-2
 
 
-def paper_config(dataset: str, *, batch_size: int,
-                 num_train_steps: int) -> ml_collections.ConfigDict:
+def paper_config(
+    dataset: str, *, batch_size: int, num_train_steps: int
+) -> ml_collections.ConfigDict:
   """A published benchmark with the GA paper's code settings: ResNet-18 +
   LSTM + TIRG-LastConv, SGD (the base defaults), GA on (`use_paper_ga`),
   evaluation on every test query every 10k steps."""
@@ -150,17 +151,19 @@ def paper_config(dataset: str, *, batch_size: int,
   config.log_every = 100
   config.eval_every = 10_000
   config.checkpoint_every = 5_000
-  config.eval.max_test_queries = 0   # all of them
+  config.eval.max_test_queries = 0  # all of them
   config.eval.max_train_queries = 0  # all of the loader's train-split queries
   return config
 
 
-def unknown_argument(config_file: str, arg: str,
-                     allowed: tuple[str, ...] = ("", "smoke")) -> ValueError:
+def unknown_argument(
+    config_file: str, arg: str, allowed: tuple[str, ...] = ("", "smoke")
+) -> ValueError:
   """The error a config file's `get_config(arg)` raises for an unknown arg."""
   return ValueError(
       f"{config_file}: unknown argument {arg!r}; allowed: "
-      f"{', '.join(repr(a) for a in allowed)}")
+      f"{', '.join(repr(a) for a in allowed)}"
+  )
 
 
 def use_smoke_settings(config: ml_collections.ConfigDict) -> None:
@@ -209,26 +212,51 @@ def _choices() -> dict[str, tuple]:
 
 
 _NON_NEGATIVE = (
-    "loss.eta", "ga.adversarial.epsilon", "ga.isotropic.gamma",
-    "baselines.fgsm_epsilon", "baselines.gradient_noise_eta",
-    "baselines.gradient_noise_gamma", "optimizer.learning_rate",
-    "optimizer.momentum", "optimizer.weight_decay", "optimizer.lr_decay_factor",
-    "model.text_encoder.dropout", "model.image_encoder.lr_multiplier",
-    "model.normalization_scale", "eval.whm_alpha",
+    "loss.eta",
+    "ga.adversarial.epsilon",
+    "ga.isotropic.gamma",
+    "baselines.fgsm_epsilon",
+    "baselines.gradient_noise_eta",
+    "baselines.gradient_noise_gamma",
+    "optimizer.learning_rate",
+    "optimizer.momentum",
+    "optimizer.weight_decay",
+    "optimizer.lr_decay_factor",
+    "model.text_encoder.dropout",
+    "model.image_encoder.lr_multiplier",
+    "model.normalization_scale",
+    "eval.whm_alpha",
 )
 _POSITIVE_INTS = (
-    "batch_size", "num_train_steps", "log_every", "eval_every",
-    "checkpoint_every", "keep_checkpoints", "optimizer.lr_decay_steps",
-    "eval.batch_size", "eval.chunk_size", "model.embed_dim",
-    "model.text_encoder.max_length", "model.text_encoder.word_embed_dim",
+    "batch_size",
+    "num_train_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "optimizer.lr_decay_steps",
+    "eval.batch_size",
+    "eval.chunk_size",
+    "model.embed_dim",
+    "model.text_encoder.max_length",
+    "model.text_encoder.word_embed_dim",
     "model.text_encoder.hidden_dim",
 )
-_NON_NEGATIVE_INTS = ("seed", "data.workers", "eval.max_test_queries",
-                      "eval.max_train_queries", "eval.num_qualitative")
+_NON_NEGATIVE_INTS = (
+    "seed",
+    "data.workers",
+    "eval.max_test_queries",
+    "eval.max_train_queries",
+    "eval.num_qualitative",
+)
 _BELOW_ONE = ("model.text_encoder.dropout", "optimizer.momentum")
-_STRINGS = ("data.data_dir", "data.manual_dir",
-            "model.image_encoder.pretrained", "model.text_encoder.pretrained",
-            "model.text_encoder.features")
+_STRINGS = (
+    "data.data_dir",
+    "data.manual_dir",
+    "model.image_encoder.pretrained",
+    "model.text_encoder.pretrained",
+    "model.text_encoder.features",
+)
 
 
 def _get(config, dotted):
@@ -251,42 +279,60 @@ def validate(config, num_devices: int) -> None:
   for field, allowed in _choices().items():
     value = _get(config, field)
     if isinstance(value, bool) or value not in allowed:
-      raise ConfigError(f"config.{field}: unknown {value!r}; allowed: "
-                        f"{', '.join(map(str, allowed))}")
+      raise ConfigError(
+          f"config.{field}: unknown {value!r}; allowed: "
+          f"{', '.join(map(str, allowed))}"
+      )
   for field in _NON_NEGATIVE:
     value = _get(config, field)
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value >= 0):
-      raise ConfigError(f"config.{field}: must be a finite number >= 0, "
-                        f"got {value!r}")
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    ):
+      raise ConfigError(
+          f"config.{field}: must be a finite number >= 0, got {value!r}"
+      )
   for field in _BELOW_ONE:
     if not _get(config, field) < 1:
-      raise ConfigError(f"config.{field}: must be < 1, got "
-                        f"{_get(config, field)!r}")
+      raise ConfigError(
+          f"config.{field}: must be < 1, got {_get(config, field)!r}"
+      )
   for field in _POSITIVE_INTS:
     value = _get(config, field)
     if not (_is_int(value) and value > 0):
-      raise ConfigError(f"config.{field}: must be a positive integer, "
-                        f"got {value!r}")
+      raise ConfigError(
+          f"config.{field}: must be a positive integer, got {value!r}"
+      )
   for field in _NON_NEGATIVE_INTS:
     value = _get(config, field)
     if not (_is_int(value) and value >= 0):
-      raise ConfigError(f"config.{field}: must be an integer >= 0, "
-                        f"got {value!r}")
+      raise ConfigError(
+          f"config.{field}: must be an integer >= 0, got {value!r}"
+      )
   for field in _STRINGS:
     if not isinstance(_get(config, field), str):
-      raise ConfigError(f"config.{field}: must be a path (a string), got "
-                        f"{_get(config, field)!r}")
+      raise ConfigError(
+          f"config.{field}: must be a path (a string), got "
+          f"{_get(config, field)!r}"
+      )
   ks = config.eval.ks
-  if not (isinstance(ks, (tuple, list)) and ks and
-          all(_is_int(k) and k > 0 for k in ks)):
-    raise ConfigError(f"config.eval.ks: must be a non-empty tuple of "
-                      f"positive integers such as (1, 5, 10), got {ks!r}")
+  if not (
+      isinstance(ks, (tuple, list))
+      and ks
+      and all(_is_int(k) and k > 0 for k in ks)
+  ):
+    raise ConfigError(
+        "config.eval.ks: must be a non-empty tuple of "
+        f"positive integers such as (1, 5, 10), got {ks!r}"
+    )
   for field in ("batch_size", "eval.batch_size"):
     if _get(config, field) % num_devices:
       raise ConfigError(
           f"config.{field}: {_get(config, field)} is not divisible by the "
-          f"{num_devices} devices; use a multiple of {num_devices}")
+          f"{num_devices} devices; use a multiple of {num_devices}"
+      )
   try:
     data.check_options(config.data.name, dict(config.data.options))
   except ValueError as e:

@@ -18,14 +18,14 @@ import functools
 from typing import Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax import lax
 
 from irtf_jax import metrics
-from irtf_jax.models import normalize_images
 from irtf_jax.data import base as data_base
+from irtf_jax.models import normalize_images
 
 
 def candidate_block_size(gallery_size: int, k: int) -> int:
@@ -41,8 +41,14 @@ def candidate_block_size(gallery_size: int, k: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "precision", "block"))
-def _top_k_chunk(query_chunk: jax.Array, gallery_t: jax.Array, exclude_chunk: jax.Array,
-                 k: int, precision: lax.Precision, block: int) -> tuple[jax.Array, jax.Array]:
+def _top_k_chunk(
+    query_chunk: jax.Array,
+    gallery_t: jax.Array,
+    exclude_chunk: jax.Array,
+    k: int,
+    precision: lax.Precision,
+    block: int,
+) -> tuple[jax.Array, jax.Array]:
   """Top-k gallery columns of one chunk of queries.
 
   With `block` > 0 the selection is exact in two stages: the row's k best
@@ -74,27 +80,40 @@ def _top_k_chunk(query_chunk: jax.Array, gallery_t: jax.Array, exclude_chunk: ja
     num_blocks = -(-size // block)
     # Padding columns are -inf and come after every real column, so no real
     # column loses a tie to them.
-    padded = jnp.pad(scores, ((0, 0), (0, num_blocks * block - size)),
-                     constant_values=-jnp.inf).reshape(rows, num_blocks, block)
+    padded = jnp.pad(
+        scores,
+        ((0, 0), (0, num_blocks * block - size)),
+        constant_values=-jnp.inf,
+    ).reshape(rows, num_blocks, block)
     _, best_blocks = lax.top_k(jnp.max(padded, axis=2), k)
     best_blocks = jnp.sort(best_blocks, axis=1)
     candidates = jnp.take_along_axis(padded, best_blocks[:, :, None], axis=1)
-    candidate_columns = best_blocks[:, :, None] * block + jnp.arange(block, dtype=jnp.int32)
+    candidate_columns = best_blocks[:, :, None] * block + jnp.arange(
+        block, dtype=jnp.int32
+    )
     top_scores, positions = lax.top_k(candidates.reshape(rows, k * block), k)
-    top_indices = jnp.take_along_axis(candidate_columns.reshape(rows, k * block), positions,
-                                      axis=1)
+    top_indices = jnp.take_along_axis(
+        candidate_columns.reshape(rows, k * block), positions, axis=1
+    )
   else:
     top_scores, top_indices = lax.top_k(scores, k)
-  top_indices = jnp.where(top_indices == exclude_chunk[:, None], -1, top_indices)
+  top_indices = jnp.where(
+      top_indices == exclude_chunk[:, None], -1, top_indices
+  )
   return top_scores, top_indices
 
 
 _transpose = jax.jit(jnp.transpose)
 
 
-def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chunk_size: int = 1024,
-                     precision: lax.Precision = lax.Precision.HIGHEST
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def top_k_neighbours(
+    query_features,
+    gallery_features,
+    k: int,
+    exclude=None,
+    chunk_size: int = 1024,
+    precision: lax.Precision = lax.Precision.HIGHEST,
+) -> tuple[np.ndarray, np.ndarray]:
   """The k best-scored gallery images of every query, computed on device in query chunks.
 
   For query i, gallery column j has score s_ij = <q_i, g_j>; the column
@@ -127,18 +146,30 @@ def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chu
   query_features = jnp.asarray(query_features, jnp.float32)
   gallery_features = jnp.asarray(gallery_features, jnp.float32)
   if query_features.ndim != 2 or gallery_features.ndim != 2:
-    raise ValueError(f"query_features {query_features.shape} and gallery_features "
-                     f"{gallery_features.shape} must be (Q, D) and (N, D) matrices.")
+    raise ValueError(
+        f"query_features {query_features.shape} and gallery_features "
+        f"{gallery_features.shape} must be (Q, D) and (N, D) matrices."
+    )
   num_queries, dim = query_features.shape
   gallery_size, gallery_dim = gallery_features.shape
   if dim != gallery_dim:
-    raise ValueError(f"query_features have D={dim} but gallery_features D={gallery_dim}: "
-                     f"both must come from the same embedding.")
+    raise ValueError(
+        f"query_features have D={dim} but gallery_features D={gallery_dim}: "
+        "both must come from the same embedding."
+    )
   (k,) = metrics.check_ks((k,), gallery_size)
-  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
-      or chunk_size < 1):
-    raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (queries per chunk).")
-  exclude = metrics.check_exclude(exclude, num_queries, gallery_size).astype(np.int32)
+  if (
+      isinstance(chunk_size, bool)
+      or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1
+  ):
+    raise ValueError(
+        f"chunk_size={chunk_size!r} must be a positive integer (queries per"
+        " chunk)."
+    )
+  exclude = metrics.check_exclude(exclude, num_queries, gallery_size).astype(
+      np.int32
+  )
   if num_queries == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
 
@@ -158,7 +189,10 @@ def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chu
         lax.dynamic_slice_in_dim(query_features, start, chunk_size),
         gallery_t,
         lax.dynamic_slice_in_dim(exclude, start, chunk_size),
-        k=k, precision=precision, block=block)
+        k=k,
+        precision=precision,
+        block=block,
+    )
     chunk_scores.append(top_scores)
     chunk_indices.append(top_indices)
   # One transfer of the (Q, k) result at the end; the chunks stay on device meanwhile.
@@ -167,8 +201,9 @@ def top_k_neighbours(query_features, gallery_features, k: int, exclude=None, chu
   return scores, indices
 
 
-def recall_from_neighbours(indices, query_target_ids, gallery_ids,
-                           ks: Sequence[int] = (1, 5, 10, 50)) -> dict[int, float]:
+def recall_from_neighbours(
+    indices, query_target_ids, gallery_ids, ks: Sequence[int] = (1, 5, 10, 50)
+) -> dict[int, float]:
   """Recall@K from precomputed top-k neighbours (TIRG's protocol).
 
   Query i hits at K when some of its first K neighbours j has
@@ -193,31 +228,46 @@ def recall_from_neighbours(indices, query_target_ids, gallery_ids,
   indices = np.asarray(indices)
   gallery_ids = np.asarray(gallery_ids)
   if indices.ndim != 2:
-    raise ValueError(f"indices has shape {indices.shape}: pass the (Q, k) neighbours of "
-                     f"top_k_neighbours.")
+    raise ValueError(
+        f"indices has shape {indices.shape}: pass the (Q, k) neighbours of "
+        "top_k_neighbours."
+    )
   num_queries, num_neighbours = indices.shape
   if num_queries == 0:
     raise ValueError("indices has no rows: recall needs at least one query.")
   if gallery_ids.ndim != 1:
-    raise ValueError(f"gallery_ids has shape {gallery_ids.shape}: pass one caption id per "
-                     f"gallery image, shape (N,).")
+    raise ValueError(
+        f"gallery_ids has shape {gallery_ids.shape}: pass one caption id per "
+        "gallery image, shape (N,)."
+    )
   gallery_size = gallery_ids.shape[0]
-  query_target_ids, gallery_ids = metrics.check_labels(query_target_ids, gallery_ids,
-                                                       num_queries, gallery_size)
+  query_target_ids, gallery_ids = metrics.check_labels(
+      query_target_ids, gallery_ids, num_queries, gallery_size
+  )
   ks = tuple(ks)
   for k in ks:
-    if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > num_neighbours:
-      raise ValueError(f"ks contains K={k} but only k={num_neighbours} neighbours were ranked: "
-                       f"call top_k_neighbours with k >= max(ks).")
+    if (
+        isinstance(k, (int, np.integer))
+        and not isinstance(k, bool)
+        and k > num_neighbours
+    ):
+      raise ValueError(
+          f"ks contains K={k} but only k={num_neighbours} neighbours were"
+          " ranked: call top_k_neighbours with k >= max(ks)."
+      )
   ks = metrics.check_ks(ks, num_neighbours)
   if ((indices < -1) | (indices >= gallery_size)).any():
-    raise ValueError(f"indices has entries outside [-1, {gallery_size}): they must be gallery "
-                     f"columns of this gallery_ids (N={gallery_size}).")
+    raise ValueError(
+        f"indices has entries outside [-1, {gallery_size}): they must be"
+        f" gallery columns of this gallery_ids (N={gallery_size})."
+    )
   valid = indices >= 0
   neighbour_ids = gallery_ids[np.where(valid, indices, 0)]
   hits = valid & (neighbour_ids == query_target_ids[:, None])
   # A query hits at K iff its first hit lies within the first K neighbours.
-  first_hit = np.where(hits.any(axis=1), np.argmax(hits, axis=1), num_neighbours)
+  first_hit = np.where(
+      hits.any(axis=1), np.argmax(hits, axis=1), num_neighbours
+  )
   return {k: float(np.mean(first_hit < k)) for k in ks}
 
 
@@ -243,64 +293,109 @@ class FeatureExtractor:
   over the devices, and the features stay on device until ranking.
   """
 
-  def __init__(self, model, parallel, batch_size: int,
-               show_progress: bool = True):
+  def __init__(
+      self, model, parallel, batch_size: int, show_progress: bool = True
+  ):
     if batch_size % parallel.num_devices:
-      raise ValueError(f"config.eval.batch_size: {batch_size} is not divisible "
-                       f"by the {parallel.num_devices} devices")
+      raise ValueError(
+          f"config.eval.batch_size: {batch_size} is not divisible "
+          f"by the {parallel.num_devices} devices"
+      )
     self.parallel = parallel
     self.batch_size = batch_size
     self.show_progress = show_progress
     replicated, sharded = parallel.replicated, parallel.batch_sharding
 
     def embed_target(variables, images):
-      return model.apply(variables, normalize_images(images), train=False,
-                         method=model.embed_target)
+      return model.apply(
+          variables,
+          normalize_images(images),
+          train=False,
+          method=model.embed_target,
+      )
 
     def embed_query(variables, images, tokens, lengths):
-      return model.apply(variables, normalize_images(images), tokens, lengths,
-                         train=False, method=model.embed_query)
+      return model.apply(
+          variables,
+          normalize_images(images),
+          tokens,
+          lengths,
+          train=False,
+          method=model.embed_query,
+      )
 
     self._embed_target = jax.jit(
-        embed_target, in_shardings=(replicated, sharded),
-        out_shardings=sharded)
+        embed_target, in_shardings=(replicated, sharded), out_shardings=sharded
+    )
     self._embed_query = jax.jit(
-        embed_query, in_shardings=(replicated, sharded, sharded, sharded),
-        out_shardings=sharded)
+        embed_query,
+        in_shardings=(replicated, sharded, sharded, sharded),
+        out_shardings=sharded,
+    )
 
   def _run(self, fn, variables, n, make_inputs, description):
     chunks = []
-    with tqdm.tqdm(total=n, desc=description, unit="img", leave=False,
-                   disable=not self.show_progress, dynamic_ncols=True) as bar:
+    with tqdm.tqdm(
+        total=n,
+        desc=description,
+        unit="img",
+        leave=False,
+        disable=not self.show_progress,
+        dynamic_ncols=True,
+    ) as bar:
       for rows in _batches(n, self.batch_size):
         inputs = [_pad_rows(x, self.batch_size) for x in make_inputs(rows)]
-        inputs = [jax.device_put(x, self.parallel.batch_sharding)
-                  for x in inputs]
-        chunks.append(fn(variables, *inputs)[:len(rows)])
+        inputs = [
+            jax.device_put(x, self.parallel.batch_sharding) for x in inputs
+        ]
+        chunks.append(fn(variables, *inputs)[: len(rows)])
         bar.update(len(rows))
     return jnp.concatenate(chunks)
 
-  def gallery(self, variables, split, indices: np.ndarray,
-              description: str = "gallery") -> jax.Array:
-    return self._run(self._embed_target, variables, len(indices),
-                     lambda rows: [split.images(indices[rows])], description)
+  def gallery(
+      self, variables, split, indices: np.ndarray, description: str = "gallery"
+  ) -> jax.Array:
+    return self._run(
+        self._embed_target,
+        variables,
+        len(indices),
+        lambda rows: [split.images(indices[rows])],
+        description,
+    )
 
-  def queries(self, variables, split, queries, vocab, max_length: int,
-              description: str = "queries") -> jax.Array:
+  def queries(
+      self,
+      variables,
+      split,
+      queries,
+      vocab,
+      max_length: int,
+      description: str = "queries",
+  ) -> jax.Array:
     def make_inputs(rows):
       chosen = [queries[i] for i in rows]
       tokens, lengths = vocab.encode([q.text for q in chosen], max_length)
       images = split.images(np.asarray([q.source_index for q in chosen]))
       return [images, tokens, lengths]
-    return self._run(self._embed_query, variables, len(queries), make_inputs,
-                     description)
+
+    return self._run(
+        self._embed_query, variables, len(queries), make_inputs, description
+    )
 
 
-def evaluate_split(extractor: FeatureExtractor, variables, split, *,
-                   vocab, max_length: int, ks: Sequence[int],
-                   max_queries: int = 0, seed: int = 0,
-                   chunk_size: int = 1024, name: str = "eval"
-                   ) -> tuple[dict[str, float], list, np.ndarray]:
+def evaluate_split(
+    extractor: FeatureExtractor,
+    variables,
+    split,
+    *,
+    vocab,
+    max_length: int,
+    ks: Sequence[int],
+    max_queries: int = 0,
+    seed: int = 0,
+    chunk_size: int = 1024,
+    name: str = "eval",
+) -> tuple[dict[str, float], list, np.ndarray]:
   """Recall@K of `split.queries` against `split.gallery` (TIRG's protocol).
 
   Args:
@@ -316,18 +411,28 @@ def evaluate_split(extractor: FeatureExtractor, variables, split, *,
   queries = list(split.queries)
   exclude = split.excluded_columns()
   if max_queries and len(queries) > max_queries:
-    chosen = np.sort(np.random.default_rng(seed).choice(
-        len(queries), max_queries, replace=False))
+    chosen = np.sort(
+        np.random.default_rng(seed).choice(
+            len(queries), max_queries, replace=False
+        )
+    )
     queries = [queries[i] for i in chosen]
     exclude = exclude[chosen]
-  gallery_features = extractor.gallery(variables, split, gallery,
-                                      f"{name} gallery")
-  query_features = extractor.queries(variables, split, queries, vocab,
-                                     max_length, f"{name} queries")
+  gallery_features = extractor.gallery(
+      variables, split, gallery, f"{name} gallery"
+  )
+  query_features = extractor.queries(
+      variables, split, queries, vocab, max_length, f"{name} queries"
+  )
   k = min(max(ks), len(gallery))
   ks = tuple(x for x in ks if x <= k)
-  _, neighbours = top_k_neighbours(query_features, gallery_features, k,
-                                   exclude=exclude, chunk_size=chunk_size)
+  _, neighbours = top_k_neighbours(
+      query_features,
+      gallery_features,
+      k,
+      exclude=exclude,
+      chunk_size=chunk_size,
+  )
   gallery_captions = [split.captions[i] for i in gallery]
   target_captions = [q.target_caption for q in queries]
   results = {}
@@ -335,7 +440,8 @@ def evaluate_split(extractor: FeatureExtractor, variables, split, *,
   for view, label_of in views.items():
     gallery_ids, target_ids = metrics.caption_ids(
         [label_of(c) for c in gallery_captions],
-        [label_of(c) for c in target_captions])
+        [label_of(c) for c in target_captions],
+    )
     recall = recall_from_neighbours(neighbours, target_ids, gallery_ids, ks)
     prefix = f"{view}/" if view else ""
     results.update({f"{prefix}recall@{kk}": v for kk, v in recall.items()})
@@ -345,8 +451,14 @@ def evaluate_split(extractor: FeatureExtractor, variables, split, *,
 TRAIN_GALLERIES = ("all", "test_size")
 
 
-def train_recall_split(train_split, test_split, *, train_gallery: str,
-                       max_train_queries: int, max_test_queries: int):
+def train_recall_split(
+    train_split,
+    test_split,
+    *,
+    train_gallery: str,
+    max_train_queries: int,
+    max_test_queries: int,
+):
   """The split and query limit that train-split recall (Ms) is measured on.
 
   Args:
@@ -363,14 +475,19 @@ def train_recall_split(train_split, test_split, *, train_gallery: str,
   if train_gallery == "all":
     return train_split, max_train_queries
   if train_gallery != "test_size":
-    raise ValueError(f"config.eval.train_gallery: unknown {train_gallery!r}; "
-                     f"allowed: {', '.join(TRAIN_GALLERIES)}")
+    raise ValueError(
+        f"config.eval.train_gallery: unknown {train_gallery!r}; "
+        f"allowed: {', '.join(TRAIN_GALLERIES)}"
+    )
   if len(train_split.gallery) != len(train_split.captions):
     raise ValueError(
         f"config.eval.train_gallery='test_size': the {train_split.name} train "
-        "split does not rank against its own images; use 'all'")
+        "split does not rank against its own images; use 'all'"
+    )
   num_test = len(test_split.queries)
   if max_test_queries:
     num_test = min(num_test, max_test_queries)
-  return (data_base.first_families(train_split, len(test_split.gallery)),
-          num_test)
+  return (
+      data_base.first_families(train_split, len(test_split.gallery)),
+      num_test,
+  )

@@ -13,9 +13,9 @@ from typing import Callable
 
 import chex
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 
 def _check_pair(query, target) -> None:
@@ -69,12 +69,13 @@ def soft_triplet_loss(query, target, *, axis_name=None):
   local = offset + jnp.arange(query.shape[0])
   anchors = jnp.concatenate([local, local + n_global])
   positives = jnp.concatenate([local + n_global, local])
-  d_anchor = distances[anchors]                                  # (2b, 2N)
+  d_anchor = distances[anchors]  # (2b, 2N)
   d_positive = jnp.take_along_axis(d_anchor, positives[:, None], axis=1)
   negative = labels[None, :] != labels[anchors][:, None]
   terms = jax.nn.softplus(d_positive - d_anchor)
   per_anchor = jnp.sum(jnp.where(negative, terms, 0.0), axis=1) / jnp.sum(
-      negative, axis=1)
+      negative, axis=1
+  )
   return jnp.mean(per_anchor)
 
 
@@ -82,8 +83,9 @@ def similarity_matching_loss(query, target):
   """L_S = mean((f_comp - f_target)^2), the Gradient Augmentation paper's
   similarity matching term (weighted by eta = 1e-3 in its code)."""
   _check_pair(query, target)
-  return jnp.mean(jnp.square(query.astype(jnp.float32) -
-                             target.astype(jnp.float32)))
+  return jnp.mean(
+      jnp.square(query.astype(jnp.float32) - target.astype(jnp.float32))
+  )
 
 
 RETRIEVAL_LOSSES: dict[str, Callable] = {
@@ -94,6 +96,8 @@ RETRIEVAL_LOSSES: dict[str, Callable] = {
 
 def retrieval_loss(name: str) -> Callable:
   if name not in RETRIEVAL_LOSSES:
-    raise ValueError(f"config.loss.name: unknown {name!r}; allowed: "
-                     f"{', '.join(RETRIEVAL_LOSSES)}")
+    raise ValueError(
+        f"config.loss.name: unknown {name!r}; allowed: "
+        f"{', '.join(RETRIEVAL_LOSSES)}"
+    )
   return RETRIEVAL_LOSSES[name]

@@ -30,22 +30,39 @@ from irtf_jax import checkpointing
 from irtf_jax import config_base
 from irtf_jax import train
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
-                               "metrics and pictures.", required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
-                          "train (and evaluate), or evaluate the latest "
-                          "checkpoint.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, metrics and pictures.",
+    required=True,
+)
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate"],
+    "train (and evaluate), or evaluate the latest checkpoint.",
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (GPU clusters "
-    "with SLURM/MPI, TPU pods: the coordinator is auto-detected).")
-config_flags.DEFINE_config_file("config", None, "Config file (with an "
-                                "optional ':arg', e.g. ':smoke').",
-                                lock_config=True)
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first (GPU clusters "
+    "with SLURM/MPI, TPU pods: the coordinator is auto-detected).",
+)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file (with an optional ':arg', e.g. ':smoke').",
+    lock_config=True,
+)
 
 # Errors whose message says all a user needs: printed without a traceback.
-_EXPLAINED = (checkpointing.WorkdirBusyError, checkpointing.CheckpointError,
-              checkpointing.DiskFullError, train.NonFiniteLossError,
-              FileNotFoundError)
+_EXPLAINED = (
+    checkpointing.WorkdirBusyError,
+    checkpointing.CheckpointError,
+    checkpointing.DiskFullError,
+    train.NonFiniteLossError,
+    FileNotFoundError,
+)
 
 
 def _one_line(error: Exception, argv: list[str]) -> str:
@@ -55,11 +72,15 @@ def _one_line(error: Exception, argv: list[str]) -> str:
     # ml_collections: an override of a field the config does not have.
     found = re.search(r"([A-Za-z0-9_]+)", text)
     name = found.group(1) if found else text
-    culprits = [a.split("=")[0] for a in argv
-                if a.split("=")[0].endswith(f".{name}")] or [repr(name)]
+    culprits = [
+        a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{name}")
+    ] or [repr(name)]
     suggestion = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
-    hint = (f"did you mean {suggestion.group(1)}?" if suggestion else
-            "the config file lists the fields it has")
+    hint = (
+        f"did you mean {suggestion.group(1)}?"
+        if suggestion
+        else "the config file lists the fields it has"
+    )
     return f"{', '.join(culprits)}: no such config field; {hint}"
   return " ".join(text.split())
 
@@ -68,8 +89,7 @@ def parse_flags(argv: list[str], flag_values=flags.FLAGS) -> list[str]:
   """Parses the command line; any error is one line on stderr and exit 2."""
   try:
     return flag_values(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError,
-          ValueError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"error: {_one_line(e, argv)}", file=sys.stderr)
     sys.exit(2)
 
@@ -78,8 +98,9 @@ def parse_config(argv: list[str]):
   """The config the command line `argv` gives, parsed as `main` parses it
   (for tests and tools: its own flag registry, so it can run many times)."""
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+      "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
   parse_flags(argv, flag_values)
   return flag_values.config
 
@@ -99,13 +120,18 @@ def main(argv):
   pylogging.getLogger("absl").setLevel(pylogging.WARNING)
   logging.set_verbosity(logging.WARNING)
   # Reruns (resuming, evaluating, sweeping seeds) reuse compiled programs.
-  jax.config.update("jax_compilation_cache_dir", os.environ.get(
-      "IRTF_JAX_COMPILATION_CACHE",
-      os.path.join(os.path.expanduser("~"), ".cache", "irtf_jax", "xla")))
+  jax.config.update(
+      "jax_compilation_cache_dir",
+      os.environ.get(
+          "IRTF_JAX_COMPILATION_CACHE",
+          os.path.join(os.path.expanduser("~"), ".cache", "irtf_jax", "xla"),
+      ),
+  )
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  logging.info("JAX processes: %d, devices: %s", jax.process_count(),
-               jax.devices())
+  logging.info(
+      "JAX processes: %d, devices: %s", jax.process_count(), jax.devices()
+  )
   try:
     run(flags.FLAGS.config, _WORKDIR.value, _MODE.value)
   except config_base.ConfigError as e:

@@ -45,8 +45,11 @@ class MetricWriter:
     identically) and a torn last line (a run killed mid-write)."""
     if not (self.enabled and os.path.exists(self.path)):
       return
-    kept = [line for line in _complete_lines(self.path)
-            if json.loads(line)["step"] <= step]
+    kept = [
+        line
+        for line in _complete_lines(self.path)
+        if json.loads(line)["step"] <= step
+    ]
     self._guarded(lambda: _rewrite(self.path, kept))
 
   def find(self, step: int, key: str) -> dict | None:
@@ -54,9 +57,14 @@ class MetricWriter:
     without its "step"; None if there is none."""
     if not os.path.exists(self.path):
       return None
-    found = [r for r in map(json.loads, _complete_lines(self.path))
-             if r["step"] == step and key in r]
-    return {k: v for k, v in found[-1].items() if k != "step"} if found else None
+    found = [
+        r
+        for r in map(json.loads, _complete_lines(self.path))
+        if r["step"] == step and key in r
+    ]
+    return (
+        {k: v for k, v in found[-1].items() if k != "step"} if found else None
+    )
 
   def _guarded(self, write) -> None:
     try:
@@ -64,9 +72,11 @@ class MetricWriter:
     except OSError as e:
       if is_disk_full(e):
         raise DiskFullError(
-            e.errno, f"{self.path}: no space left on device; the last "
+            e.errno,
+            f"{self.path}: no space left on device; the last "
             "checkpoint is intact. Free space and run the same command to "
-            "continue.") from e
+            "continue.",
+        ) from e
       raise
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
@@ -81,10 +91,15 @@ class MetricWriter:
 
     self._guarded(append)
     for name, value in record.items():
-      if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+      if (
+          name != "step"
+          and isinstance(value, (int, float))
+          and math.isfinite(value)
+      ):
         # TensorBoard tag names may not contain "@".
-        self._tensorboard.add_scalar(name.replace("@", "_at_"), value,
-                                     int(step))
+        self._tensorboard.add_scalar(
+            name.replace("@", "_at_"), value, int(step)
+        )
 
   def close(self) -> None:
     if self._tensorboard is not None:

@@ -40,14 +40,20 @@ def check_ks(ks: Iterable[int], gallery_size: int) -> tuple[int, ...]:
   """
   ks = tuple(ks)
   if not ks:
-    raise ValueError("ks is empty: pass at least one cut-off K, e.g. ks=(1, 5, 10, 50).")
+    raise ValueError(
+        "ks is empty: pass at least one cut-off K, e.g. ks=(1, 5, 10, 50)."
+    )
   for k in ks:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-      raise ValueError(f"ks contains {k!r}: every cut-off K must be a positive integer.")
+      raise ValueError(
+          f"ks contains {k!r}: every cut-off K must be a positive integer."
+      )
     if not 1 <= k <= gallery_size:
-      raise ValueError(f"ks contains K={k} but the gallery has N={gallery_size} images: "
-                       f"every K must lie in [1, {gallery_size}]; drop K={k} or enlarge the "
-                       f"gallery.")
+      raise ValueError(
+          f"ks contains K={k} but the gallery has N={gallery_size} images: "
+          f"every K must lie in [1, {gallery_size}]; drop K={k} or enlarge the "
+          "gallery."
+      )
   return tuple(int(k) for k in ks)
 
 
@@ -71,21 +77,30 @@ def check_exclude(exclude, num_queries: int, gallery_size: int) -> np.ndarray:
     return np.full((num_queries,), -1, np.int64)
   exclude = np.asarray(exclude)
   if exclude.shape != (num_queries,):
-    raise ValueError(f"exclude has shape {exclude.shape} but there are Q={num_queries} queries: "
-                     f"pass one gallery column per query, shape ({num_queries},), -1 for none.")
+    raise ValueError(
+        f"exclude has shape {exclude.shape} but there are Q={num_queries}"
+        f" queries: pass one gallery column per query, shape ({num_queries},),"
+        " -1 for none."
+    )
   if exclude.size and not np.issubdtype(exclude.dtype, np.integer):
-    raise ValueError(f"exclude has dtype {exclude.dtype}: pass integer gallery columns "
-                     f"(-1 for none).")
+    raise ValueError(
+        f"exclude has dtype {exclude.dtype}: pass integer gallery columns "
+        "(-1 for none)."
+    )
   bad = np.flatnonzero((exclude < -1) | (exclude >= gallery_size))
   if bad.size:
     i = int(bad[0])
-    raise ValueError(f"exclude[{i}] = {int(exclude[i])} is outside [-1, {gallery_size}): "
-                     f"pass a gallery column index of the query's source image, or -1 for none.")
+    raise ValueError(
+        f"exclude[{i}] = {int(exclude[i])} is outside [-1, {gallery_size}):"
+        " pass a gallery column index of the query's source image, or -1 for"
+        " none."
+    )
   return exclude.astype(np.int64)
 
 
-def check_labels(query_target_ids, gallery_ids, num_queries: int,
-                 gallery_size: int) -> tuple[np.ndarray, np.ndarray]:
+def check_labels(
+    query_target_ids, gallery_ids, num_queries: int, gallery_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Validates the integer labels (caption ids) of query targets and gallery images.
 
   Raises:
@@ -94,16 +109,21 @@ def check_labels(query_target_ids, gallery_ids, num_queries: int,
   query_target_ids = np.asarray(query_target_ids)
   gallery_ids = np.asarray(gallery_ids)
   if query_target_ids.shape != (num_queries,):
-    raise ValueError(f"query_target_ids has shape {query_target_ids.shape} but there are "
-                     f"Q={num_queries} queries: pass one target caption id per query.")
+    raise ValueError(
+        f"query_target_ids has shape {query_target_ids.shape} but there are "
+        f"Q={num_queries} queries: pass one target caption id per query."
+    )
   if gallery_ids.shape != (gallery_size,):
-    raise ValueError(f"gallery_ids has shape {gallery_ids.shape} but the gallery has "
-                     f"N={gallery_size} images: pass one caption id per gallery image.")
+    raise ValueError(
+        f"gallery_ids has shape {gallery_ids.shape} but the gallery has "
+        f"N={gallery_size} images: pass one caption id per gallery image."
+    )
   return query_target_ids, gallery_ids
 
 
-def caption_ids(gallery_captions: Sequence, target_captions: Sequence
-                ) -> tuple[np.ndarray, np.ndarray]:
+def caption_ids(
+    gallery_captions: Sequence, target_captions: Sequence
+) -> tuple[np.ndarray, np.ndarray]:
   """Integer labels for recall from caption strings (or any hashable labels).
 
   Equal captions get equal ids, so `gallery_ids[j] == target_ids[i]` holds
@@ -117,15 +137,25 @@ def caption_ids(gallery_captions: Sequence, target_captions: Sequence
   Returns:
     `(gallery_ids, target_ids)`, int64 arrays of shapes (N,) and (Q,).
   """
-  ids = {caption: i for i, caption in enumerate(dict.fromkeys(gallery_captions))}
-  gallery_ids = np.fromiter((ids[caption] for caption in gallery_captions), np.int64,
-                            count=len(gallery_captions))
-  target_ids = np.fromiter((ids.get(caption, -1) for caption in target_captions), np.int64,
-                           count=len(target_captions))
+  ids = {
+      caption: i for i, caption in enumerate(dict.fromkeys(gallery_captions))
+  }
+  gallery_ids = np.fromiter(
+      (ids[caption] for caption in gallery_captions),
+      np.int64,
+      count=len(gallery_captions),
+  )
+  target_ids = np.fromiter(
+      (ids.get(caption, -1) for caption in target_captions),
+      np.int64,
+      count=len(target_captions),
+  )
   return gallery_ids, target_ids
 
 
-def _first_hit_ranks(scores: np.ndarray, hits: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+def _first_hit_ranks(
+    scores: np.ndarray, hits: np.ndarray, exclude: np.ndarray
+) -> np.ndarray:
   """0-based rank of each row's best-ranked hit, or N where a row has no hit.
 
   The best-ranked hit is the hit column of highest score, the lowest index
@@ -145,8 +175,10 @@ def _first_hit_ranks(scores: np.ndarray, hits: np.ndarray, exclude: np.ndarray) 
   # the hits of the best score (this also holds when that score is -inf).
   best_column = np.argmax(hits & (scores == best_score[:, None]), axis=1)
   columns = np.arange(gallery_size)
-  before = ((scores > best_score[:, None]) |
-            ((scores == best_score[:, None]) & (columns[None, :] < best_column[:, None])))
+  before = (scores > best_score[:, None]) | (
+      (scores == best_score[:, None])
+      & (columns[None, :] < best_column[:, None])
+  )
   ranks = before.sum(axis=1)
   # The excluded column may score above the best hit: it is not ranked at all.
   excluded = exclude >= 0
@@ -154,8 +186,13 @@ def _first_hit_ranks(scores: np.ndarray, hits: np.ndarray, exclude: np.ndarray) 
   return np.where(has_hit, ranks, gallery_size)
 
 
-def recall_at_k(scores, query_target_ids, gallery_ids, ks: Sequence[int] = (1, 5, 10, 50),
-                exclude=None) -> dict[int, float]:
+def recall_at_k(
+    scores,
+    query_target_ids,
+    gallery_ids,
+    ks: Sequence[int] = (1, 5, 10, 50),
+    exclude=None,
+) -> dict[int, float]:
   """Recall@K of a full score matrix, on the host (TIRG's protocol).
 
   Query i hits at K when some gallery column j among its K best-ranked
@@ -185,13 +222,16 @@ def recall_at_k(scores, query_target_ids, gallery_ids, ks: Sequence[int] = (1, 5
   """
   scores = np.asarray(scores)
   if scores.ndim != 2:
-    raise ValueError(f"scores has shape {scores.shape}: pass a (Q, N) matrix of "
-                     f"query-by-gallery scores.")
+    raise ValueError(
+        f"scores has shape {scores.shape}: pass a (Q, N) matrix of "
+        "query-by-gallery scores."
+    )
   num_queries, gallery_size = scores.shape
   if num_queries == 0:
     raise ValueError("scores has no rows: recall needs at least one query.")
-  query_target_ids, gallery_ids = check_labels(query_target_ids, gallery_ids, num_queries,
-                                               gallery_size)
+  query_target_ids, gallery_ids = check_labels(
+      query_target_ids, gallery_ids, num_queries, gallery_size
+  )
   exclude = check_exclude(exclude, num_queries, gallery_size)
   ks = check_ks(ks, gallery_size)
   block = max(1, _BLOCK_ENTRIES // max(gallery_size, 1))
@@ -201,8 +241,10 @@ def recall_at_k(scores, query_target_ids, gallery_ids, ks: Sequence[int] = (1, 5
     block_scores = scores[start:stop]
     if np.isnan(block_scores).any():
       row = start + int(np.flatnonzero(np.isnan(block_scores).any(axis=1))[0])
-      raise ValueError(f"scores row {row} contains NaN: rankings of NaN are undefined; "
-                       f"fix the features that produced it.")
+      raise ValueError(
+          f"scores row {row} contains NaN: rankings of NaN are undefined; "
+          "fix the features that produced it."
+      )
     hits = gallery_ids[None, :] == query_target_ids[start:stop, None]
     block_exclude = exclude[start:stop]
     excluded_rows = np.flatnonzero(block_exclude >= 0)
@@ -255,15 +297,23 @@ def weighted_harmonic_mean(ms, mt, alpha):
   alpha_array = np.asarray(alpha, np.float64)
   for name, value in (("ms", ms_array), ("mt", mt_array)):
     if np.isnan(value).any() or (value < 0).any():
-      raise ValueError(f"{name}={value} must be a non-negative recall (a fraction in [0, 1] or "
-                       f"a percentage; both recalls in the same unit).")
+      raise ValueError(
+          f"{name}={value} must be a non-negative recall (a fraction in [0, 1]"
+          " or a percentage; both recalls in the same unit)."
+      )
   if not np.isfinite(alpha_array).all() or (alpha_array < 0).any():
-    raise ValueError(f"alpha={alpha} must be a finite weight >= 0 (0 gives Mt, 1 the "
-                     f"harmonic mean).")
+    raise ValueError(
+        f"alpha={alpha} must be a finite weight >= 0 (0 gives Mt, 1 the "
+        "harmonic mean)."
+    )
   numerator = (1.0 + alpha_array) * ms_array * mt_array
   denominator = alpha_array * mt_array + ms_array
   with np.errstate(divide="ignore", invalid="ignore"):
-    whm = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
+    whm = np.where(
+        denominator > 0,
+        numerator / np.where(denominator > 0, denominator, 1.0),
+        0.0,
+    )
   whm = np.where(alpha_array == 0, mt_array, whm)
   if whm.ndim == 0:
     return float(whm)

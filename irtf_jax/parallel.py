@@ -21,8 +21,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
 STRATEGIES = ("jit", "pmap")
@@ -33,8 +35,10 @@ class DataParallel:
 
   def __init__(self, strategy: str = "jit", devices=None):
     if strategy not in STRATEGIES:
-      raise ValueError(f"config.parallel.strategy: unknown {strategy!r}; "
-                       f"allowed: {', '.join(STRATEGIES)}")
+      raise ValueError(
+          f"config.parallel.strategy: unknown {strategy!r}; "
+          f"allowed: {', '.join(STRATEGIES)}"
+      )
     self.strategy = strategy
     self.devices = list(devices if devices is not None else jax.devices())
     self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
@@ -67,15 +71,21 @@ class DataParallel:
     """
     if self.strategy == "jit":
       return jax.tree.map(
-          lambda x: x if self._placed(x) else self._global_array(
-              np.asarray(x), self.batch_sharding), local_batch)
+          lambda x: x
+          if self._placed(x)
+          else self._global_array(np.asarray(x), self.batch_sharding),
+          local_batch,
+      )
+
     def split(x):
       if self._placed(x):
         return x
       x = np.asarray(x)
-      x = x.reshape((self.num_devices, x.shape[0] // self.num_devices)
-                    + x.shape[1:])
+      x = x.reshape(
+          (self.num_devices, x.shape[0] // self.num_devices) + x.shape[1:]
+      )
       return self._global_array(x, self.batch_sharding)
+
     return jax.tree.map(split, local_batch)
 
   def replicate(self, tree: Any) -> Any:
@@ -85,7 +95,10 @@ class DataParallel:
     return jax.tree.map(
         lambda x: jax.device_put(
             jnp.broadcast_to(x, (self.num_devices,) + jnp.shape(x)),
-            self.batch_sharding), tree)
+            self.batch_sharding,
+        ),
+        tree,
+    )
 
   def unreplicate(self, tree: Any) -> Any:
     """The compiled step's state -> one host copy (numpy)."""
@@ -99,24 +112,30 @@ class DataParallel:
     The state argument is donated: its buffers are reused for the new state.
     """
     if self.strategy == "jit":
-      compiled = jax.jit(step, in_shardings=(self.replicated,
-                                             self.batch_sharding,
-                                             self.replicated),
-                         out_shardings=(self.replicated, self.replicated),
-                         donate_argnums=(0,))
+      compiled = jax.jit(
+          step,
+          in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+          out_shardings=(self.replicated, self.replicated),
+          donate_argnums=(0,),
+      )
+
       def run_jit(state, batch, rng):
         # An explicit copy of the (tiny) key to every device, so the steady
         # state makes no implicit transfer (jax.transfer_guard("disallow")).
         # (One process only: device_put cannot target other processes'
         # devices, and there jit places the key itself.)
         if jax.process_count() == 1 and not (
-            isinstance(rng, jax.Array) and rng.sharding == self.replicated):
+            isinstance(rng, jax.Array) and rng.sharding == self.replicated
+        ):
           rng = jax.device_put(rng, self.replicated)
         return compiled(state, batch, rng)
+
       return run_jit
     pmapped = jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+
     def run(state, batch, rng):
       rngs = self.replicate(rng)
       new_state, metrics = pmapped(state, batch, rngs)
       return new_state, jax.tree.map(lambda x: x[0], metrics)
+
     return run

@@ -51,12 +51,16 @@ def load_splits(config, workdir: str) -> tuple[data.Split, data.Split]:
   data_dir = config.data.data_dir or None
   if config.data.fixture and not manual_dir:
     manual_dir = fixtures.write_fixture(
-        config.data.name, os.path.join(workdir, "fixture", "manual"))
+        config.data.name, os.path.join(workdir, "fixture", "manual")
+    )
     data_dir = data_dir or os.path.join(workdir, "fixture", "prepared")
-  kwargs = dict(data_dir=data_dir, manual_dir=manual_dir,
-                **dict(config.data.options))
-  return (data.load(config.data.name, "train", **kwargs),
-          data.load(config.data.name, "test", **kwargs))
+  kwargs = dict(
+      data_dir=data_dir, manual_dir=manual_dir, **dict(config.data.options)
+  )
+  return (
+      data.load(config.data.name, "train", **kwargs),
+      data.load(config.data.name, "test", **kwargs),
+  )
 
 
 def load_or_build_tokenizer(config, workdir: str, train_split):
@@ -67,32 +71,37 @@ def load_or_build_tokenizer(config, workdir: str, train_split):
   the pretrained and precomputed encoders bring their own.
   """
   if config.model.text_encoder.name != "lstm":
-    return models.build_text_tokenizer(config.model,
-                                       train_split.vocabulary_texts)
+    return models.build_text_tokenizer(
+        config.model, train_split.vocabulary_texts
+    )
   vocab = Vocabulary.build(train_split.vocabulary_texts)
   path = os.path.join(workdir, "vocab.json")
   if os.path.exists(path):
     with open(path) as f:
       saved = Vocabulary.from_json(f.read())
     if saved != vocab:
-      raise ValueError(f"{path}: the training texts give a different vocabulary "
-                       "than the one this run started with; use a new workdir "
-                       "or the original data")
+      raise ValueError(
+          f"{path}: the training texts give a different vocabulary "
+          "than the one this run started with; use a new workdir "
+          "or the original data"
+      )
   elif jax.process_index() == 0:
     with open(path, "w") as f:
       f.write(vocab.to_json())
   return vocab
 
 
-def recall_summary(results: dict[str, float], ks, alpha: float
-                   ) -> dict[str, float]:
+def recall_summary(
+    results: dict[str, float], ks, alpha: float
+) -> dict[str, float]:
   """WHM (`metrics.weighted_harmonic_mean`) of train and test recall at every
   K evaluated on both, as "whm@K", and "whm" at the smallest such K."""
   whm = {}
   for k in sorted(ks):
     if f"test/recall@{k}" in results and f"train/recall@{k}" in results:
       whm[f"whm@{k}"] = metrics_lib.weighted_harmonic_mean(
-          results[f"train/recall@{k}"], results[f"test/recall@{k}"], alpha)
+          results[f"train/recall@{k}"], results[f"test/recall@{k}"], alpha
+      )
   if whm:
     whm["whm"] = whm[f"whm@{min(int(k[4:]) for k in whm)}"]
   return whm
@@ -108,8 +117,9 @@ class Trainer:
     self.workdir = workdir
     self.is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    self.lock = (checkpointing.WorkdirLock(workdir).acquire()
-                 if self.is_chief else None)
+    self.lock = (
+        checkpointing.WorkdirLock(workdir).acquire() if self.is_chief else None
+    )
     try:
       self._build(config, workdir)
     except BaseException:
@@ -124,21 +134,30 @@ class Trainer:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     self.train_split, self.test_split = load_splits(config, workdir)
     self.train_recall = evaluate.train_recall_split(
-        self.train_split, self.test_split,
+        self.train_split,
+        self.test_split,
         train_gallery=config.eval.train_gallery,
         max_train_queries=config.eval.max_train_queries,
-        max_test_queries=config.eval.max_test_queries)
+        max_test_queries=config.eval.max_test_queries,
+    )
     self.vocab = load_or_build_tokenizer(config, workdir, self.train_split)
     self.model = models.build_model(
-        config.model, len(self.vocab), precision=config.precision,
-        bn_axis_name=self.parallel.axis_name)
+        config.model,
+        len(self.vocab),
+        precision=config.precision,
+        bn_axis_name=self.parallel.axis_name,
+    )
     self.tx = train_step_lib.make_optimizer(config)
     self.writer = MetricWriter(workdir, enabled=self.is_chief)
-    self.checkpoints = checkpointing.Checkpoints(workdir,
-                                                 config.keep_checkpoints)
+    self.checkpoints = checkpointing.Checkpoints(
+        workdir, config.keep_checkpoints
+    )
     self.extractor = evaluate.FeatureExtractor(
-        self.model, self.parallel, config.eval.batch_size,
-        show_progress=self.is_chief)
+        self.model,
+        self.parallel,
+        config.eval.batch_size,
+        show_progress=self.is_chief,
+    )
 
   def close(self) -> None:
     self.checkpoints.close()
@@ -151,32 +170,40 @@ class Trainer:
     """step -> this process's host batch; picklable, for worker processes."""
     config = self.config
     return pipeline.HostBatch(
-        self.train_split, self.vocab, seed=config.seed,
+        self.train_split,
+        self.vocab,
+        seed=config.seed,
         batch_size=config.batch_size,
         max_length=config.model.text_encoder.max_length,
         num_processes=jax.process_count(),
-        process_index=jax.process_index())
+        process_index=jax.process_index(),
+    )
 
   def initial_state(self) -> train_step_lib.TrainState:
     """Restored from the latest checkpoint that restores, or freshly
     initialized with the pretrained weights the config names (host)."""
     example = self.make_batch(0)
-    init = jax.jit(lambda rng: train_step_lib.init_state(
-        self.model, self.tx, example, rng))
+    init = jax.jit(
+        lambda rng: train_step_lib.init_state(self.model, self.tx, example, rng)
+    )
     state = jax.device_get(init(jax.random.key(self.config.seed)))
     restored = self.checkpoints.restore(state)
     if restored is not None:
       return restored
     variables = models.load_pretrained(
         {"params": state.params, "batch_stats": state.batch_stats},
-        self.config.model)
-    return state.replace(params=jax.device_get(variables["params"]),
-                         batch_stats=jax.device_get(variables["batch_stats"]))
+        self.config.model,
+    )
+    return state.replace(
+        params=jax.device_get(variables["params"]),
+        batch_stats=jax.device_get(variables["batch_stats"]),
+    )
 
   def variables(self, host_state) -> dict:
-    return jax.device_put({"params": host_state.params,
-                           "batch_stats": host_state.batch_stats},
-                          self.parallel.replicated)
+    return jax.device_put(
+        {"params": host_state.params, "batch_stats": host_state.batch_stats},
+        self.parallel.replicated,
+    )
 
   def evaluate(self, host_state, step: int) -> dict[str, float]:
     """Test and train-split recall, WHM, and the qualitative PNG."""
@@ -186,37 +213,56 @@ class Trainer:
     shown = None
     for prefix, split, limit in (
         ("test", self.test_split, config.eval.max_test_queries),
-        ("train", *self.train_recall)):
+        ("train", *self.train_recall),
+    ):
       recall, queries, neighbours = evaluate.evaluate_split(
-          self.extractor, variables, split, vocab=self.vocab,
-          max_length=config.model.text_encoder.max_length, ks=config.eval.ks,
-          max_queries=limit, seed=config.seed,
-          chunk_size=config.eval.chunk_size, name=f"eval {prefix}")
+          self.extractor,
+          variables,
+          split,
+          vocab=self.vocab,
+          max_length=config.model.text_encoder.max_length,
+          ks=config.eval.ks,
+          max_queries=limit,
+          seed=config.seed,
+          chunk_size=config.eval.chunk_size,
+          name=f"eval {prefix}",
+      )
       results.update({f"{prefix}/{k}": v for k, v in recall.items()})
       if prefix == "test" and config.eval.num_qualitative:
         # Spread over the queries (consecutive ones share a modification).
-        rows = np.unique(np.linspace(0, len(queries) - 1,
-                                     config.eval.num_qualitative).astype(int))
+        rows = np.unique(
+            np.linspace(
+                0, len(queries) - 1, config.eval.num_qualitative
+            ).astype(int)
+        )
         shown = ([queries[i] for i in rows], neighbours[rows])
-    results.update(recall_summary(results, config.eval.ks,
-                                  config.eval.whm_alpha))
+    results.update(
+        recall_summary(results, config.eval.ks, config.eval.whm_alpha)
+    )
     if self.is_chief and shown and shown[0]:
       first = min(config.eval.ks)
       visualize.save_retrievals(
           os.path.join(self.workdir, f"retrievals_step{step:07d}.png"),
-          self.test_split, shown[0], shown[1],
+          self.test_split,
+          shown[0],
+          shown[1],
           top_k=min(5, shown[1].shape[1]),
-          title=(f"{config.data.name} / {config.model.name}, step {step}: "
-                 f"test R@{first} "
-                 f"{100 * results.get(f'test/recall@{first}', 0):.1f}"))
+          title=(
+              f"{config.data.name} / {config.model.name}, step {step}: "
+              f"test R@{first} "
+              f"{100 * results.get(f'test/recall@{first}', 0):.1f}"
+          ),
+      )
     return results
 
 
 def _stopped(what: str, last_good: int, workdir: str) -> str:
-  return (f"{what}; training stopped. The last good checkpoint (step "
-          f"{last_good}) in {workdir}/checkpoints is intact; lower "
-          "config.optimizer.learning_rate or the GA strengths and rerun in a "
-          "new workdir.")
+  return (
+      f"{what}; training stopped. The last good checkpoint (step "
+      f"{last_good}) in {workdir}/checkpoints is intact; lower "
+      "config.optimizer.learning_rate or the GA strengths and rerun in a "
+      "new workdir."
+  )
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
@@ -228,8 +274,9 @@ def _is_eval_step(config, step: int) -> bool:
   return step % config.eval_every == 0 or step == config.num_train_steps
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and
   evaluates; returns the last evaluation's metrics.
 
@@ -244,8 +291,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     return _train(trainer, preemption, stack)
 
 
-def _train(trainer: Trainer, preemption: checkpointing.PreemptionWatch,
-           stack: contextlib.ExitStack) -> dict[str, float]:
+def _train(
+    trainer: Trainer,
+    preemption: checkpointing.PreemptionWatch,
+    stack: contextlib.ExitStack,
+) -> dict[str, float]:
   config, workdir, parallel = trainer.config, trainer.workdir, trainer.parallel
   host_state = trainer.initial_state()
   start = int(host_state.step)
@@ -253,8 +303,11 @@ def _train(trainer: Trainer, preemption: checkpointing.PreemptionWatch,
   if start and trainer.is_chief:
     print(f"Resuming from step {start} (checkpoint in {workdir}/checkpoints)")
   state = parallel.replicate(host_state)
-  step_fn = parallel.compile_step(train_step_lib.make_train_step(
-      trainer.model, trainer.tx, config, axis_name=parallel.axis_name))
+  step_fn = parallel.compile_step(
+      train_step_lib.make_train_step(
+          trainer.model, trainer.tx, config, axis_name=parallel.axis_name
+      )
+  )
   rng = jax.random.key(config.seed)
   learning_rate = train_step_lib.learning_rate_schedule(config)
   last_good = start
@@ -262,10 +315,15 @@ def _train(trainer: Trainer, preemption: checkpointing.PreemptionWatch,
   results: dict[str, float] = {}
   timer = time.perf_counter()
   timed_steps = 0
-  progress = stack.enter_context(tqdm.tqdm(
-      total=config.num_train_steps, initial=start,
-      desc=f"train {config.data.name}/{config.model.name}",
-      disable=not trainer.is_chief, dynamic_ncols=True))
+  progress = stack.enter_context(
+      tqdm.tqdm(
+          total=config.num_train_steps,
+          initial=start,
+          desc=f"train {config.data.name}/{config.model.name}",
+          disable=not trainer.is_chief,
+          dynamic_ncols=True,
+      )
+  )
 
   def flush(step):
     nonlocal pending, timer, timed_steps
@@ -274,25 +332,35 @@ def _train(trainer: Trainer, preemption: checkpointing.PreemptionWatch,
     losses_seen = np.asarray(jax.device_get([m["loss"] for m in pending]))
     if not np.all(np.isfinite(losses_seen)):
       bad = step - len(pending) + 1 + int(np.argmin(np.isfinite(losses_seen)))
-      raise NonFiniteLossError(_stopped(f"train/loss is not finite at step "
-                                        f"{bad}", last_good, workdir))
+      raise NonFiniteLossError(
+          _stopped(
+              f"train/loss is not finite at step {bad}", last_good, workdir
+          )
+      )
     values = _mean_metrics(pending)
     values["train/lr"] = float(learning_rate(step - 1))
     elapsed = time.perf_counter() - timer
     values["train/steps_per_second"] = timed_steps / max(elapsed, 1e-9)
     trainer.writer.write(step, values)
-    progress.set_postfix(loss=f"{values['train/loss']:.3f}",
-                         steps_s=f"{values['train/steps_per_second']:.2f}")
+    progress.set_postfix(
+        loss=f"{values['train/loss']:.3f}",
+        steps_s=f"{values['train/steps_per_second']:.2f}",
+    )
     pending, timer, timed_steps = [], time.perf_counter(), 0
 
   def save(step):
     nonlocal host_state, last_good
     flush(step)
     host_state = parallel.unreplicate(state)
-    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
-        (host_state.params, host_state.batch_stats))):
-      raise NonFiniteLossError(_stopped(
-          f"parameters are not finite after step {step}", last_good, workdir))
+    if not all(
+        np.all(np.isfinite(x))
+        for x in jax.tree.leaves((host_state.params, host_state.batch_stats))
+    ):
+      raise NonFiniteLossError(
+          _stopped(
+              f"parameters are not finite after step {step}", last_good, workdir
+          )
+      )
     trainer.checkpoints.save(step, host_state)
     last_good = step
 
@@ -306,17 +374,25 @@ def _train(trainer: Trainer, preemption: checkpointing.PreemptionWatch,
 
   # A run stopped after its checkpoint but before that step's evaluation
   # finished evaluates it now (a finished one is never evaluated twice).
-  recorded = (trainer.writer.find(start, f"test/recall@{min(config.eval.ks)}")
-              if start else None)
+  recorded = (
+      trainer.writer.find(start, f"test/recall@{min(config.eval.ks)}")
+      if start
+      else None
+  )
   if recorded is not None:
     results = recorded
   elif start and _is_eval_step(config, start):
     evaluate(start)
-  batches = stack.enter_context(contextlib.closing(
-      pipeline.prefetched_batches(trainer.make_batch,
-                                  range(start, config.num_train_steps),
-                                  put=parallel.shard_batch,
-                                  workers=config.data.workers)))
+  batches = stack.enter_context(
+      contextlib.closing(
+          pipeline.prefetched_batches(
+              trainer.make_batch,
+              range(start, config.num_train_steps),
+              put=parallel.shard_batch,
+              workers=config.data.workers,
+          )
+      )
+  )
   for step, batch in batches:
     state, step_metrics = step_fn(state, batch, rng)  # placed by the thread
     pending.append(step_metrics)
@@ -336,14 +412,17 @@ def _train(trainer: Trainer, preemption: checkpointing.PreemptionWatch,
   return results
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str
-                        ) -> dict[str, float]:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, float]:
   """Evaluates the latest checkpoint of `workdir` (--mode=evaluate)."""
   trainer = Trainer(config, workdir)
   try:
     if trainer.checkpoints.latest_step() is None:
-      raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to "
-                              "evaluate; train first (--mode=train)")
+      raise FileNotFoundError(
+          f"{workdir}/checkpoints: no checkpoint to "
+          "evaluate; train first (--mode=train)"
+      )
     host_state = trainer.initial_state()
     step = int(host_state.step)
     results = trainer.evaluate(host_state, step)
@@ -355,7 +434,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str
 
 
 def _summary(step: int, results: dict[str, float]) -> str:
-  keys = [k for k in results
-          if k.startswith(("test/recall@", "train/recall@")) or k == "whm"]
+  keys = [
+      k
+      for k in results
+      if k.startswith(("test/recall@", "train/recall@")) or k == "whm"
+  ]
   return f"step {step}: " + json.dumps(
-      {k: round(100 * results[k], 2) for k in keys})
+      {k: round(100 * results[k], 2) for k in keys}
+  )

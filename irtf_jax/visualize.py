@@ -10,8 +10,15 @@ from matplotlib.backends import backend_agg
 import numpy as np
 
 
-def save_retrievals(path: str, split, queries: Sequence, neighbours: np.ndarray,
-                    *, top_k: int = 5, title: str = "") -> None:
+def save_retrievals(
+    path: str,
+    split,
+    queries: Sequence,
+    neighbours: np.ndarray,
+    *,
+    top_k: int = 5,
+    title: str = "",
+) -> None:
   """Writes a PNG grid: one row per query (query image + text, its target
   image if known, then the top-k gallery images; hits framed green, misses red).
 
@@ -38,15 +45,19 @@ def save_retrievals(path: str, split, queries: Sequence, neighbours: np.ndarray,
     if query.target_index >= 0:
       ax.imshow(split.image(query.target_index))
     ax.set_title("target", fontsize=8)
-    ax.set_xlabel("\n".join(textwrap.wrap(query.target_caption, 24)),
-                  fontsize=6)
+    ax.set_xlabel(
+        "\n".join(textwrap.wrap(query.target_caption, 24)), fontsize=6
+    )
     for c in range(top_k):
       ax = axes[r][c + 2]
       index = int(neighbours[r, c])
       hit = split.captions[index] == query.target_caption
       ax.imshow(split.image(index))
-      ax.set_title(f"#{c + 1} {'hit' if hit else 'miss'}", fontsize=8,
-                   color="green" if hit else "red")
+      ax.set_title(
+          f"#{c + 1} {'hit' if hit else 'miss'}",
+          fontsize=8,
+          color="green" if hit else "red",
+      )
       for spine in ax.spines.values():
         spine.set_edgecolor("green" if hit else "red")
         spine.set_linewidth(3)

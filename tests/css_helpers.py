@@ -13,18 +13,31 @@ import numpy as np
 ROW_FRACTION = {"top": 0.2, "middle": 0.5, "bottom": 0.8}
 COLUMN_FRACTION = {"left": 0.2, "center": 0.5, "right": 0.8}
 CELLS = tuple(f"{r}-{c}" for r in ROW_FRACTION for c in COLUMN_FRACTION)
-CELL_OF_POS = {(ROW_FRACTION[r], COLUMN_FRACTION[c]): f"{r}-{c}"
-               for r in ROW_FRACTION for c in COLUMN_FRACTION}
+CELL_OF_POS = {
+    (ROW_FRACTION[r], COLUMN_FRACTION[c]): f"{r}-{c}"
+    for r in ROW_FRACTION
+    for c in COLUMN_FRACTION
+}
 SIZE_WORDS = ("small", "large")
-COLOR_WORDS = ("gray", "red", "blue", "green", "brown", "purple", "cyan",
-               "yellow")
+COLOR_WORDS = (
+    "gray",
+    "red",
+    "blue",
+    "green",
+    "brown",
+    "purple",
+    "cyan",
+    "yellow",
+)
 SHAPE_WORDS = ("rectangle", "circle", "triangle")
 
 
 def objects_as_set(objects) -> frozenset:
   """CSS `objects_img` dicts -> {(cell, size, color, shape)}."""
-  return frozenset((CELL_OF_POS[tuple(o["pos"])], o["size"], o["color"],
-                    o["shape"]) for o in objects)
+  return frozenset(
+      (CELL_OF_POS[tuple(o["pos"])], o["size"], o["color"], o["shape"])
+      for o in objects
+  )
 
 
 def scene_as_set(scene) -> frozenset:
@@ -70,7 +83,7 @@ def apply_text(text: str, objects: frozenset) -> frozenset:
     return objects - {old}
   assert words[0] == "make"
   value = words[-1]
-  slot = (1 if value in SIZE_WORDS else 2 if value in COLOR_WORDS else 3)
+  slot = 1 if value in SIZE_WORDS else 2 if value in COLOR_WORDS else 3
   assert value in SIZE_WORDS + COLOR_WORDS + SHAPE_WORDS
   assert old[slot] != value
   new = list(old)
@@ -81,8 +94,11 @@ def apply_text(text: str, objects: frozenset) -> frozenset:
 def novel_pairs_in_text(text: str) -> set[tuple[str, str]]:
   """The (shape, color) pairs a text names ("... red circle ...")."""
   words = text.split()
-  return {(b, a) for a, b in zip(words, words[1:])
-          if a in COLOR_WORDS and b in SHAPE_WORDS}
+  return {
+      (b, a)
+      for a, b in zip(words, words[1:])
+      if a in COLOR_WORDS and b in SHAPE_WORDS
+  }
 
 
 def cell_codes(objects_sets) -> np.ndarray:
@@ -90,9 +106,11 @@ def cell_codes(objects_sets) -> np.ndarray:
   codes = np.full((len(objects_sets), len(CELLS), 3), -1, np.int64)
   for i, objects in enumerate(objects_sets):
     for cell, size, color, shape in objects:
-      codes[i, CELLS.index(cell)] = (SIZE_WORDS.index(size),
-                                     COLOR_WORDS.index(color),
-                                     SHAPE_WORDS.index(shape))
+      codes[i, CELLS.index(cell)] = (
+          SIZE_WORDS.index(size),
+          COLOR_WORDS.index(color),
+          SHAPE_WORDS.index(shape),
+      )
   return codes
 
 
@@ -106,5 +124,5 @@ def one_edit_apart(codes: np.ndarray, scene: np.ndarray) -> np.ndarray:
   empty_here, empty_there = here[:, 0] < 0, there[:, 0] < 0
   one_attribute = (here != there).sum(-1) == 1
   return (differs.sum(-1) == 1) & (
-      (empty_here != empty_there)
-      | (~empty_here & ~empty_there & one_attribute))
+      (empty_here != empty_there) | (~empty_here & ~empty_there & one_attribute)
+  )

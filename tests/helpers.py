@@ -6,8 +6,6 @@ import importlib.util
 import os
 import types
 
-import numpy as np
-
 from irtf_jax.config_base import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,15 +36,3 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return config
-
-
-def random_batch(seed: int, batch_size: int, image_size: int = 32,
-                 max_length: int = 6, vocab_size: int = 12) -> dict:
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(1, max_length + 1, batch_size).astype(np.int32)
-  tokens = rng.integers(2, vocab_size, (batch_size, max_length)).astype(np.int32)
-  tokens[np.arange(max_length)[None, :] >= lengths[:, None]] = 0
-  shape = (batch_size, image_size, image_size, 3)
-  return {"query_image": rng.integers(0, 256, shape, dtype=np.uint8),
-          "target_image": rng.integers(0, 256, shape, dtype=np.uint8),
-          "tokens": tokens, "lengths": lengths}

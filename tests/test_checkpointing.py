@@ -21,8 +21,11 @@ from irtf_jax.metric_writers import read_metrics
 
 
 def _state(step: int) -> dict:
-  return {"step": np.array(step, np.int32), "w": np.full((3, 4), float(step)),
-          "b": np.arange(5.0) * step}
+  return {
+      "step": np.array(step, np.int32),
+      "w": np.full((3, 4), float(step)),
+      "b": np.arange(5.0) * step,
+  }
 
 
 def _saved(workdir, steps=(1, 2, 3), keep=3) -> checkpointing.Checkpoints:
@@ -38,18 +41,27 @@ def _saved(workdir, steps=(1, 2, 3), keep=3) -> checkpointing.Checkpoints:
 
 def test_a_second_run_is_refused_with_the_holders_pid(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", textwrap.dedent(f"""
+      [
+          sys.executable,
+          "-c",
+          textwrap.dedent(f"""
           import sys, time
           from irtf_jax import checkpointing
           lock = checkpointing.WorkdirLock({str(tmp_path)!r}).acquire()
           print("locked", flush=True)
           time.sleep(120)
-      """)], stdout=subprocess.PIPE, text=True,
-      env=dict(os.environ, PYTHONPATH=os.getcwd()))
+      """),
+      ],
+      stdout=subprocess.PIPE,
+      text=True,
+      env=dict(os.environ, PYTHONPATH=os.getcwd()),
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(checkpointing.WorkdirBusyError,
-                       match=f"in use by process {holder.pid} on .*--workdir"):
+    with pytest.raises(
+        checkpointing.WorkdirBusyError,
+        match=f"in use by process {holder.pid} on .*--workdir",
+    ):
       checkpointing.WorkdirLock(str(tmp_path)).acquire()
   finally:
     holder.kill()  # kill -9: the kernel releases the lock with the process
@@ -67,12 +79,17 @@ def test_a_second_run_is_refused_with_the_holders_pid(tmp_path):
 
 def _array_files(directory) -> list[str]:
   """The files holding a checkpoint's array data (orbax's "d" folders)."""
-  return [os.path.join(root, f) for root, _, names in os.walk(directory)
-          for f in names if os.path.basename(root) == "d"]
+  return [
+      os.path.join(root, f)
+      for root, _, names in os.walk(directory)
+      for f in names
+      if os.path.basename(root) == "d"
+  ]
 
 
-def test_a_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path,
-                                                                   caplog):
+def test_a_truncated_newest_checkpoint_falls_back_with_a_warning(
+    tmp_path, caplog
+):
   checkpoints = _saved(tmp_path)
   files = _array_files(os.path.join(checkpoints.directory, "3"))
   assert files
@@ -89,18 +106,22 @@ def test_a_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path,
 def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   checkpoints = _saved(tmp_path, steps=(1, 2))
   for step in (1, 2):
-    for missing in _array_files(os.path.join(checkpoints.directory,
-                                             str(step))):
+    for missing in _array_files(os.path.join(checkpoints.directory, str(step))):
       os.remove(missing)
-  with pytest.raises(checkpointing.CheckpointError,
-                     match="no checkpoint can be restored.*move the folder"):
+  with pytest.raises(
+      checkpointing.CheckpointError,
+      match="no checkpoint can be restored.*move the folder",
+  ):
     checkpoints.restore(_state(0))
-  assert checkpointing.Checkpoints(str(tmp_path / "new"), 2).restore(
-      _state(0)) is None
+  assert (
+      checkpointing.Checkpoints(str(tmp_path / "new"), 2).restore(_state(0))
+      is None
+  )
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path,
-                                                                 monkeypatch):
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch
+):
   checkpoints = _saved(tmp_path, steps=(1, 2))
   manager = checkpoints._manager  # pylint: disable=protected-access
 
@@ -108,8 +129,10 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path,
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(manager, "save", full)
-  with pytest.raises(checkpointing.DiskFullError,
-                     match="no space left.*step 3.*step 2 is intact"):
+  with pytest.raises(
+      checkpointing.DiskFullError,
+      match="no space left.*step 3.*step 2 is intact",
+  ):
     checkpoints.save(3, _state(3))
   monkeypatch.undo()
   assert int(checkpoints.restore(_state(0))["step"]) == 2
@@ -135,16 +158,18 @@ def test_resuming_drops_later_records_and_a_torn_line(tmp_path):
     assert all(json.loads(line) for line in f)
 
 
-def test_a_full_disk_while_writing_metrics_names_the_file(tmp_path,
-                                                         monkeypatch):
+def test_a_full_disk_while_writing_metrics_names_the_file(
+    tmp_path, monkeypatch
+):
   writer = MetricWriter(str(tmp_path), enabled=True)
 
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr("builtins.open", full)
-  with pytest.raises(checkpointing.DiskFullError,
-                     match="metrics.jsonl: no space left"):
+  with pytest.raises(
+      checkpointing.DiskFullError, match="metrics.jsonl: no space left"
+  ):
     writer.write(1, {"train/loss": 1.0})
   monkeypatch.undo()
   writer.close()

@@ -37,11 +37,31 @@ def _fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 FIELDS = _fields(main.parse_config(["prog", f"--config={CONFIG}"]))
 # What a user mistypes: wrong types, signs, NaN, empty, unknown names, tuples.
 VALUES = st.one_of(
-    st.integers(-3, 3), st.sampled_from([0.5, -0.5, 1e-6, 3.0, 1e9]),
-    st.sampled_from(["", "nan", "inf", "-inf", "-1", "0", "abc", "True",
-                     "None", "(0,)", "()", "(1,", "(1, 5)", "1e400",
-                     "tirg", "mit_states", "pmap", "official", "'x'"]),
-    st.text(alphabet="abz019_-. ", max_size=5))
+    st.integers(-3, 3),
+    st.sampled_from([0.5, -0.5, 1e-6, 3.0, 1e9]),
+    st.sampled_from([
+        "",
+        "nan",
+        "inf",
+        "-inf",
+        "-1",
+        "0",
+        "abc",
+        "True",
+        "None",
+        "(0,)",
+        "()",
+        "(1,",
+        "(1, 5)",
+        "1e400",
+        "tirg",
+        "mit_states",
+        "pmap",
+        "official",
+        "'x'",
+    ]),
+    st.text(alphabet="abz019_-. ", max_size=5),
+)
 
 
 def _parse_and_validate(field: str, value) -> str | None:
@@ -73,25 +93,53 @@ def test_any_value_of_any_field_validates_or_fails_in_one_line(field, value):
   assert any(f"config.{f}" in message for f in named), message
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model.name", "resnet_magic",
-     r"config.model.name: unknown 'resnet_magic'; allowed: .*tirg"),
-    ("loss.name", "hinge", r"config.loss.name: unknown 'hinge'; allowed: "
-     r"batch_classification, soft_triplet"),
-    ("data.name", "imagenet",
-     r"config.data.name: unknown 'imagenet'; allowed: css_synth"),
-    ("optimizer.learning_rate", float("nan"),
-     r"config.optimizer.learning_rate: must be a finite number >= 0"),
-    ("ga.isotropic.gamma", -1.0,
-     r"config.ga.isotropic.gamma: must be a finite number >= 0"),
-    ("ga.adversarial.q", 3.0,
-     r"config.ga.adversarial.q: unknown 3.0; allowed: 1.0, 2.0, inf"),
-    ("batch_size", 12,
-     r"config.batch_size: 12 is not divisible by the 8 devices"),
-    ("parallel.strategy", "fsdp",
-     r"config.parallel.strategy: unknown 'fsdp'; allowed: jit, pmap"),
-    ("eval.ks", (0,), r"config.eval.ks: must be a non-empty tuple"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "model.name",
+            "resnet_magic",
+            r"config.model.name: unknown 'resnet_magic'; allowed: .*tirg",
+        ),
+        (
+            "loss.name",
+            "hinge",
+            r"config.loss.name: unknown 'hinge'; allowed: "
+            r"batch_classification, soft_triplet",
+        ),
+        (
+            "data.name",
+            "imagenet",
+            r"config.data.name: unknown 'imagenet'; allowed: css_synth",
+        ),
+        (
+            "optimizer.learning_rate",
+            float("nan"),
+            r"config.optimizer.learning_rate: must be a finite number >= 0",
+        ),
+        (
+            "ga.isotropic.gamma",
+            -1.0,
+            r"config.ga.isotropic.gamma: must be a finite number >= 0",
+        ),
+        (
+            "ga.adversarial.q",
+            3.0,
+            r"config.ga.adversarial.q: unknown 3.0; allowed: 1.0, 2.0, inf",
+        ),
+        (
+            "batch_size",
+            12,
+            r"config.batch_size: 12 is not divisible by the 8 devices",
+        ),
+        (
+            "parallel.strategy",
+            "fsdp",
+            r"config.parallel.strategy: unknown 'fsdp'; allowed: jit, pmap",
+        ),
+        ("eval.ks", (0,), r"config.eval.ks: must be a non-empty tuple"),
+    ],
+)
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
   config = tiny_config()
   node = config
@@ -105,21 +153,37 @@ def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
   assert not workdir.exists()  # nothing written, nothing loaded
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.options.mods_per_scene=0", "config.data.options.mods_per_scene"),
-    ("data.name=mit_states", "config.data.options"),
-    ("data.options.mods_per_scne=3", "--config.data.options.mods_per_scne: "
-     "no such config field"),
-    ("batch_size=abc", "--config.batch_size=abc"),
-    ("eval.ks=(0,)", "config.eval.ks"),
-])
-def test_the_command_line_prints_one_line_and_exits_2(tmp_path, override,
-                                                      message):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.options.mods_per_scene=0", "config.data.options.mods_per_scene"),
+        ("data.name=mit_states", "config.data.options"),
+        (
+            "data.options.mods_per_scne=3",
+            "--config.data.options.mods_per_scne: no such config field",
+        ),
+        ("batch_size=abc", "--config.batch_size=abc"),
+        ("eval.ks=(0,)", "config.eval.ks"),
+    ],
+)
+def test_the_command_line_prints_one_line_and_exits_2(
+    tmp_path, override, message
+):
   done = subprocess.run(
-      [sys.executable, "-m", "irtf_jax.main", f"--config={CONFIG}",
-       f"--workdir={tmp_path / 'w'}", f"--config.{override}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      [
+          sys.executable,
+          "-m",
+          "irtf_jax.main",
+          f"--config={CONFIG}",
+          f"--workdir={tmp_path / 'w'}",
+          f"--config.{override}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert done.returncode == 2, done.stderr[-2000:]
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr

@@ -33,7 +33,9 @@ CONFIGS = {
 
 
 def get_config(file_name: str, arg: str = ""):
-  return load_repo_module(f"configs/{file_name}", file_name[:-3]).get_config(arg)
+  return load_repo_module(f"configs/{file_name}", file_name[:-3]).get_config(
+      arg
+  )
 
 
 def last_evaluation(workdir) -> dict:
@@ -74,8 +76,9 @@ def fixture_runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("file_name", list(CONFIGS))
-def test_smoke_run_writes_its_fixture_and_evaluates(fixture_runs, file_name,
-                                                    tmp_path):
+def test_smoke_run_writes_its_fixture_and_evaluates(
+    fixture_runs, file_name, tmp_path
+):
   dataset, _ = CONFIGS[file_name]
   workdir, results = fixture_runs(file_name)
   evaluation = last_evaluation(workdir)
@@ -85,24 +88,27 @@ def test_smoke_run_writes_its_fixture_and_evaluates(fixture_runs, file_name,
   # What the trainer wrote is the published layout, the same bytes as
   # write_fixture gives.
   written = fixtures.write_fixture(dataset, str(tmp_path / "again"))
-  comparison = filecmp.dircmp(os.path.join(workdir, "fixture", "manual"),
-                              written)
-  assert not (comparison.left_only or comparison.right_only
-              or comparison.diff_files)
+  comparison = filecmp.dircmp(
+      os.path.join(workdir, "fixture", "manual"), written
+  )
+  assert not (
+      comparison.left_only or comparison.right_only or comparison.diff_files
+  )
   assert os.path.isdir(os.path.join(workdir, "fixture", "prepared", dataset))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("file_name", list(CONFIGS))
-def test_manual_dir_gives_the_data_the_smoke_run_trained_on(fixture_runs,
-                                                            file_name,
-                                                            tmp_path):
+def test_manual_dir_gives_the_data_the_smoke_run_trained_on(
+    fixture_runs, file_name, tmp_path
+):
   # The trainer only differs in where it reads from: the splits must match.
   dataset, _ = CONFIGS[file_name]
   config = get_config(file_name, "smoke")
   config.data.fixture = False
-  config.data.manual_dir = fixtures.write_fixture(dataset,
-                                                  str(tmp_path / "download"))
+  config.data.manual_dir = fixtures.write_fixture(
+      dataset, str(tmp_path / "download")
+  )
   config.data.data_dir = str(tmp_path / "prepared")
   splits = train.load_splits(config, str(tmp_path / "work"))
   assert os.path.isdir(tmp_path / "prepared" / dataset)
@@ -113,15 +119,18 @@ def test_manual_dir_gives_the_data_the_smoke_run_trained_on(fixture_runs,
     assert list(split.captions) == list(reference.captions)
     assert list(split.queries) == list(reference.queries)
     indices = np.arange(len(split.captions))
-    np.testing.assert_array_equal(split.images(indices),
-                                  reference.images(indices))
-    assert (split.sample_training_queries(0, 3, 16) ==
-            reference.sample_training_queries(0, 3, 16))
+    np.testing.assert_array_equal(
+        split.images(indices), reference.images(indices)
+    )
+    assert split.sample_training_queries(
+        0, 3, 16
+    ) == reference.sample_training_queries(0, 3, 16)
 
 
 @pytest.mark.parametrize("file_name", list(CONFIGS))
-def test_without_manual_dir_the_error_says_how_to_get_the_data(file_name,
-                                                                tmp_path):
+def test_without_manual_dir_the_error_says_how_to_get_the_data(
+    file_name, tmp_path
+):
   dataset, module = CONFIGS[file_name]
   config = get_config(file_name)
   assert not config.data.fixture and not config.data.manual_dir
@@ -134,13 +143,17 @@ def test_without_manual_dir_the_error_says_how_to_get_the_data(file_name,
   assert module.MANUAL_DOWNLOAD_INSTRUCTIONS in message
 
 
-@pytest.mark.parametrize("file_name, dataset, batch_size, steps, image_size", [
-    ("css.py", "css3d", 200, 160_000, None),
-    ("mit.py", "mit_states", 32, 150_000, 224),
-    ("fashion200k.py", "fashion200k", 32, 160_000, 224),
-])
-def test_full_configs_hold_the_papers_settings(file_name, dataset, batch_size,
-                                               steps, image_size):
+@pytest.mark.parametrize(
+    "file_name, dataset, batch_size, steps, image_size",
+    [
+        ("css.py", "css3d", 200, 160_000, None),
+        ("mit.py", "mit_states", 32, 150_000, 224),
+        ("fashion200k.py", "fashion200k", 32, 160_000, 224),
+    ],
+)
+def test_full_configs_hold_the_papers_settings(
+    file_name, dataset, batch_size, steps, image_size
+):
   config = get_config(file_name)
   config_base.validate(config, num_devices=8)
   assert config.data.name == dataset
@@ -150,12 +163,20 @@ def test_full_configs_hold_the_papers_settings(file_name, dataset, batch_size,
   assert config.model.embed_dim == 512
   assert config.batch_size == batch_size
   assert config.num_train_steps == steps
-  assert (config.optimizer.learning_rate, config.optimizer.momentum,
-          config.optimizer.weight_decay) == (1e-2, 0.9, 1e-6)
-  assert (config.optimizer.lr_decay_steps,
-          config.optimizer.lr_decay_factor) == (50_000, 0.1)
-  assert (config.ga.adversarial.epsilon, config.ga.adversarial.q,
-          config.ga.adversarial.wrt) == (1e-6, 1.0, "query_image")
+  assert (
+      config.optimizer.learning_rate,
+      config.optimizer.momentum,
+      config.optimizer.weight_decay,
+  ) == (1e-2, 0.9, 1e-6)
+  assert (
+      config.optimizer.lr_decay_steps,
+      config.optimizer.lr_decay_factor,
+  ) == (50_000, 0.1)
+  assert (
+      config.ga.adversarial.epsilon,
+      config.ga.adversarial.q,
+      config.ga.adversarial.wrt,
+  ) == (1e-6, 1.0, "query_image")
   assert config.ga.isotropic.gamma == 1e-2
   assert config.loss.eta == 1e-3
   # Evaluations and checkpoints fall on the last step.
@@ -169,8 +190,12 @@ def test_full_configs_hold_the_papers_settings(file_name, dataset, batch_size,
 
 @pytest.mark.parametrize("file_name", list(CONFIGS))
 def test_unknown_config_argument_is_named(file_name):
-  with pytest.raises(ValueError, match=f"configs/{file_name}: unknown "
-                     "argument 'tiny'; allowed: '', 'smoke'"):
+  with pytest.raises(
+      ValueError,
+      match=(
+          f"configs/{file_name}: unknown argument 'tiny'; allowed: '', 'smoke'"
+      ),
+  ):
     get_config(file_name, "tiny")
 
 
@@ -184,10 +209,13 @@ def test_fixture_is_deterministic_and_big_enough(dataset, tmp_path):
       twin = os.path.join(second, os.path.relpath(path, first))
       assert filecmp.cmp(path, twin, shallow=False), path
   from irtf_jax import data  # pylint: disable=g-import-not-at-top
-  train_split = data.load(dataset, "train", data_dir=str(tmp_path / "p"),
-                          manual_dir=first)
-  test_split = data.load(dataset, "test", data_dir=str(tmp_path / "p"),
-                         manual_dir=first)
+
+  train_split = data.load(
+      dataset, "train", data_dir=str(tmp_path / "p"), manual_dir=first
+  )
+  test_split = data.load(
+      dataset, "test", data_dir=str(tmp_path / "p"), manual_dir=first
+  )
   batch = train_split.sample_training_queries(seed=0, step=0, batch_size=16)
   # TIRG's pairing: two different modifications of one source image.
   for first_query, second_query in zip(batch[::2], batch[1::2]):
@@ -200,6 +228,11 @@ def test_fixture_is_deterministic_and_big_enough(dataset, tmp_path):
 
 
 def test_fixture_of_unknown_dataset_names_the_field(tmp_path):
-  with pytest.raises(ValueError, match="config.data.name: no fixture for "
-                     "'css_synth'.*set config.data.fixture=False"):
+  with pytest.raises(
+      ValueError,
+      match=(
+          "config.data.name: no fixture for "
+          "'css_synth'.*set config.data.fixture=False"
+      ),
+  ):
     fixtures.write_fixture("css_synth", str(tmp_path))

@@ -17,9 +17,13 @@ SMALL = dict(num_scenes=12, mods_per_scene=5, tree_depth=3)
 
 def _families(split, seed=5, **options):
   options = {**SMALL, **options}
-  return generate.generate_families(seed, split, options["num_scenes"],
-                                    options["mods_per_scene"],
-                                    options["tree_depth"])
+  return generate.generate_families(
+      seed,
+      split,
+      options["num_scenes"],
+      options["mods_per_scene"],
+      options["tree_depth"],
+  )
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -51,8 +55,9 @@ def test_families_chain_their_modified_scenes(split):
     root = {o.position: o for o in family[0].scene}
     for variant in family:
       cells = {o.position: o for o in variant.scene}
-      edited = {c for c in set(root) | set(cells)
-                if root.get(c) != cells.get(c)}
+      edited = {
+          c for c in set(root) | set(cells) if root.get(c) != cells.get(c)
+      }
       assert len(edited) <= variant.depth
 
 
@@ -72,8 +77,9 @@ def test_queries_are_every_training_edge_and_the_novel_test_edges():
     for variant in family[1:]:
       source = css_helpers.scene_as_set(family[variant.parent].scene)
       changed = source ^ css_helpers.scene_as_set(variant.scene)
-      touches_novel = any((o[3], o[2]) in scenes.NOVEL_SHAPE_COLORS
-                          for o in changed)
+      touches_novel = any(
+          (o[3], o[2]) in scenes.NOVEL_SHAPE_COLORS for o in changed
+      )
       assert variant.is_query == touches_novel
   # Both kinds occur: queries, and distractor variants in the gallery.
   assert 0 < sum(v.is_query for v in test_variants) < len(test_variants)
@@ -84,11 +90,16 @@ def test_generate_split_lists_the_query_edges_as_mods():
   gallery, mods = generate.generate_split(5, "test", **SMALL)
   assert gallery == [v.scene for f in families for v in f]
   offsets = np.cumsum([0] + [len(f) for f in families])
-  expected = sorted((offsets[k] + v.parent, v.text, offsets[k] + i)
-                    for k, f in enumerate(families)
-                    for i, v in enumerate(f) if v.is_query)
-  assert sorted((f, m.text, t) for m in mods
-                for f, t in zip(m.sources, m.targets)) == expected
+  expected = sorted(
+      (offsets[k] + v.parent, v.text, offsets[k] + i)
+      for k, f in enumerate(families)
+      for i, v in enumerate(f)
+      if v.is_query
+  )
+  assert (
+      sorted((f, m.text, t) for m in mods for f, t in zip(m.sources, m.targets))
+      == expected
+  )
   assert len({m.text for m in mods}) == len(mods)
 
 
@@ -108,10 +119,15 @@ def test_every_default_test_source_has_its_variants_one_edit_away():
   its mods_per_scene variants and its parent one edit away in the gallery."""
   o = css_synth.DEFAULTS
   families = generate.generate_families(
-      o["seed"], "test", o["num_test_scenes"], o["mods_per_scene"],
-      o["tree_depth"])
+      o["seed"],
+      "test",
+      o["num_test_scenes"],
+      o["mods_per_scene"],
+      o["tree_depth"],
+  )
   codes = css_helpers.cell_codes(
-      [css_helpers.scene_as_set(v.scene) for f in families for v in f])
+      [css_helpers.scene_as_set(v.scene) for f in families for v in f]
+  )
   offset = 0
   for family in families:
     modified = sorted({v.parent for v in family[1:]})

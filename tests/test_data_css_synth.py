@@ -15,16 +15,18 @@ from irtf_jax.data.css import render
 from irtf_jax.data.css import scenes
 from tests import css_helpers
 
-SMALL = dict(num_train_scenes=12, num_test_scenes=12, mods_per_scene=4,
-             tree_depth=3)
+SMALL = dict(
+    num_train_scenes=12, num_test_scenes=12, mods_per_scene=4, tree_depth=3
+)
 
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("css_synth"))
-  return {split: data.load("css_synth", split, data_dir=data_dir, seed=3,
-                           **SMALL)
-          for split in ("train", "test")}
+  return {
+      split: data.load("css_synth", split, data_dir=data_dir, seed=3, **SMALL)
+      for split in ("train", "test")
+  }
 
 
 # ------------------------------------------------------------ scene content
@@ -48,28 +50,40 @@ def test_the_builder_writes_the_generated_split(splits):
   `render_scene`: what the generator makes is what a user loads."""
   for split, s in splits.items():
     gallery, mods = generate.generate_split(
-        3, split, SMALL[f"num_{split}_scenes"], SMALL["mods_per_scene"],
-        SMALL["tree_depth"])
+        3,
+        split,
+        SMALL[f"num_{split}_scenes"],
+        SMALL["mods_per_scene"],
+        SMALL["tree_depth"],
+    )
     assert s.captions == [scenes.scene_caption(g) for g in gallery]
     assert s.mods == mods
     np.testing.assert_array_equal(
         s.images(np.arange(len(s))),
-        [render.render_scene(scenes.scene_objects(g)) for g in gallery])
+        [render.render_scene(scenes.scene_objects(g)) for g in gallery],
+    )
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_queries_are_every_pair_of_every_mod(splits, split):
   s = splits[split]
-  expected = [(f, mod.text, t) for mod in s.mods
-              for f, t in zip(mod.sources, mod.targets)]
-  assert [(q.source_index, q.text, q.target_index)
-          for q in s.queries] == expected
+  expected = [
+      (f, mod.text, t)
+      for mod in s.mods
+      for f, t in zip(mod.sources, mod.targets)
+  ]
+  assert [
+      (q.source_index, q.text, q.target_index) for q in s.queries
+  ] == expected
   assert len({mod.text for mod in s.mods}) == len(s.mods)
   assert sorted(s.vocabulary_texts) == sorted(mod.text for mod in s.mods)
   np.testing.assert_array_equal(s.gallery, np.arange(len(s.captions)))
   if split == "train":  # Every edge of every family.
-    assert len(s.queries) == (SMALL["num_train_scenes"]
-                              * SMALL["mods_per_scene"] * SMALL["tree_depth"])
+    assert len(s.queries) == (
+        SMALL["num_train_scenes"]
+        * SMALL["mods_per_scene"]
+        * SMALL["tree_depth"]
+    )
 
 
 def test_novel_compositions_never_occur_in_training(splits):
@@ -95,12 +109,15 @@ def test_same_looking_scenes_share_a_caption_and_only_they(splits):
       assert caption_of_pixels.setdefault(pixels, caption) == caption
       assert pixels_of_caption.setdefault(caption, pixels) == pixels
   # Same objects listed in another order: the same picture and caption.
-  scene = (scenes.SceneObject("bottom-right", "small", "red", "circle"),
-           scenes.SceneObject("top-left", "large", "blue", "triangle"))
+  scene = (
+      scenes.SceneObject("bottom-right", "small", "red", "circle"),
+      scenes.SceneObject("top-left", "large", "blue", "triangle"),
+  )
   assert scenes.scene_caption(scene) == scenes.scene_caption(scene[::-1])
   np.testing.assert_array_equal(
       render.render_scene(scenes.scene_objects(scene)),
-      render.render_scene(scenes.scene_objects(scene[::-1])))
+      render.render_scene(scenes.scene_objects(scene[::-1])),
+  )
 
 
 def test_cached_images_equal_the_stored_pngs(splits):
@@ -109,59 +126,92 @@ def test_cached_images_equal_the_stored_pngs(splits):
   for i in (0, len(s) // 2, len(s) - 1):
     stored_png = s._decode(i)  # pylint: disable=protected-access
     np.testing.assert_array_equal(s.image(i), stored_png)
-    np.testing.assert_array_equal(s.image(i),
-                                  render.render_scene(s.objects[i]))
+    np.testing.assert_array_equal(s.image(i), render.render_scene(s.objects[i]))
 
 
 # ------------------------------------------------------ determinism, options
 
 
 def test_same_seed_same_dataset_other_seed_other_dataset(splits, tmp_path):
-  again = data.load("css_synth", "test", data_dir=str(tmp_path), seed=3,
-                    **SMALL)
+  again = data.load(
+      "css_synth", "test", data_dir=str(tmp_path), seed=3, **SMALL
+  )
   first = splits["test"]
   assert again.captions == first.captions
   assert again.queries == first.queries
-  np.testing.assert_array_equal(again.images(np.arange(len(again))),
-                                first.images(np.arange(len(first))))
-  other = data.load("css_synth", "test", data_dir=str(tmp_path), seed=4,
-                    **SMALL)
+  np.testing.assert_array_equal(
+      again.images(np.arange(len(again))), first.images(np.arange(len(first)))
+  )
+  other = data.load(
+      "css_synth", "test", data_dir=str(tmp_path), seed=4, **SMALL
+  )
   assert other.captions != first.captions
   assert [q.text for q in other.queries] != [q.text for q in first.queries]
   # Both option sets live side by side in one data_dir.
-  assert data.load("css_synth", "test", data_dir=str(tmp_path), seed=3,
-                   **SMALL).captions == first.captions
+  assert (
+      data.load(
+          "css_synth", "test", data_dir=str(tmp_path), seed=3, **SMALL
+      ).captions
+      == first.captions
+  )
 
 
 def test_config_name_encodes_every_option():
   names = {css_synth.config_name(**css_synth.DEFAULTS)}
   for key, value in css_synth.DEFAULTS.items():
-    names.add(css_synth.config_name(**{**css_synth.DEFAULTS,
-                                       key: value + 1}))
+    names.add(css_synth.config_name(**{**css_synth.DEFAULTS, key: value + 1}))
   assert len(names) == 1 + len(css_synth.DEFAULTS)
 
 
 def test_image_size_option_scales_the_renders(tmp_path):
-  s = data.load("css_synth", "train", data_dir=str(tmp_path),
-                num_train_scenes=2, num_test_scenes=2, mods_per_scene=2,
-                tree_depth=1, image_size=32)
+  s = data.load(
+      "css_synth",
+      "train",
+      data_dir=str(tmp_path),
+      num_train_scenes=2,
+      num_test_scenes=2,
+      mods_per_scene=2,
+      tree_depth=1,
+      image_size=32,
+  )
   assert len(s) == 2 * (1 + 2)
   assert s.images(np.arange(len(s))).shape == (len(s), 32, 32, 3)
   stored_png = s._decode(0)  # pylint: disable=protected-access
   np.testing.assert_array_equal(stored_png, s.image(0))
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(num_train_scenes=0), "^config.data.options.num_train_scenes: got 0; "
-     "css_synth needs an integer >= 1$"),
-    (dict(tree_depth=0), "tree_depth: got 0; css_synth needs an integer >= 1"),
-    (dict(mods_per_scene=True), "mods_per_scene: got True; css_synth needs an "
-     "integer >= 1"),
-    (dict(image_size=8), "image_size: got 8; css_synth needs an integer >= 16"),
-    (dict(seed=1.5), "seed: got 1.5; css_synth needs an integer >= 0"),
-    (dict(num_scenes=3), "^config.data.options.num_scenes: css_synth has no "
-     "option 'num_scenes'; its options are num_train_scenes, "),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            dict(num_train_scenes=0),
+            (
+                "^config.data.options.num_train_scenes: got 0; "
+                "css_synth needs an integer >= 1$"
+            ),
+        ),
+        (
+            dict(tree_depth=0),
+            "tree_depth: got 0; css_synth needs an integer >= 1",
+        ),
+        (
+            dict(mods_per_scene=True),
+            "mods_per_scene: got True; css_synth needs an integer >= 1",
+        ),
+        (
+            dict(image_size=8),
+            "image_size: got 8; css_synth needs an integer >= 16",
+        ),
+        (dict(seed=1.5), "seed: got 1.5; css_synth needs an integer >= 0"),
+        (
+            dict(num_scenes=3),
+            (
+                "^config.data.options.num_scenes: css_synth has no "
+                "option 'num_scenes'; its options are num_train_scenes, "
+            ),
+        ),
+    ],
+)
 def test_bad_options_are_named(tmp_path, options, message):
   with pytest.raises(ValueError, match=message):
     data.load("css_synth", "train", data_dir=str(tmp_path), **options)
@@ -172,8 +222,11 @@ def test_bad_options_are_named(tmp_path, options, message):
 
 def test_sampler_pairs_consecutive_queries_on_one_source(splits):
   s = splits["train"]
-  pairs = {(f, mod.text, t) for mod in s.mods
-           for f, t in zip(mod.sources, mod.targets)}
+  pairs = {
+      (f, mod.text, t)
+      for mod in s.mods
+      for f, t in zip(mod.sources, mod.targets)
+  }
   batch = s.sample_training_queries(seed=0, step=5, batch_size=31)
   assert len(batch) == 31
   for q in batch:
@@ -213,35 +266,51 @@ def test_test_sized_train_recall_ranks_whole_families(splits):
   many queries as the test evaluation ranks."""
   train, test = splits["train"], splits["test"]
   view, num_queries = evaluate.train_recall_split(
-      train, test, train_gallery="test_size", max_train_queries=7,
-      max_test_queries=0)
+      train,
+      test,
+      train_gallery="test_size",
+      max_train_queries=7,
+      max_test_queries=0,
+  )
   assert num_queries == len(test.queries)
-  generated = generate.generate_families(3, "train",
-                                         SMALL["num_train_scenes"],
-                                         SMALL["mods_per_scene"],
-                                         SMALL["tree_depth"])
+  generated = generate.generate_families(
+      3,
+      "train",
+      SMALL["num_train_scenes"],
+      SMALL["mods_per_scene"],
+      SMALL["tree_depth"],
+  )
   sizes = np.cumsum([len(family) for family in generated])
   taken = int(np.searchsorted(sizes, len(test.gallery)))  # first >= it
   np.testing.assert_array_equal(view.gallery, np.arange(sizes[taken]))
   assert sizes[taken] >= len(test.gallery)
   assert taken == 0 or sizes[taken - 1] < len(test.gallery)
   inside = set(range(sizes[taken]))
-  assert view.queries == [q for q in train.queries
-                          if q.source_index in inside]
+  assert view.queries == [q for q in train.queries if q.source_index in inside]
   assert view.queries and all(q.target_index in inside for q in view.queries)
   # The view ranks against its own gallery, its source excluded.
   np.testing.assert_array_equal(
-      view.excluded_columns(), [q.source_index for q in view.queries])
+      view.excluded_columns(), [q.source_index for q in view.queries]
+  )
   _, limited = evaluate.train_recall_split(
-      train, test, train_gallery="test_size", max_train_queries=7,
-      max_test_queries=5)
+      train,
+      test,
+      train_gallery="test_size",
+      max_train_queries=7,
+      max_test_queries=5,
+  )
   assert limited == 5
   assert evaluate.train_recall_split(
-      train, test, train_gallery="all", max_train_queries=7,
-      max_test_queries=5) == (train, 7)
+      train, test, train_gallery="all", max_train_queries=7, max_test_queries=5
+  ) == (train, 7)
   with pytest.raises(ValueError, match="config.eval.train_gallery: unknown"):
-    evaluate.train_recall_split(train, test, train_gallery="half",
-                                max_train_queries=7, max_test_queries=5)
+    evaluate.train_recall_split(
+        train,
+        test,
+        train_gallery="half",
+        max_train_queries=7,
+        max_test_queries=5,
+    )
 
 
 # ------------------------------------------------- raw pixels cannot answer
@@ -249,15 +318,18 @@ def test_test_sized_train_recall_ranks_whole_families(splits):
 
 def _raw_pixel_features(gallery, indices, image_size):
   """Rendered images as float vectors, mean-centred, unit L2 norm."""
-  x = np.stack([render.render_scene(scenes.scene_objects(gallery[i]),
-                                    image_size) for i in indices])
+  x = np.stack([
+      render.render_scene(scenes.scene_objects(gallery[i]), image_size)
+      for i in indices
+  ])
   x = x.reshape(len(indices), -1).astype(np.float32)
   x -= x.mean(axis=1, keepdims=True)
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def raw_pixel_recall(gallery, captions, sources, targets, ks, image_size,
-                     chunk=2048):
+def raw_pixel_recall(
+    gallery, captions, sources, targets, ks, image_size, chunk=2048
+):
   """Recall@K of ranking the gallery by raw-pixel cosine to the source.
 
   Written apart from the project's evaluator: image j scores
@@ -272,13 +344,16 @@ def raw_pixel_recall(gallery, captions, sources, targets, ks, image_size,
   distinct, row = np.unique(sources, return_inverse=True)
   queries = _raw_pixel_features(gallery, distinct, image_size)
   target_scores = np.einsum(
-      "qd,qd->q", queries[row], _raw_pixel_features(gallery, targets,
-                                                    image_size))
+      "qd,qd->q",
+      queries[row],
+      _raw_pixel_features(gallery, targets, image_size),
+  )
   above = np.zeros(len(sources), np.int64)
   for start in range(0, len(gallery), chunk):
     columns = np.arange(start, min(start + chunk, len(gallery)))
-    scores = (queries @ _raw_pixel_features(gallery, columns,
-                                            image_size).T)[row]
+    scores = (queries @ _raw_pixel_features(gallery, columns, image_size).T)[
+        row
+    ]
     beats = scores > target_scores[:, None]
     beats &= columns[None, :] != sources[:, None]
     beats &= columns[None, :] != targets[:, None]  # Rounding: not above itself.
@@ -290,11 +365,21 @@ def test_raw_pixels_cannot_answer_the_default_test_queries():
   """Every default test query, images only: R@1 at most 10% (DESIGN.md)."""
   o = css_synth.DEFAULTS
   gallery, mods = generate.generate_split(
-      o["seed"], "test", o["num_test_scenes"], o["mods_per_scene"],
-      o["tree_depth"])
+      o["seed"],
+      "test",
+      o["num_test_scenes"],
+      o["mods_per_scene"],
+      o["tree_depth"],
+  )
   sources = [f for m in mods for f in m.sources]
   targets = [t for m in mods for t in m.targets]
   assert len(sources) > 2000  # A few thousand queries.
-  recall = raw_pixel_recall(gallery, [scenes.scene_caption(g) for g in gallery],
-                            sources, targets, (1, 5, 10), o["image_size"])
+  recall = raw_pixel_recall(
+      gallery,
+      [scenes.scene_caption(g) for g in gallery],
+      sources,
+      targets,
+      (1, 5, 10),
+      o["image_size"],
+  )
   assert recall[1] <= 0.10, recall

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from irtf_jax import data
-from irtf_jax.data import fashion200k, image_files
+from irtf_jax.data import fashion200k
 from irtf_jax.data import fixtures
+from irtf_jax.data import image_files
 
 D = "women/dresses/casual_and_day_dresses"
 S = "women/skirts/mini"
@@ -57,28 +58,40 @@ TEST_QUERIES = [
 EXPECTED_TEST_TRIPLES = [
     ("white lace dress", "replace lace with silk", "white silk dress"),
     ("white silk dress", "replace silk with lace", "white lace dress"),
-    ("striped cotton top", "replace cotton with linen",
-     "striped linen topstarmark"),
+    (
+        "striped cotton top",
+        "replace cotton with linen",
+        "striped linen topstarmark",
+    ),
     ("striped cotton top", "replace top with top", "cotton striped top"),
-    ("white lace dress", "replace white with pink",
-     "pink satin gownquestionmark"),
+    (
+        "white lace dress",
+        "replace white with pink",
+        "pink satin gownquestionmark",
+    ),
 ]
 # Training captions that differ in exactly one word (by hand, both ways).
 # "midi black dress" is "black midi dress" reordered: not a pair.
 ONE_WORD_PAIRS = {
-    ("black midi dress", "blue midi dress"), ("black midi dress", "red midi dress"),
-    ("blue midi dress", "red midi dress"), ("black midi dress", "black maxi dress"),
-    ("midi black dress", "blue midi dress"), ("midi black dress", "red midi dress"),
+    ("black midi dress", "blue midi dress"),
+    ("black midi dress", "red midi dress"),
+    ("blue midi dress", "red midi dress"),
+    ("black midi dress", "black maxi dress"),
+    ("midi black dress", "blue midi dress"),
+    ("midi black dress", "red midi dress"),
     ("midi black dress", "black maxi dress"),
-    ("pleated mini skirt", "pleated midi skirt"), ("skirt", "dress"),
+    ("pleated mini skirt", "pleated midi skirt"),
+    ("skirt", "dress"),
 }
 ONE_WORD_PAIRS |= {(b, a) for a, b in ONE_WORD_PAIRS}
 
 
 def write_fixture(root, labels=None, test_queries=None):
-  fixtures.write_fashion200k(str(root), labels or LABELS,
-                             TEST_QUERIES if test_queries is None
-                             else test_queries)
+  fixtures.write_fashion200k(
+      str(root),
+      labels or LABELS,
+      TEST_QUERIES if test_queries is None else test_queries,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +102,16 @@ def dataset(tmp_path_factory):
 
   def load(split, **options):
     options.setdefault("image_size", 16)
-    return data.load("fashion200k", split, data_dir=data_dir,
-                     manual_dir=str(root), **options)
+    return data.load(
+        "fashion200k", split, data_dir=data_dir, manual_dir=str(root), **options
+    )
 
-  return {"root": root, "load": load, "train": load("train"),
-          "test": load("test")}
+  return {
+      "root": root,
+      "load": load,
+      "train": load("train"),
+      "test": load("test"),
+  }
 
 
 def tirg_text(source_caption, target_caption):
@@ -113,8 +131,10 @@ def test_captions_cleaned_and_split_from_label_files(dataset):
   assert len(train.captions) == 12 and len(test.captions) == 7
   assert "black andmark white dressdotmark" in train.captions
   assert train.captions.count("black midi dress") == 2
-  for split, names in ((train, ("dress_train", "skirt_train")),
-                       (test, ("dress_test", "top_test"))):
+  for split, names in (
+      (train, ("dress_train", "skirt_train")),
+      (test, ("dress_test", "top_test")),
+  ):
     expected = [p for n in names for p, _ in LABELS[n + "_detect_all.txt"]]
     assert split.paths == expected  # label files in sorted order
   assert test.captions[3] == "pink satin gownquestionmark"
@@ -122,22 +142,27 @@ def test_captions_cleaned_and_split_from_label_files(dataset):
 
 def test_test_queries_follow_tirg(dataset):
   test = dataset["test"]
-  got = [(test.captions[q.source_index], q.text, q.target_caption)
-         for q in test.queries]
+  got = [
+      (test.captions[q.source_index], q.text, q.target_caption)
+      for q in test.queries
+  ]
   assert got == EXPECTED_TEST_TRIPLES
   for q, (source, target) in zip(test.queries, TEST_QUERIES):
     assert test.paths[q.source_index] == source
     assert test.paths[q.target_index] == target
     assert q.text == tirg_text(test.captions[q.source_index], q.target_caption)
   np.testing.assert_array_equal(test.gallery, np.arange(7))
-  np.testing.assert_array_equal(test.exclude_columns,
-                                [q.source_index for q in test.queries])
+  np.testing.assert_array_equal(
+      test.exclude_columns, [q.source_index for q in test.queries]
+  )
 
 
 def test_hits_are_by_caption(dataset):
   test = dataset["test"]
-  hits = [[i for i in test.gallery if test.captions[i] == q.target_caption]
-          for q in test.queries]
+  hits = [
+      [i for i in test.gallery if test.captions[i] == q.target_caption]
+      for q in test.queries
+  ]
   # "white lace dress" is the caption of a.jpeg and c.jpeg: both are hits
   assert hits[1] == [0, 2]
   assert hits[0] == [1] and hits[2] == [5] and hits[3] == [6]
@@ -145,31 +170,43 @@ def test_hits_are_by_caption(dataset):
 
 def test_complete_text_uses_the_target_caption(dataset):
   test = dataset["load"]("test", complete_text=True)
-  assert [q.text for q in test.queries] == [t for _, _, t in
-                                            EXPECTED_TEST_TRIPLES]
+  assert [q.text for q in test.queries] == [
+      t for _, _, t in EXPECTED_TEST_TRIPLES
+  ]
 
 
 def differ_in_one_word(a, b):
   a, b = a.split(), b.split()
   if len(a) != len(b) or sorted(a) == sorted(b):
     return False
-  return any(a[:i] + a[i + 1:] == b[:j] + b[j + 1:]
-             for i in range(len(a)) for j in range(len(b)))
+  return any(
+      a[:i] + a[i + 1 :] == b[:j] + b[j + 1 :]
+      for i in range(len(a))
+      for j in range(len(b))
+  )
 
 
 def test_one_word_pairs_by_brute_force():
   captions = {c for pair in ONE_WORD_PAIRS for c in pair} | {
-      "long sleeve lace dress", "black andmark white dressdotmark"}
-  brute = {(a, b) for a in captions for b in captions
-           if a != b and differ_in_one_word(a, b)}
+      "long sleeve lace dress",
+      "black andmark white dressdotmark",
+  }
+  brute = {
+      (a, b)
+      for a in captions
+      for b in captions
+      if a != b and differ_in_one_word(a, b)
+  }
   assert brute == ONE_WORD_PAIRS
 
 
 def test_training_sampler_pairs_one_word_captions(dataset):
   train = dataset["train"]
-  queries = [q for step in range(8)
-             for q in train.sample_training_queries(seed=5, step=step,
-                                                    batch_size=32)]
+  queries = [
+      q
+      for step in range(8)
+      for q in train.sample_training_queries(seed=5, step=step, batch_size=32)
+  ]
   seen = set()
   for q in queries:
     source = train.captions[q.source_index]
@@ -180,8 +217,9 @@ def test_training_sampler_pairs_one_word_captions(dataset):
   assert seen == ONE_WORD_PAIRS  # every pair is reachable, nothing else
   for first, second in zip(queries[0::2], queries[1::2]):
     assert first.source_index == second.source_index
-    targets = {b for a, b in ONE_WORD_PAIRS
-               if a == train.captions[first.source_index]}
+    targets = {
+        b for a, b in ONE_WORD_PAIRS if a == train.captions[first.source_index]
+    }
     if len(targets) > 1:
       assert first.target_caption != second.target_caption
   assert train.sample_training_queries(5, 3, 32) == queries[96:128]
@@ -191,8 +229,9 @@ def test_training_sampler_pairs_one_word_captions(dataset):
 def test_train_recall_queries(dataset):
   train = dataset["train"]
   assert len(train.queries) == 12  # fewer images than 10,000
-  np.testing.assert_array_equal(train.gallery,
-                                [q.target_index for q in train.queries])
+  np.testing.assert_array_equal(
+      train.gallery, [q.target_index for q in train.queries]
+  )
   np.testing.assert_array_equal(train.exclude_columns, -1)
   for q in train.queries:
     assert (train.captions[q.source_index], q.target_caption) in ONE_WORD_PAIRS
@@ -215,8 +254,13 @@ def test_images(dataset):
 
 
 def load_from(tmp_path, root, split="test", **options):
-  return data.load("fashion200k", split, data_dir=str(tmp_path / "d"),
-                   manual_dir=str(root), **options)
+  return data.load(
+      "fashion200k",
+      split,
+      data_dir=str(tmp_path / "d"),
+      manual_dir=str(root),
+      **options,
+  )
 
 
 def edited_labels(name, index, line):
@@ -230,31 +274,44 @@ def test_malformed_label_lines(tmp_path):
   write_fixture(root)
   label = root / "labels" / "skirt_train_detect_all.txt"
   lines = label.read_text().splitlines()
-  label.write_text("\n".join(lines[:2] + ["women/x.jpeg\tblue skirt"] +
-                             lines[2:]) + "\n")
+  label.write_text(
+      "\n".join(lines[:2] + ["women/x.jpeg\tblue skirt"] + lines[2:]) + "\n"
+  )
   with pytest.raises(ValueError) as info:
     load_from(tmp_path, root)
   assert str(info.value) == (
       f"{label}:3: expected 3 tab-separated fields (image path, detection "
-      f"score, caption), got 2; fix or remove the line")
-  label.write_text("\n".join(lines[:3] + ["women/x.jpeg\thigh\tblue skirt"])
-                   + "\n")
-  with pytest.raises(ValueError, match=re.escape(
-      f"{label}:4: detection score 'high' is not a number")):
+      "score, caption), got 2; fix or remove the line"
+  )
+  label.write_text(
+      "\n".join(lines[:3] + ["women/x.jpeg\thigh\tblue skirt"]) + "\n"
+  )
+  with pytest.raises(
+      ValueError,
+      match=re.escape(f"{label}:4: detection score 'high' is not a number"),
+  ):
     load_from(tmp_path, root)
-  label.write_bytes("\n".join(lines[:1]).encode() + b"\nwomen/x.jpeg\t0.5\t"
-                    b"caf\xe9 skirt\n")
-  with pytest.raises(ValueError, match=re.escape(
-      f"{label}:2: not UTF-8 text (invalid continuation byte at byte 20); "
-      f"save the file as UTF-8")):
+  label.write_bytes(
+      "\n".join(lines[:1]).encode() + b"\nwomen/x.jpeg\t0.5\tcaf\xe9 skirt\n"
+  )
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          f"{label}:2: not UTF-8 text (invalid continuation byte at byte 20); "
+          "save the file as UTF-8"
+      ),
+  ):
     load_from(tmp_path, root)
 
 
-@pytest.mark.parametrize("bad_path, reason", [
-    ("../outside.jpeg", "escapes the dataset folder"),
-    ("women/../../outside.jpeg", "escapes the dataset folder"),
-    ("/etc/hostname", "is not a relative path inside the dataset folder"),
-])
+@pytest.mark.parametrize(
+    "bad_path, reason",
+    [
+        ("../outside.jpeg", "escapes the dataset folder"),
+        ("women/../../outside.jpeg", "escapes the dataset folder"),
+        ("/etc/hostname", "is not a relative path inside the dataset folder"),
+    ],
+)
 def test_label_paths_must_stay_inside(tmp_path, bad_path, reason):
   root = tmp_path / "f"
   write_fixture(root)
@@ -275,36 +332,50 @@ def test_symlinked_image_out_of_the_dataset_is_refused(tmp_path):
   os.symlink(tmp_path / "outside.jpeg", root / D / "link.jpeg")
   label = root / "labels" / "dress_train_detect_all.txt"
   label.write_text(label.read_text() + f"{D}/link.jpeg\t0.5\tred dress\n")
-  with pytest.raises(ValueError, match=re.escape(
-      f"{label}:9: image path '{D}/link.jpeg' escapes the dataset folder")):
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          f"{label}:9: image path '{D}/link.jpeg' escapes the dataset folder"
+      ),
+  ):
     load_from(tmp_path, root)
 
 
 def test_bad_test_queries(tmp_path):
   root = tmp_path / "f"
   queries_file = root / "test_queries.txt"
-  write_fixture(root, test_queries=TEST_QUERIES[:2] + [
-      ("../../etc/passwd", TEST_QUERIES[0][1])])
+  write_fixture(
+      root,
+      test_queries=TEST_QUERIES[:2]
+      + [("../../etc/passwd", TEST_QUERIES[0][1])],
+  )
   with pytest.raises(ValueError) as info:
     load_from(tmp_path, root)
   assert str(info.value).startswith(
-      f"{queries_file}:3: image path '../../etc/passwd' escapes")
+      f"{queries_file}:3: image path '../../etc/passwd' escapes"
+  )
   write_fixture(root, test_queries=[(f"{D}/1/1_0.jpeg", TEST_QUERIES[0][1])])
   with pytest.raises(ValueError) as info:
     load_from(tmp_path, root)
   assert str(info.value) == (
       f"{queries_file}:1: {D}/1/1_0.jpeg is not an image of the test label "
-      f"files (labels/*_test_detect_all.txt)")
+      "files (labels/*_test_detect_all.txt)"
+  )
   queries_file.write_text(f"{TEST_QUERIES[0][0]}\n")
-  with pytest.raises(ValueError, match=re.escape(
-      f"{queries_file}:1: expected '<source path> <target path>', got 1")):
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          f"{queries_file}:1: expected '<source path> <target path>', got 1"
+      ),
+  ):
     load_from(tmp_path, root)
 
 
 def test_missing_files_print_instructions(tmp_path):
-  with pytest.raises(FileNotFoundError,
-                     match=rf"fashion200k: missing dataset folder "
-                           rf"{tmp_path / 'none'}"):
+  with pytest.raises(
+      FileNotFoundError,
+      match=rf"fashion200k: missing dataset folder " rf"{tmp_path / 'none'}",
+  ):
     load_from(tmp_path, tmp_path / "none")
   root = tmp_path / "f"
   write_fixture(root)
@@ -312,17 +383,26 @@ def test_missing_files_print_instructions(tmp_path):
   with pytest.raises(FileNotFoundError) as info:
     load_from(tmp_path, root)
   assert str(info.value).startswith(
-      f"fashion200k: missing file {root / 'test_queries.txt'}. Pass the folder")
+      f"fashion200k: missing file {root / 'test_queries.txt'}. Pass the folder"
+  )
   assert fashion200k.MANUAL_DOWNLOAD_INSTRUCTIONS in str(info.value)
   for name in ("dress_test_detect_all.txt", "top_test_detect_all.txt"):
     os.remove(root / "labels" / name)
-  with pytest.raises(FileNotFoundError, match=re.escape(
-      f"fashion200k: missing label files "
-      f"{root / 'labels' / '*_test_detect_all.txt'}")):
+  with pytest.raises(
+      FileNotFoundError,
+      match=re.escape(
+          "fashion200k: missing label files "
+          f"{root / 'labels' / '*_test_detect_all.txt'}"
+      ),
+  ):
     load_from(tmp_path, root)
   os.rename(root / "labels", root / "old_labels")
-  with pytest.raises(FileNotFoundError, match=re.escape(
-      f"fashion200k: missing folder {root / 'labels'}. Pass the folder")):
+  with pytest.raises(
+      FileNotFoundError,
+      match=re.escape(
+          f"fashion200k: missing folder {root / 'labels'}. Pass the folder"
+      ),
+  ):
     load_from(tmp_path, root)
 
 
@@ -339,8 +419,10 @@ def test_truncated_image_error_or_skip(tmp_path, caplog):
     test = load_from(tmp_path, root, on_bad_image="skip")
   assert f"{D}/t2/b.jpeg" not in test.paths and len(test.captions) == 6
   # the two queries that use b.jpeg are dropped, the rest are unchanged
-  got = [(test.captions[q.source_index], q.text, q.target_caption)
-         for q in test.queries]
+  got = [
+      (test.captions[q.source_index], q.text, q.target_caption)
+      for q in test.queries
+  ]
   assert got == EXPECTED_TEST_TRIPLES[2:]
   messages = [r.getMessage() for r in caplog.records]
   assert f"{bad}: unreadable or truncated image (" in "\n".join(messages)

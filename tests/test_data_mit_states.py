@@ -10,28 +10,40 @@ import re
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from irtf_jax import data
-from irtf_jax.data import image_files, mit_states
 from irtf_jax.data import fixtures
+from irtf_jax.data import image_files
+from irtf_jax.data import mit_states
 
 # (adjective, noun) folders and image counts. fish, tomato and wool are among
 # TIRG's 49 test nouns; apple, car and bag are not. bag and wool have a single
 # adjective (no query can start from them).
 FOLDERS = {
-    "ripe apple": 2, "rotten apple": 2, "sliced apple": 1,
-    "old car": 2, "new car": 1,
-    "raw fish": 2, "fried fish": 1, "dried fish": 2,
-    "ripe tomato": 1, "rotten tomato": 2,
+    "ripe apple": 2,
+    "rotten apple": 2,
+    "sliced apple": 1,
+    "old car": 2,
+    "new car": 1,
+    "raw fish": 2,
+    "fried fish": 1,
+    "dried fish": 2,
+    "ripe tomato": 1,
+    "rotten tomato": 2,
     "dyed wool": 1,
     # not classes: placeholders and a folder without a space
-    "adj apple": 1, "adj fish": 2, "misc": 1,
+    "adj apple": 1,
+    "adj fish": 2,
+    "misc": 1,
 }
 # bag's images test the resize and crop: (file, width, height), 2:1 banded.
-BANDED = (("landscape.jpg", 96, 48), ("portrait.jpg", 48, 96),
-          ("large.jpg", 1200, 600))
+BANDED = (
+    ("landscape.jpg", 96, 48),
+    ("portrait.jpg", 48, 96),
+    ("large.jpg", 1200, 600),
+)
 TEST_NOUNS_HERE = {"fish", "tomato", "wool"}
 
 
@@ -50,7 +62,8 @@ def write_fixture(root):
   written = fixtures.write_mit_states(str(root), FOLDERS)
   for name, width, height in BANDED:
     fixtures.write_banded_jpeg(
-        os.path.join(root, "images", "striped bag", name), width, height)
+        os.path.join(root, "images", "striped bag", name), width, height
+    )
   return written
 
 
@@ -59,13 +72,20 @@ def dataset(tmp_path_factory):
   root = tmp_path_factory.mktemp("mit_states")
   written = write_fixture(root)
   data_dir = str(tmp_path_factory.mktemp("data"))
+
   def load(split, **options):
     options.setdefault("image_size", 16)
-    return data.load("mit_states", split, data_dir=data_dir,
-                     manual_dir=str(root), **options)
+    return data.load(
+        "mit_states", split, data_dir=data_dir, manual_dir=str(root), **options
+    )
 
-  return {"root": root, "written": written, "load": load,
-          "train": load("train"), "test": load("test")}
+  return {
+      "root": root,
+      "written": written,
+      "load": load,
+      "train": load("train"),
+      "test": load("test"),
+  }
 
 
 def test_tirg_test_nouns_are_49_and_include_known_ones():
@@ -95,25 +115,33 @@ def test_test_queries_follow_tirg(dataset):
       target_adj, target_noun = target.split()
       if target_noun == noun and target_adj != adj:
         expected[(caption, target_adj, target)] += count
-  got = collections.Counter((split.captions[q.source_index], q.text,
-                             q.target_caption) for q in split.queries)
+  got = collections.Counter(
+      (split.captions[q.source_index], q.text, q.target_caption)
+      for q in split.queries
+  )
   assert sum(expected.values()) == 13  # fish 2*2+1*2+2*2, tomato 1+2
   assert got == expected
   for q in split.queries:
     assert split.captions[q.target_index] == q.target_caption
   np.testing.assert_array_equal(split.gallery, np.arange(len(split.captions)))
-  np.testing.assert_array_equal(split.exclude_columns,
-                                [q.source_index for q in split.queries])
+  np.testing.assert_array_equal(
+      split.exclude_columns, [q.source_index for q in split.queries]
+  )
 
 
 def test_hits_are_the_images_of_the_target_folder(dataset):
   split = dataset["test"]
   for q in split.queries:
     hits = {i for i in split.gallery if split.captions[i] == q.target_caption}
-    folder = {i for i, p in enumerate(split.paths)
-              if p.split(os.sep)[1] == q.target_caption}
-    assert hits == folder and len(hits) == class_folders()["test"][
-        q.target_caption]
+    folder = {
+        i
+        for i, p in enumerate(split.paths)
+        if p.split(os.sep)[1] == q.target_caption
+    }
+    assert (
+        hits == folder
+        and len(hits) == class_folders()["test"][q.target_caption]
+    )
 
 
 def test_caption_views(dataset):
@@ -125,7 +153,8 @@ def test_caption_views(dataset):
 def test_complete_text_uses_the_target_caption(dataset):
   split = dataset["load"]("test", complete_text=True)
   assert [q.text for q in split.queries] == [
-      q.target_caption for q in dataset["test"].queries]
+      q.target_caption for q in dataset["test"].queries
+  ]
 
 
 def check_training_query_rules(split, queries):
@@ -149,8 +178,10 @@ def check_training_query_rules(split, queries):
 
 def test_training_sampler_pairs_and_rules(dataset):
   split = dataset["train"]
-  batches = [split.sample_training_queries(seed=3, step=s, batch_size=32)
-             for s in range(4)]
+  batches = [
+      split.sample_training_queries(seed=3, step=s, batch_size=32)
+      for s in range(4)
+  ]
   for batch in batches:
     assert len(batch) == 32
     check_training_query_rules(split, batch)
@@ -159,10 +190,16 @@ def test_training_sampler_pairs_and_rules(dataset):
   # every source with a second adjective shows up; bag (one adjective) never
   assert {c.split()[1] for c in captions} == {"apple", "car"}
   # apple has three adjectives: both other adjectives are drawn
-  pairs = {(split.captions[a.source_index], a.text, b.text)
-           for b0 in batches for a, b in zip(b0[0::2], b0[1::2])}
+  pairs = {
+      (split.captions[a.source_index], a.text, b.text)
+      for b0 in batches
+      for a, b in zip(b0[0::2], b0[1::2])
+  }
   assert ("ripe apple", "rotten", "sliced") in pairs or (
-      "ripe apple", "sliced", "rotten") in pairs
+      "ripe apple",
+      "sliced",
+      "rotten",
+  ) in pairs
   assert split.sample_training_queries(3, 1, 32) == batches[1]
   assert split.sample_training_queries(3, 2, 32) != batches[1]
   assert split.sample_training_queries(4, 1, 32) != batches[1]
@@ -173,8 +210,9 @@ def test_train_recall_queries(dataset):
   split = dataset["train"]
   assert len(split.queries) == len(split.captions)  # fewer than 10,000 images
   check_training_query_rules(split, split.queries)
-  np.testing.assert_array_equal(split.gallery,
-                                [q.target_index for q in split.queries])
+  np.testing.assert_array_equal(
+      split.gallery, [q.target_index for q in split.queries]
+  )
   np.testing.assert_array_equal(split.exclude_columns, -1)
   assert dataset["load"]("train").queries == split.queries
   assert dataset["load"]("train", train_query_seed=1).queries != split.queries
@@ -189,8 +227,9 @@ def test_images_match_their_files(dataset):
   assert images.shape == (len(split.captions), 16, 16, 3)
   assert images.dtype == np.uint8
   for i, path in enumerate(split.paths):
-    original = np.asarray(Image.open(os.path.join(dataset["root"], path)),
-                          np.float64)
+    original = np.asarray(
+        Image.open(os.path.join(dataset["root"], path)), np.float64
+    )
     # shorter side already 16: the centre crop keeps columns 4..19
     assert np.abs(images[i] - original[:, 4:20]).mean() < 6
 
@@ -201,8 +240,11 @@ def test_split_survives_pickling_for_worker_processes(dataset):
   copy of one of its listed configs)."""
   # The default storage (a config the builder lists) and a larger one (not
   # listed: a config of its own).
-  for split in (dataset["train"], dataset["test"],
-                dataset["load"]("test", image_size=300)):
+  for split in (
+      dataset["train"],
+      dataset["test"],
+      dataset["load"]("test", image_size=300),
+  ):
     copy = pickle.loads(pickle.dumps(split))
     indices = np.arange(len(split.captions))
     np.testing.assert_array_equal(copy.images(indices), split.images(indices))
@@ -230,25 +272,33 @@ def test_image_size_option(dataset):
 
 def test_missing_dataset_folder_prints_instructions(tmp_path):
   missing = tmp_path / "nowhere"
-  with pytest.raises(FileNotFoundError,
-                     match=rf"mit_states: missing dataset folder {missing}"):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(missing))
+  with pytest.raises(
+      FileNotFoundError, match=rf"mit_states: missing dataset folder {missing}"
+  ):
+    data.load(
+        "mit_states",
+        "test",
+        data_dir=str(tmp_path / "d"),
+        manual_dir=str(missing),
+    )
   root = tmp_path / "no_images"
   root.mkdir()
   (root / "README").write_text("x")
   with pytest.raises(FileNotFoundError) as info:
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root))
+    data.load(
+        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
+    )
   assert str(info.value).startswith(
-      f"mit_states: missing folder {root / 'images'}. Pass the folder")
+      f"mit_states: missing folder {root / 'images'}. Pass the folder"
+  )
   assert mit_states.MANUAL_DOWNLOAD_INSTRUCTIONS in str(info.value)
 
 
 def small_root(tmp_path):
   root = tmp_path / "mit"
-  fixtures.write_mit_states(str(root), {"raw fish": 1, "dried fish": 1,
-                                        "old car": 1, "new car": 1})
+  fixtures.write_mit_states(
+      str(root), {"raw fish": 1, "dried fish": 1, "old car": 1, "new car": 1}
+  )
   return root
 
 
@@ -257,23 +307,34 @@ def test_truncated_image_error_or_skip(tmp_path, caplog):
   bad = os.path.join(root, "images", "raw fish", "broken.jpg")
   fixtures.write_truncated_jpeg(bad)
   with pytest.raises(image_files.BadImageError) as info:
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root))
+    data.load(
+        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
+    )
   message = str(info.value)
   assert message.startswith(f"{bad}: unreadable or truncated image (")
-  assert message.endswith("; stopping (on_bad_image='error'; pass "
-                          "on_bad_image='skip' to leave bad images out)")
+  assert message.endswith(
+      "; stopping (on_bad_image='error'; pass "
+      "on_bad_image='skip' to leave bad images out)"
+  )
   with caplog.at_level(logging.WARNING):
-    split = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-                      manual_dir=str(root), on_bad_image="skip")
+    split = data.load(
+        "mit_states",
+        "test",
+        data_dir=str(tmp_path / "d"),
+        manual_dir=str(root),
+        on_bad_image="skip",
+    )
   assert sorted(split.captions) == ["dried fish", "raw fish"]
-  assert any(r.getMessage().startswith(f"{bad}: unreadable or truncated")
-             and r.getMessage().endswith("; skipped (on_bad_image='skip')")
-             for r in caplog.records)
+  assert any(
+      r.getMessage().startswith(f"{bad}: unreadable or truncated")
+      and r.getMessage().endswith("; skipped (on_bad_image='skip')")
+      for r in caplog.records
+  )
   # a strict load never reuses the build that skipped the bad image
   with pytest.raises(image_files.BadImageError):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root))
+    data.load(
+        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
+    )
 
 
 def test_symlinks_out_of_the_dataset_are_refused(tmp_path):
@@ -282,54 +343,97 @@ def test_symlinks_out_of_the_dataset_are_refused(tmp_path):
   root = small_root(tmp_path)
   os.symlink(outside, root / "images" / "wet fish")
   with pytest.raises(ValueError) as info:
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root))
+    data.load(
+        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
+    )
   assert str(info.value) == (
       f"{root / 'images'}: image path 'images/wet fish' escapes the dataset "
-      f"folder {root} (through '..' or a symlink); refused")
+      f"folder {root} (through '..' or a symlink); refused"
+  )
   os.remove(root / "images" / "wet fish")
   os.symlink(outside / "x.jpg", root / "images" / "raw fish" / "y.jpg")
-  with pytest.raises(ValueError, match=re.escape(
-      f"{root / 'images' / 'raw fish'}: image path 'images/raw fish/y.jpg' "
-      f"escapes the dataset folder")):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root))
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          f"{root / 'images' / 'raw fish'}: image path 'images/raw fish/y.jpg' "
+          "escapes the dataset folder"
+      ),
+  ):
+    data.load(
+        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
+    )
 
 
 def test_bad_folder_name_and_options(tmp_path):
   root = small_root(tmp_path)
-  fixtures.write_jpeg(str(root / "images" / "very old car" / "a.jpg"),
-                      (1, 2, 3))
-  with pytest.raises(ValueError, match=re.escape(
-      f"{root / 'images' / 'very old car'}: a class folder must be named "
-      f"'<adjective> <noun>'")):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root))
+  fixtures.write_jpeg(
+      str(root / "images" / "very old car" / "a.jpg"), (1, 2, 3)
+  )
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          f"{root / 'images' / 'very old car'}: a class folder must be named "
+          "'<adjective> <noun>'"
+      ),
+  ):
+    data.load(
+        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
+    )
   os.rename(root / "images" / "very old car", root / "images" / "gold car")
   (root / "images" / "gold car" / "notes.txt").write_text("x")
-  with pytest.raises(ValueError, match=re.escape(
-      f"{root / 'images' / 'gold car' / 'notes.txt'}: not a .jpg file")):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root))
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          f"{root / 'images' / 'gold car' / 'notes.txt'}: not a .jpg file"
+      ),
+  ):
+    data.load(
+        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
+    )
   with pytest.raises(ValueError, match="on_bad_image: got 'ignore'"):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root), on_bad_image="ignore")
+    data.load(
+        "mit_states",
+        "test",
+        data_dir=str(tmp_path / "d"),
+        manual_dir=str(root),
+        on_bad_image="ignore",
+    )
   with pytest.raises(ValueError, match="image_size: got 0"):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root), image_size=0)
+    data.load(
+        "mit_states",
+        "test",
+        data_dir=str(tmp_path / "d"),
+        manual_dir=str(root),
+        image_size=0,
+    )
 
 
 def test_prepared_data_needs_no_dataset_folder(tmp_path):
   root = small_root(tmp_path)
-  first = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-                    manual_dir=str(root), image_size=8)
+  first = data.load(
+      "mit_states",
+      "test",
+      data_dir=str(tmp_path / "d"),
+      manual_dir=str(root),
+      image_size=8,
+  )
   pixels = first.images(np.arange(2))
   shutil.rmtree(root)
-  again = data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-                    manual_dir=str(root), image_size=8)
+  again = data.load(
+      "mit_states",
+      "test",
+      data_dir=str(tmp_path / "d"),
+      manual_dir=str(root),
+      image_size=8,
+  )
   assert again.captions == first.captions and again.paths == first.paths
   np.testing.assert_array_equal(again.images(np.arange(2)), pixels)
   # crops larger than the stored 256 need a larger stored copy: a new build
   with pytest.raises(FileNotFoundError, match="mit_states: missing dataset"):
-    data.load("mit_states", "test", data_dir=str(tmp_path / "d"),
-              manual_dir=str(root), image_size=300)
+    data.load(
+        "mit_states",
+        "test",
+        data_dir=str(tmp_path / "d"),
+        manual_dir=str(root),
+        image_size=300,
+    )

@@ -10,13 +10,23 @@ import pytest
 
 from irtf_jax import data
 
-IMAGE_FILE_DEFAULTS = dict(image_size=224, on_bad_image="error",
-                           complete_text=False, num_train_queries=10_000,
-                           train_query_seed=0)
+IMAGE_FILE_DEFAULTS = dict(
+    image_size=224,
+    on_bad_image="error",
+    complete_text=False,
+    num_train_queries=10_000,
+    train_query_seed=0,
+)
 # Written out, not read from the modules, so that a changed default fails here.
 DEFAULTS = {
-    "css_synth": dict(num_train_scenes=250, num_test_scenes=100,
-                      mods_per_scene=30, tree_depth=3, seed=0, image_size=64),
+    "css_synth": dict(
+        num_train_scenes=250,
+        num_test_scenes=100,
+        mods_per_scene=30,
+        tree_depth=3,
+        seed=0,
+        image_size=64,
+    ),
     "css3d": dict(renderer="png", skip_unreadable_images=False),
     "mit_states": IMAGE_FILE_DEFAULTS,
     "fashion200k": IMAGE_FILE_DEFAULTS,
@@ -29,28 +39,60 @@ WRONG_TYPE = [
     ("css_synth", "tree_depth", True, "css_synth needs an integer >= 1"),
     ("css3d", "skip_unreadable_images", 1, "css3d needs True or False"),
     ("css3d", "renderer", None, "css3d needs one of 'png', '2d'"),
-    ("mit_states", "image_size", 224.0,
-     "mit_states needs an integer >= 1 (224 is TIRG's)"),
+    (
+        "mit_states",
+        "image_size",
+        224.0,
+        "mit_states needs an integer >= 1 (224 is TIRG's)",
+    ),
     ("mit_states", "complete_text", "yes", "mit_states needs True or False"),
-    ("fashion200k", "on_bad_image", False,
-     "fashion200k needs one of 'error', 'skip' ('error' stops at the first "
-     "bad image, 'skip' leaves bad images out)"),
-    ("fashion200k", "num_train_queries", "10",
-     "fashion200k needs an integer >= 0"),
+    (
+        "fashion200k",
+        "on_bad_image",
+        False,
+        (
+            "fashion200k needs one of 'error', 'skip' ('error' stops at the"
+            " first bad image, 'skip' leaves bad images out)"
+        ),
+    ),
+    (
+        "fashion200k",
+        "num_train_queries",
+        "10",
+        "fashion200k needs an integer >= 0",
+    ),
 ]
 OUT_OF_RANGE = [
     ("css_synth", "mods_per_scene", 0, "css_synth needs an integer >= 1"),
     ("css_synth", "image_size", 15, "css_synth needs an integer >= 16"),
     ("css3d", "renderer", "3d", "css3d needs one of 'png', '2d'"),
-    ("mit_states", "on_bad_image", "ignore",
-     "mit_states needs one of 'error', 'skip' ('error' stops at the first "
-     "bad image, 'skip' leaves bad images out)"),
-    ("mit_states", "image_size", 0,
-     "mit_states needs an integer >= 1 (224 is TIRG's)"),
-    ("fashion200k", "num_train_queries", -1,
-     "fashion200k needs an integer >= 0"),
-    ("fashion200k", "train_query_seed", -3,
-     "fashion200k needs an integer >= 0"),
+    (
+        "mit_states",
+        "on_bad_image",
+        "ignore",
+        (
+            "mit_states needs one of 'error', 'skip' ('error' stops at the"
+            " first bad image, 'skip' leaves bad images out)"
+        ),
+    ),
+    (
+        "mit_states",
+        "image_size",
+        0,
+        "mit_states needs an integer >= 1 (224 is TIRG's)",
+    ),
+    (
+        "fashion200k",
+        "num_train_queries",
+        -1,
+        "fashion200k needs an integer >= 0",
+    ),
+    (
+        "fashion200k",
+        "train_query_seed",
+        -3,
+        "fashion200k needs an integer >= 0",
+    ),
 ]
 
 
@@ -92,24 +134,28 @@ def test_given_values_win_and_become_python_scalars(name):
 @pytest.mark.parametrize("name", data.DATASETS)
 def test_unknown_option_is_named_with_the_allowed_ones(name):
   message = check_error(name, {"colour": "red"})
-  assert message == (f"config.data.options.colour: {name} has no option "
-                     f"'colour'; its options are "
-                     f"{', '.join(DEFAULTS[name])} (remove the others, or set "
-                     f"config.data.name to the dataset they belong to)")
+  assert message == (
+      f"config.data.options.colour: {name} has no option "
+      "'colour'; its options are "
+      f"{', '.join(DEFAULTS[name])} (remove the others, or set "
+      "config.data.name to the dataset they belong to)"
+  )
 
 
-@pytest.mark.parametrize("name, option, value, allowed",
-                         WRONG_TYPE + OUT_OF_RANGE)
-def test_bad_value_is_named_with_the_allowed_ones(name, option, value,
-                                                  allowed):
+@pytest.mark.parametrize(
+    "name, option, value, allowed", WRONG_TYPE + OUT_OF_RANGE
+)
+def test_bad_value_is_named_with_the_allowed_ones(name, option, value, allowed):
   assert check_error(name, {option: value}) == (
-      f"config.data.options.{option}: got {value!r}; {allowed}")
+      f"config.data.options.{option}: got {value!r}; {allowed}"
+  )
 
 
 def test_unknown_dataset_is_named():
   assert check_error("mnist", {}) == (
       "config.data.name: unknown dataset 'mnist'; allowed: css_synth, css3d, "
-      "mit_states, fashion200k")
+      "mit_states, fashion200k"
+  )
 
 
 @pytest.mark.parametrize("name", ["mit_states", "fashion200k", "css3d"])
@@ -118,24 +164,29 @@ def test_css_synth_options_on_another_dataset(name, tmp_path):
   a TypeError from inside the loader, and nothing is prepared."""
   options = {"num_train_scenes": 200, "num_test_scenes": 100}
   message = check_error(name, options)
-  assert message.startswith(f"config.data.options.num_test_scenes: {name} has "
-                            f"no option 'num_test_scenes' (nor "
-                            f"'num_train_scenes'); its options are ")
+  assert message.startswith(
+      f"config.data.options.num_test_scenes: {name} has "
+      "no option 'num_test_scenes' (nor "
+      "'num_train_scenes'); its options are "
+  )
   with pytest.raises(ValueError) as info:
     data.load(name, "train", data_dir=str(tmp_path), **options)
   assert str(info.value) == message
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("name, option, value, allowed",
-                         WRONG_TYPE[::2] + OUT_OF_RANGE[::2])
+@pytest.mark.parametrize(
+    "name, option, value, allowed", WRONG_TYPE[::2] + OUT_OF_RANGE[::2]
+)
 def test_load_fails_as_check_options_does_before_preparing(
-    name, option, value, allowed, tmp_path):
+    name, option, value, allowed, tmp_path
+):
   """One checker: `load` raises the message of `check_options`, first."""
   with pytest.raises(ValueError) as info:
     data.load(name, "test", data_dir=str(tmp_path), **{option: value})
   assert str(info.value) == (
-      f"config.data.options.{option}: got {value!r}; {allowed}")
+      f"config.data.options.{option}: got {value!r}; {allowed}"
+  )
   assert not os.listdir(tmp_path)
 
 

@@ -19,6 +19,7 @@ from tests.helpers import tiny_config
 
 class ColourSplit(base.Split):
   """A picklable in-memory split: image i is filled with value i."""
+
   name, split = "colours", "train"
 
   def __init__(self, size: int = 20):
@@ -26,15 +27,20 @@ class ColourSplit(base.Split):
 
   def images(self, indices):
     indices = np.asarray(indices)
-    return np.broadcast_to(indices[:, None, None, None].astype(np.uint8),
-                           (len(indices), 4, 4, 3)).copy()
+    return np.broadcast_to(
+        indices[:, None, None, None].astype(np.uint8), (len(indices), 4, 4, 3)
+    ).copy()
 
   def sample_training_queries(self, seed, step, batch_size):
     rng = base.step_rng(seed, step)
     sources = rng.integers(0, len(self.captions), batch_size)
     targets = rng.integers(0, len(self.captions), batch_size)
-    return [base.Query(int(s), f"make it {t}", self.captions[t],
-                       target_index=int(t)) for s, t in zip(sources, targets)]
+    return [
+        base.Query(
+            int(s), f"make it {t}", self.captions[t], target_index=int(t)
+        )
+        for s, t in zip(sources, targets)
+    ]
 
 
 def _assert_same(got, steps, make_batch):
@@ -51,9 +57,14 @@ def _host_batch(num_processes=1, process_index=0):
   vocab = Vocabulary.build(f"make it {i}" for i in range(20))
   config = tiny_config()
   return pipeline.HostBatch(
-      split, vocab, seed=config.seed, batch_size=config.batch_size,
+      split,
+      vocab,
+      seed=config.seed,
+      batch_size=config.batch_size,
       max_length=config.model.text_encoder.max_length,
-      num_processes=num_processes, process_index=process_index)
+      num_processes=num_processes,
+      process_index=process_index,
+  )
 
 
 def test_in_process_pipeline_equals_host_batch():
@@ -72,9 +83,15 @@ def test_prefetch_with_worker_processes_equals_host_batch():
   got = list(pipeline.prefetched_batches(make_batch, steps, workers=2))
   _assert_same(got, steps, make_batch)
   expected = pipeline.host_batch(
-      make_batch.split, make_batch.tokenizer, seed=make_batch.seed, step=2,
-      batch_size=make_batch.batch_size, max_length=make_batch.max_length,
-      num_processes=2, process_index=1)
+      make_batch.split,
+      make_batch.tokenizer,
+      seed=make_batch.seed,
+      step=2,
+      batch_size=make_batch.batch_size,
+      max_length=make_batch.max_length,
+      num_processes=2,
+      process_index=1,
+  )
   np.testing.assert_array_equal(got[0][1]["tokens"], expected["tokens"])
 
 
@@ -88,8 +105,11 @@ def test_an_exception_in_the_loop_stops_producer_and_workers(workers):
   full queue (and, with workers, grain's processes are running)."""
   assert not _producer_threads() and not multiprocessing.active_children()
   with pytest.raises(RuntimeError, match="failed step"):
-    with contextlib.closing(pipeline.prefetched_batches(
-        _host_batch(), range(10_000), depth=1, workers=workers)) as batches:
+    with contextlib.closing(
+        pipeline.prefetched_batches(
+            _host_batch(), range(10_000), depth=1, workers=workers
+        )
+    ) as batches:
       for _ in batches:
         time.sleep(0.5)  # the producer fills the queue and blocks on it
         raise RuntimeError("failed step")

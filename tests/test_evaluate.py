@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from irtf_jax import evaluate, metrics
+from irtf_jax import evaluate
+from irtf_jax import metrics
 
 
 def integer_features(rng, rows, dim):
@@ -20,14 +21,16 @@ def integer_features(rng, rows, dim):
 
 def numpy_top_k(query_features, gallery_features, k, exclude):
   """Reference: float64 scores, stable descending argsort, excluded column dropped."""
-  scores = query_features.astype(np.float64) @ gallery_features.astype(np.float64).T
+  scores = (
+      query_features.astype(np.float64) @ gallery_features.astype(np.float64).T
+  )
   indices = np.full((len(scores), k), -1, np.int64)
   top_scores = np.full((len(scores), k), -np.inf)
   for i, row in enumerate(scores):
     order = np.argsort(-row, kind="stable")
     order = order[order != exclude[i]][:k]
-    indices[i, :len(order)] = order
-    top_scores[i, :len(order)] = row[order]
+    indices[i, : len(order)] = order
+    top_scores[i, : len(order)] = row[order]
   return top_scores, indices
 
 
@@ -36,8 +39,9 @@ def test_top_k_matches_stable_argsort(chunk_size):
   rng = np.random.default_rng(0)
   queries, gallery = integer_features(rng, 30, 6), integer_features(rng, 45, 6)
   exclude = rng.integers(-1, 45, size=30)
-  scores, indices = evaluate.top_k_neighbours(queries, gallery, 12, exclude=exclude,
-                                              chunk_size=chunk_size)
+  scores, indices = evaluate.top_k_neighbours(
+      queries, gallery, 12, exclude=exclude, chunk_size=chunk_size
+  )
   expected_scores, expected_indices = numpy_top_k(queries, gallery, 12, exclude)
   assert indices.shape == (30, 12) and scores.shape == (30, 12)
   np.testing.assert_array_equal(indices, expected_indices)
@@ -55,8 +59,9 @@ def test_two_stage_top_k_matches_stable_argsort(gallery_size):
   queries = integer_features(rng, 40, 4)
   gallery = integer_features(rng, gallery_size, 4)
   exclude = rng.integers(-1, gallery_size, size=40)
-  scores, indices = evaluate.top_k_neighbours(queries, gallery, k, exclude=exclude,
-                                              chunk_size=16)
+  scores, indices = evaluate.top_k_neighbours(
+      queries, gallery, k, exclude=exclude, chunk_size=16
+  )
   expected_scores, expected_indices = numpy_top_k(queries, gallery, k, exclude)
   np.testing.assert_array_equal(indices, expected_indices)
   np.testing.assert_array_equal(scores, expected_scores)
@@ -77,18 +82,26 @@ def test_top_k_of_the_whole_gallery_marks_the_excluded_slot():
   rng = np.random.default_rng(1)
   queries, gallery = integer_features(rng, 9, 4), integer_features(rng, 8, 4)
   exclude = np.array([-1, 0, 7, 3, -1, 5, 1, 2, 6])
-  scores, indices = evaluate.top_k_neighbours(queries, gallery, 8, exclude=exclude, chunk_size=4)
+  scores, indices = evaluate.top_k_neighbours(
+      queries, gallery, 8, exclude=exclude, chunk_size=4
+  )
   expected_scores, expected_indices = numpy_top_k(queries, gallery, 8, exclude)
   np.testing.assert_array_equal(indices, expected_indices)
   np.testing.assert_array_equal(scores, expected_scores)
-  assert (indices[exclude >= 0, -1] == -1).all() and (indices[exclude < 0] >= 0).all()
+  assert (indices[exclude >= 0, -1] == -1).all() and (
+      indices[exclude < 0] >= 0
+  ).all()
 
 
 def test_chunks_compile_once():
   rng = np.random.default_rng(2)
-  queries, gallery = integer_features(rng, 23, 11), integer_features(rng, 19, 11)
+  queries, gallery = integer_features(rng, 23, 11), integer_features(
+      rng, 19, 11
+  )
   before = evaluate._top_k_chunk._cache_size()
-  evaluate.top_k_neighbours(queries, gallery, 5, chunk_size=5)  # 5 chunks, the last padded
+  evaluate.top_k_neighbours(
+      queries, gallery, 5, chunk_size=5
+  )  # 5 chunks, the last padded
   assert evaluate._top_k_chunk._cache_size() == before + 1
 
 
@@ -106,74 +119,153 @@ def test_recall_from_neighbours_matches_recall_at_k(chunk_size, features):
   gallery_ids = np.arange(gallery_size) % 10  # every caption four times
   exclude = rng.integers(-1, gallery_size, size=num_queries)
   targets = rng.integers(0, 10, size=num_queries)
-  targets[::3] = gallery_ids[np.maximum(exclude[::3], 0)]  # excluded column often a hit
+  targets[::3] = gallery_ids[
+      np.maximum(exclude[::3], 0)
+  ]  # excluded column often a hit
   ks = (1, 3, 5, 10, 20)
-  _, indices = evaluate.top_k_neighbours(queries, gallery, max(ks), exclude=exclude,
-                                         chunk_size=chunk_size)
+  _, indices = evaluate.top_k_neighbours(
+      queries, gallery, max(ks), exclude=exclude, chunk_size=chunk_size
+  )
   scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
-  expected = metrics.recall_at_k(scores, targets, gallery_ids, ks, exclude=exclude)
-  assert evaluate.recall_from_neighbours(indices, targets, gallery_ids, ks) == expected
+  expected = metrics.recall_at_k(
+      scores, targets, gallery_ids, ks, exclude=exclude
+  )
+  assert (
+      evaluate.recall_from_neighbours(indices, targets, gallery_ids, ks)
+      == expected
+  )
 
 
 def test_one_ranking_serves_several_labelings():
   rng = np.random.default_rng(4)
   queries, gallery = integer_features(rng, 20, 6), integer_features(rng, 30, 6)
-  captions = rng.integers(0, 12, size=30)  # caption c = (adjective c // 4, noun c % 4)
+  captions = rng.integers(
+      0, 12, size=30
+  )  # caption c = (adjective c // 4, noun c % 4)
   target_captions = rng.integers(0, 12, size=20)
   exclude = rng.integers(0, 30, size=20)
   ks = (1, 5, 10)
-  _, indices = evaluate.top_k_neighbours(jnp.asarray(queries), jnp.asarray(gallery), 10,
-                                         exclude=exclude, chunk_size=8)
+  _, indices = evaluate.top_k_neighbours(
+      jnp.asarray(queries),
+      jnp.asarray(gallery),
+      10,
+      exclude=exclude,
+      chunk_size=8,
+  )
   scores = queries @ gallery.T
   for view in (lambda c: c, lambda c: c // 4, lambda c: c % 4):
-    expected = metrics.recall_at_k(scores, view(target_captions), view(captions), ks,
-                                   exclude=exclude)
-    assert evaluate.recall_from_neighbours(indices, view(target_captions), view(captions),
-                                           ks) == expected
+    expected = metrics.recall_at_k(
+        scores, view(target_captions), view(captions), ks, exclude=exclude
+    )
+    assert (
+        evaluate.recall_from_neighbours(
+            indices, view(target_captions), view(captions), ks
+        )
+        == expected
+    )
 
 
 def test_recall_from_neighbours_by_hand():
   indices = np.array([[2, 0, -1], [1, 2, 0]])
   gallery_ids = np.array([5, 6, 5])
   # Query 0 (target 5): neighbour 2 is a hit at K=1. Query 1 (target 5): first hit at slot 1.
-  recall = evaluate.recall_from_neighbours(indices, [5, 5], gallery_ids, ks=(1, 2))
+  recall = evaluate.recall_from_neighbours(
+      indices, [5, 5], gallery_ids, ks=(1, 2)
+  )
   assert recall == {1: 0.5, 2: 1.0}
   # An empty slot (-1) is never a hit, whatever gallery_ids[-1] is.
-  assert evaluate.recall_from_neighbours(indices[:1, 2:], [5], gallery_ids, ks=(1,)) == {1: 0.0}
+  assert evaluate.recall_from_neighbours(
+      indices[:1, 2:], [5], gallery_ids, ks=(1,)
+  ) == {1: 0.0}
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: evaluate.top_k_neighbours(np.zeros((3, 4)), np.zeros((5, 4)), 6), "K=6"),
-    (lambda: evaluate.top_k_neighbours(np.zeros((3, 4)), np.zeros((5, 2)), 2), "D=4"),
-    (lambda: evaluate.top_k_neighbours(np.zeros((3, 4)), np.zeros((5, 4)), 2, chunk_size=0),
-     "chunk_size"),
-    (lambda: evaluate.top_k_neighbours(np.zeros((3, 4)), np.zeros((5, 4)), 2, exclude=[0, 1]),
-     "exclude has shape"),
-    (lambda: evaluate.top_k_neighbours(np.zeros((3, 4)), np.zeros((5, 4)), 2, exclude=[0, 1, 5]),
-     r"exclude\[2\] = 5"),
-    (lambda: evaluate.recall_from_neighbours(np.zeros((2, 3), int), [0, 0], [0, 1], ks=(4,)),
-     "k >= max"),
-    (lambda: evaluate.recall_from_neighbours(np.zeros((2, 3), int), [0], [0, 1], ks=(1,)),
-     "query_target_ids"),
-    (lambda: evaluate.recall_from_neighbours(np.full((2, 3), 2), [0, 0], [0, 1], ks=(1,)),
-     "outside"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: evaluate.top_k_neighbours(
+                np.zeros((3, 4)), np.zeros((5, 4)), 6
+            ),
+            "K=6",
+        ),
+        (
+            lambda: evaluate.top_k_neighbours(
+                np.zeros((3, 4)), np.zeros((5, 2)), 2
+            ),
+            "D=4",
+        ),
+        (
+            lambda: evaluate.top_k_neighbours(
+                np.zeros((3, 4)), np.zeros((5, 4)), 2, chunk_size=0
+            ),
+            "chunk_size",
+        ),
+        (
+            lambda: evaluate.top_k_neighbours(
+                np.zeros((3, 4)), np.zeros((5, 4)), 2, exclude=[0, 1]
+            ),
+            "exclude has shape",
+        ),
+        (
+            lambda: evaluate.top_k_neighbours(
+                np.zeros((3, 4)), np.zeros((5, 4)), 2, exclude=[0, 1, 5]
+            ),
+            r"exclude\[2\] = 5",
+        ),
+        (
+            lambda: evaluate.recall_from_neighbours(
+                np.zeros((2, 3), int), [0, 0], [0, 1], ks=(4,)
+            ),
+            "k >= max",
+        ),
+        (
+            lambda: evaluate.recall_from_neighbours(
+                np.zeros((2, 3), int), [0], [0, 1], ks=(1,)
+            ),
+            "query_target_ids",
+        ),
+        (
+            lambda: evaluate.recall_from_neighbours(
+                np.full((2, 3), 2), [0, 0], [0, 1], ks=(1,)
+            ),
+            "outside",
+        ),
+    ],
+)
 def test_bad_input_is_rejected(call, message):
   with pytest.raises(ValueError, match=message):
     call()
 
 
 def test_ranking_benchmark_runs_and_agrees(tmp_path, capsys, monkeypatch):
-  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  monkeypatch.syspath_prepend(
+      str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+  )
   ranking = importlib.import_module("ranking")
   json_out = tmp_path / "ranking.json"
-  status = ranking.main(["--queries=40", "--gallery=150", "--dim=8", "--naive-queries=15",
-                         "--repeats=1", "--chunk-size=16", f"--json-out={json_out}"])
+  status = ranking.main([
+      "--queries=40",
+      "--gallery=150",
+      "--dim=8",
+      "--naive-queries=15",
+      "--repeats=1",
+      "--chunk-size=16",
+      f"--json-out={json_out}",
+  ])
   printed = json.loads(capsys.readouterr().out)
   assert status == 0 and printed == json.loads(json_out.read_text())
   assert printed["recalls_identical"] and printed["naive"]["extrapolated"]
-  assert printed["project"]["recall_on_naive_queries"] == printed["naive"]["recall"]
-  assert sorted(printed["project"]["recall"], key=int) == ["1", "5", "10", "50", "100"]
+  assert (
+      printed["project"]["recall_on_naive_queries"]
+      == printed["naive"]["recall"]
+  )
+  assert sorted(printed["project"]["recall"], key=int) == [
+      "1",
+      "5",
+      "10",
+      "50",
+      "100",
+  ]
   assert printed["queries"] == 40 and printed["gallery"] == 150
   for method in ("project", "naive"):
     assert printed[method]["seconds"] > 0 and printed[method]["peak_rss_mb"] > 0

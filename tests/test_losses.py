@@ -20,8 +20,9 @@ def test_batch_classification_is_softmax_cross_entropy_over_the_batch():
   logits = query @ target.T
   log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   want = -np.mean(np.diag(log_softmax))
-  got = losses.batch_classification_loss(jnp.asarray(query, jnp.float32),
-                                         jnp.asarray(target, jnp.float32))
+  got = losses.batch_classification_loss(
+      jnp.asarray(query, jnp.float32), jnp.asarray(target, jnp.float32)
+  )
   # The losses compute in float32 by design: a few dozen roundings of
   # relative size 6e-8 each, against a float64 reference.
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -37,42 +38,55 @@ def test_soft_triplet_is_the_mean_over_all_of_tirgs_triplets():
   labels = list(range(len(query))) * 2
   per_anchor = []
   for i in range(len(features)):
-    j = next(j for j in range(len(features)) if labels[j] == labels[i] and
-             j != i)
-    d = lambda a, b: np.sum((features[a] - features[b])**2)
-    terms = [np.log1p(np.exp(d(i, j) - d(i, k)))
-             for k in range(len(features)) if labels[k] != labels[i]]
+    j = next(
+        j for j in range(len(features)) if labels[j] == labels[i] and j != i
+    )
+    d = lambda a, b: np.sum((features[a] - features[b]) ** 2)
+    terms = [
+        np.log1p(np.exp(d(i, j) - d(i, k)))
+        for k in range(len(features))
+        if labels[k] != labels[i]
+    ]
     per_anchor.append(np.mean(terms))
-  got = losses.soft_triplet_loss(jnp.asarray(query, jnp.float32),
-                                 jnp.asarray(target, jnp.float32))
+  got = losses.soft_triplet_loss(
+      jnp.asarray(query, jnp.float32), jnp.asarray(target, jnp.float32)
+  )
   np.testing.assert_allclose(got, np.mean(per_anchor), rtol=1e-5)
 
 
 def test_similarity_matching_and_the_registry():
   query, target = _features(seed=2)
   np.testing.assert_allclose(
-      losses.similarity_matching_loss(jnp.asarray(query, jnp.float32),
-                                      jnp.asarray(target, jnp.float32)),
-      np.mean((query - target)**2), rtol=1e-6)
+      losses.similarity_matching_loss(
+          jnp.asarray(query, jnp.float32), jnp.asarray(target, jnp.float32)
+      ),
+      np.mean((query - target) ** 2),
+      rtol=1e-6,
+  )
   assert losses.retrieval_loss("soft_triplet") is losses.soft_triplet_loss
   with pytest.raises(ValueError, match="config.loss.name: unknown 'hinge'"):
     losses.retrieval_loss("hinge")
 
 
-@pytest.mark.parametrize("loss", [losses.batch_classification_loss,
-                                  losses.soft_triplet_loss])
+@pytest.mark.parametrize(
+    "loss", [losses.batch_classification_loss, losses.soft_triplet_loss]
+)
 def test_pmap_with_the_axis_equals_the_global_batch(loss):
   query, target = (jnp.asarray(x, jnp.float32) for x in _features(3, 8, 4))
   devices = jax.device_count()
   split = lambda x: x.reshape(devices, -1, x.shape[-1])
-  local = jax.pmap(lambda q, t: jax.lax.pmean(loss(q, t, axis_name="d"), "d"),
-                   axis_name="d")(split(query), split(target))
+  local = jax.pmap(
+      lambda q, t: jax.lax.pmean(loss(q, t, axis_name="d"), "d"), axis_name="d"
+  )(split(query), split(target))
   np.testing.assert_allclose(local[0], loss(query, target), rtol=1e-5)
 
 
 def test_mismatched_features_are_refused():
   query, target = (jnp.zeros(s) for s in ((4, 3), (5, 3)))
-  for loss in (losses.batch_classification_loss, losses.soft_triplet_loss,
-               losses.similarity_matching_loss):
+  for loss in (
+      losses.batch_classification_loss,
+      losses.soft_triplet_loss,
+      losses.similarity_matching_loss,
+  ):
     with pytest.raises(AssertionError):
       loss(query, target)

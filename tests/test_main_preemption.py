@@ -75,27 +75,46 @@ DRIVER = textwrap.dedent("""
 """)
 
 OVERRIDES = {
-    "data.options.num_train_scenes": 20, "data.options.num_test_scenes": 20,
-    "data.options.mods_per_scene": 4, "data.options.tree_depth": 2,
-    "data.options.image_size": 32, "num_train_steps": 8,
-    "checkpoint_every": 2, "eval_every": 4, "log_every": 1,
-    "keep_checkpoints": 2, "batch_size": 8, "eval.batch_size": 32,
-    "eval.max_test_queries": 48, "eval.max_train_queries": 48,
+    "data.options.num_train_scenes": 20,
+    "data.options.num_test_scenes": 20,
+    "data.options.mods_per_scene": 4,
+    "data.options.tree_depth": 2,
+    "data.options.image_size": 32,
+    "num_train_steps": 8,
+    "checkpoint_every": 2,
+    "eval_every": 4,
+    "log_every": 1,
+    "keep_checkpoints": 2,
+    "batch_size": 8,
+    "eval.batch_size": 32,
+    "eval.max_test_queries": 48,
+    "eval.max_train_queries": 48,
     "model.text_encoder.max_length": 10,
     "eval.ks": "(2,5)",  # without 1: whm follows the smallest K
 }
 
 
 def _run(tmp_path, workdir, hook="none", at=-1):
-  args = [sys.executable, str(tmp_path / "driver.py"), hook, str(at),
-          "--config=configs/css_synth.py:smoke", f"--workdir={workdir}",
-          f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  args = [
+      sys.executable,
+      str(tmp_path / "driver.py"),
+      hook,
+      str(at),
+      "--config=configs/css_synth.py:smoke",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={tmp_path / 'tfds'}",
+  ]
   args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-             IRTF_JAX_COMPILATION_CACHE=str(tmp_path / "xla"),
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  done = subprocess.run(args, cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="",
+      IRTF_JAX_COMPILATION_CACHE=str(tmp_path / "xla"),
+      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  done = subprocess.run(
+      args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+  )
   return done.returncode, done.stderr
 
 
@@ -111,9 +130,15 @@ def _records(workdir):
 
 
 def _evaluations(records):
-  evaluations = [{k: v for k, v in r.items() if k == "step" or k.startswith(
-      ("test/", "train/recall", "whm"))} for r in records
-                 if "test/recall@2" in r]
+  evaluations = [
+      {
+          k: v
+          for k, v in r.items()
+          if k == "step" or k.startswith(("test/", "train/recall", "whm"))
+      }
+      for r in records
+      if "test/recall@2" in r
+  ]
   for r in evaluations:
     assert r["whm"] == r["whm@2"] and "test/recall@1" not in r
   return evaluations

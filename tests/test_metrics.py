@@ -16,17 +16,23 @@ def brute_force_recall(scores, query_target_ids, gallery_ids, ks, exclude):
   num_queries, gallery_size = len(scores), len(scores[0])
   hits_at = {k: 0 for k in ks}
   for i in range(num_queries):
-    ranked = sorted((j for j in range(gallery_size) if j != exclude[i]),
-                    key=lambda j: (-scores[i][j], j))
+    ranked = sorted(
+        (j for j in range(gallery_size) if j != exclude[i]),
+        key=lambda j: (-scores[i][j], j),
+    )
     for k in ks:
       if any(gallery_ids[j] == query_target_ids[i] for j in ranked[:k]):
         hits_at[k] += 1
   return {k: hits_at[k] / num_queries for k in ks}
 
 
-def random_problem(rng, num_queries, gallery_size, num_captions, integer_scores):
+def random_problem(
+    rng, num_queries, gallery_size, num_captions, integer_scores
+):
   if integer_scores:
-    scores = rng.integers(-2, 3, size=(num_queries, gallery_size)).astype(np.float32)
+    scores = rng.integers(-2, 3, size=(num_queries, gallery_size)).astype(
+        np.float32
+    )
   else:
     scores = rng.standard_normal((num_queries, gallery_size))
   gallery_ids = rng.integers(0, num_captions, size=gallery_size)
@@ -34,7 +40,9 @@ def random_problem(rng, num_queries, gallery_size, num_captions, integer_scores)
   exclude = rng.integers(-1, gallery_size, size=num_queries)
   # Make the excluded column a hit for some queries, so exclusion changes recall.
   some = rng.random(num_queries) < 0.3
-  query_target_ids[some & (exclude >= 0)] = gallery_ids[exclude[some & (exclude >= 0)]]
+  query_target_ids[some & (exclude >= 0)] = gallery_ids[
+      exclude[some & (exclude >= 0)]
+  ]
   return scores, query_target_ids, gallery_ids, exclude
 
 
@@ -42,28 +50,47 @@ def random_problem(rng, num_queries, gallery_size, num_captions, integer_scores)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recall_at_k_matches_brute_force(seed, integer_scores):
   rng = np.random.default_rng(seed)
-  scores, targets, gallery_ids, exclude = random_problem(rng, 40, 31, 6, integer_scores)
+  scores, targets, gallery_ids, exclude = random_problem(
+      rng, 40, 31, 6, integer_scores
+  )
   ks = (1, 2, 5, 10, 30, 31)
   expected = brute_force_recall(scores, targets, gallery_ids, ks, exclude)
-  assert metrics.recall_at_k(scores, targets, gallery_ids, ks, exclude=exclude) == expected
+  assert (
+      metrics.recall_at_k(scores, targets, gallery_ids, ks, exclude=exclude)
+      == expected
+  )
 
 
 def test_recall_at_k_without_exclusion_matches_brute_force():
   rng = np.random.default_rng(3)
-  scores, targets, gallery_ids, _ = random_problem(rng, 25, 17, 4, integer_scores=True)
+  scores, targets, gallery_ids, _ = random_problem(
+      rng, 25, 17, 4, integer_scores=True
+  )
   ks = (1, 3, 17)
   expected = brute_force_recall(scores, targets, gallery_ids, ks, [-1] * 25)
   assert metrics.recall_at_k(scores, targets, gallery_ids, ks) == expected
-  assert metrics.recall_at_k(scores, targets, gallery_ids, ks, exclude=np.full(25, -1)) == expected
+  assert (
+      metrics.recall_at_k(
+          scores, targets, gallery_ids, ks, exclude=np.full(25, -1)
+      )
+      == expected
+  )
 
 
 def test_recall_at_k_in_several_row_blocks(monkeypatch):
-  monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 50)  # 50 // 23 = 2 queries per block
+  monkeypatch.setattr(
+      metrics, "_BLOCK_ENTRIES", 50
+  )  # 50 // 23 = 2 queries per block
   rng = np.random.default_rng(4)
-  scores, targets, gallery_ids, exclude = random_problem(rng, 11, 23, 5, integer_scores=True)
+  scores, targets, gallery_ids, exclude = random_problem(
+      rng, 11, 23, 5, integer_scores=True
+  )
   ks = (1, 4, 9)
   expected = brute_force_recall(scores, targets, gallery_ids, ks, exclude)
-  assert metrics.recall_at_k(scores, targets, gallery_ids, ks, exclude=exclude) == expected
+  assert (
+      metrics.recall_at_k(scores, targets, gallery_ids, ks, exclude=exclude)
+      == expected
+  )
 
 
 def test_ties_rank_the_lower_gallery_index_first():
@@ -81,11 +108,17 @@ def test_excluded_column_never_counts_and_never_takes_a_slot():
   # Without exclusion the top column is the hit.
   assert metrics.recall_at_k(scores, [7], gallery_ids, ks=(1,)) == {1: 1.0}
   # Excluding it: column 1 (miss) ranks first, column 2 (hit) second.
-  assert metrics.recall_at_k(scores, [7], gallery_ids, ks=(1, 2), exclude=[0]) == {1: 0.0, 2: 1.0}
+  assert metrics.recall_at_k(
+      scores, [7], gallery_ids, ks=(1, 2), exclude=[0]
+  ) == {1: 0.0, 2: 1.0}
   # Excluding a miss above the hit moves the hit up.
-  assert metrics.recall_at_k(scores, [7], gallery_ids, ks=(1, 2), exclude=[1]) == {1: 1.0, 2: 1.0}
+  assert metrics.recall_at_k(
+      scores, [7], gallery_ids, ks=(1, 2), exclude=[1]
+  ) == {1: 1.0, 2: 1.0}
   # The only hit excluded: no hit at any K.
-  assert metrics.recall_at_k(scores, [9], gallery_ids, ks=(4,), exclude=[3]) == {4: 0.0}
+  assert metrics.recall_at_k(
+      scores, [9], gallery_ids, ks=(4,), exclude=[3]
+  ) == {4: 0.0}
 
 
 def test_infinite_scores_follow_the_same_order():
@@ -96,23 +129,103 @@ def test_infinite_scores_follow_the_same_order():
   assert recall == {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(scores=np.zeros((2, 3)), query_target_ids=[0], gallery_ids=[0, 1, 2], ks=(1,)),
-     "query_target_ids"),
-    (dict(scores=np.zeros((2, 3)), query_target_ids=[0, 1], gallery_ids=[0, 1], ks=(1,)),
-     "gallery_ids"),
-    (dict(scores=np.zeros(3), query_target_ids=[0], gallery_ids=[0, 1, 2], ks=(1,)), r"\(Q, N\)"),
-    (dict(scores=np.zeros((2, 3)), query_target_ids=[0, 1], gallery_ids=[0, 1, 2], ks=(4,)), "K=4"),
-    (dict(scores=np.zeros((2, 3)), query_target_ids=[0, 1], gallery_ids=[0, 1, 2], ks=(0,)), "K=0"),
-    (dict(scores=np.zeros((2, 3)), query_target_ids=[0, 1], gallery_ids=[0, 1, 2], ks=()), "empty"),
-    (dict(scores=np.zeros((2, 3)), query_target_ids=[0, 1], gallery_ids=[0, 1, 2],
-          exclude=[0, 3], ks=(1,)), r"exclude\[1\] = 3"),
-    (dict(scores=np.zeros((2, 3)), query_target_ids=[0, 1], gallery_ids=[0, 1, 2],
-          exclude=[0], ks=(1,)), "exclude has shape"),
-    (dict(scores=np.array([[0.0, np.nan]]), query_target_ids=[0], gallery_ids=[0, 1], ks=(1,)),
-     "row 0"),
-    (dict(scores=np.zeros((0, 3)), query_target_ids=[], gallery_ids=[0, 1, 2], ks=(1,)), "no rows"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(
+                scores=np.zeros((2, 3)),
+                query_target_ids=[0],
+                gallery_ids=[0, 1, 2],
+                ks=(1,),
+            ),
+            "query_target_ids",
+        ),
+        (
+            dict(
+                scores=np.zeros((2, 3)),
+                query_target_ids=[0, 1],
+                gallery_ids=[0, 1],
+                ks=(1,),
+            ),
+            "gallery_ids",
+        ),
+        (
+            dict(
+                scores=np.zeros(3),
+                query_target_ids=[0],
+                gallery_ids=[0, 1, 2],
+                ks=(1,),
+            ),
+            r"\(Q, N\)",
+        ),
+        (
+            dict(
+                scores=np.zeros((2, 3)),
+                query_target_ids=[0, 1],
+                gallery_ids=[0, 1, 2],
+                ks=(4,),
+            ),
+            "K=4",
+        ),
+        (
+            dict(
+                scores=np.zeros((2, 3)),
+                query_target_ids=[0, 1],
+                gallery_ids=[0, 1, 2],
+                ks=(0,),
+            ),
+            "K=0",
+        ),
+        (
+            dict(
+                scores=np.zeros((2, 3)),
+                query_target_ids=[0, 1],
+                gallery_ids=[0, 1, 2],
+                ks=(),
+            ),
+            "empty",
+        ),
+        (
+            dict(
+                scores=np.zeros((2, 3)),
+                query_target_ids=[0, 1],
+                gallery_ids=[0, 1, 2],
+                exclude=[0, 3],
+                ks=(1,),
+            ),
+            r"exclude\[1\] = 3",
+        ),
+        (
+            dict(
+                scores=np.zeros((2, 3)),
+                query_target_ids=[0, 1],
+                gallery_ids=[0, 1, 2],
+                exclude=[0],
+                ks=(1,),
+            ),
+            "exclude has shape",
+        ),
+        (
+            dict(
+                scores=np.array([[0.0, np.nan]]),
+                query_target_ids=[0],
+                gallery_ids=[0, 1],
+                ks=(1,),
+            ),
+            "row 0",
+        ),
+        (
+            dict(
+                scores=np.zeros((0, 3)),
+                query_target_ids=[],
+                gallery_ids=[0, 1, 2],
+                ks=(1,),
+            ),
+            "no rows",
+        ),
+    ],
+)
 def test_recall_at_k_rejects_bad_input(kwargs, message):
   with pytest.raises(ValueError, match=message):
     metrics.recall_at_k(**kwargs)
@@ -125,28 +238,49 @@ def reference_whm(ms, mt, alpha):
   return float(1 / (weight / ms + (1 - weight) / mt))
 
 
-@pytest.mark.parametrize("ms, mt, alpha", [
-    (0.5, 0.25, 1.0), (0.9, 0.3, 0.5), (0.2, 0.7, 2.0), (0.61, 0.44, 0.1), (0.05, 0.8, 10.0)])
+@pytest.mark.parametrize(
+    "ms, mt, alpha",
+    [
+        (0.5, 0.25, 1.0),
+        (0.9, 0.3, 0.5),
+        (0.2, 0.7, 2.0),
+        (0.61, 0.44, 0.1),
+        (0.05, 0.8, 10.0),
+    ],
+)
 def test_whm_is_the_weighted_harmonic_mean(ms, mt, alpha):
   assert metrics.weighted_harmonic_mean(ms, mt, alpha) == pytest.approx(
-      reference_whm(ms, mt, alpha), rel=1e-12)
+      reference_whm(ms, mt, alpha), rel=1e-12
+  )
 
 
 def test_whm_closed_forms():
   assert metrics.weighted_harmonic_mean(0.8, 0.3, 0.0) == 0.3  # alpha = 0: Mt
-  assert metrics.weighted_harmonic_mean(0.5, 0.25, 1.0) == pytest.approx(1 / 3)  # 2ab / (a + b)
-  assert metrics.weighted_harmonic_mean(0.6, 0.6, 3.7) == pytest.approx(0.6)  # equal recalls
+  assert metrics.weighted_harmonic_mean(0.5, 0.25, 1.0) == pytest.approx(
+      1 / 3
+  )  # 2ab / (a + b)
+  assert metrics.weighted_harmonic_mean(0.6, 0.6, 3.7) == pytest.approx(
+      0.6
+  )  # equal recalls
   # Tends to Ms as alpha grows.
-  assert metrics.weighted_harmonic_mean(0.8, 0.3, 1e9) == pytest.approx(0.8, rel=1e-6)
+  assert metrics.weighted_harmonic_mean(0.8, 0.3, 1e9) == pytest.approx(
+      0.8, rel=1e-6
+  )
 
 
-@pytest.mark.parametrize("ms, mt, alpha", [(0.9, 0.3, 0.5), (0.2, 0.7, 2.0), (0.4, 0.1, 1.0)])
+@pytest.mark.parametrize(
+    "ms, mt, alpha", [(0.9, 0.3, 0.5), (0.2, 0.7, 2.0), (0.4, 0.1, 1.0)]
+)
 def test_whm_symmetries(ms, mt, alpha):
   whm = metrics.weighted_harmonic_mean
-  assert whm(ms, mt, alpha) == pytest.approx(whm(mt, ms, 1.0 / alpha), rel=1e-12)
+  assert whm(ms, mt, alpha) == pytest.approx(
+      whm(mt, ms, 1.0 / alpha), rel=1e-12
+  )
   assert whm(ms, mt, 1.0) == pytest.approx(whm(mt, ms, 1.0), rel=1e-12)
   # Fractions or percentages: the same mean in the same unit.
-  assert whm(100 * ms, 100 * mt, alpha) == pytest.approx(100 * whm(ms, mt, alpha), rel=1e-12)
+  assert whm(100 * ms, 100 * mt, alpha) == pytest.approx(
+      100 * whm(ms, mt, alpha), rel=1e-12
+  )
 
 
 def test_whm_zeros():
@@ -161,12 +295,20 @@ def test_whm_broadcasts_arrays():
   ms = np.array([0.5, 0.9, 0.0])
   mt = np.array([0.25, 0.3, 0.0])
   result = metrics.weighted_harmonic_mean(ms, mt, 1.0)
-  np.testing.assert_allclose(result, [1 / 3, 2 * 0.9 * 0.3 / 1.2, 0.0], rtol=1e-12)
+  np.testing.assert_allclose(
+      result, [1 / 3, 2 * 0.9 * 0.3 / 1.2, 0.0], rtol=1e-12
+  )
 
 
-@pytest.mark.parametrize("ms, mt, alpha, message", [
-    (-0.1, 0.5, 1.0, "ms="), (0.1, float("nan"), 1.0, "mt="), (0.1, 0.5, -1.0, "alpha="),
-    (0.1, 0.5, float("inf"), "alpha=")])
+@pytest.mark.parametrize(
+    "ms, mt, alpha, message",
+    [
+        (-0.1, 0.5, 1.0, "ms="),
+        (0.1, float("nan"), 1.0, "mt="),
+        (0.1, 0.5, -1.0, "alpha="),
+        (0.1, 0.5, float("inf"), "alpha="),
+    ],
+)
 def test_whm_rejects_bad_input(ms, mt, alpha, message):
   with pytest.raises(ValueError, match=message):
     metrics.weighted_harmonic_mean(ms, mt, alpha)
@@ -176,14 +318,22 @@ def test_caption_ids_preserve_caption_equality():
   rng = np.random.default_rng(5)
   words = ["red cube", "blue cube", "red sphere", "wet dog", "dry dog"]
   gallery_captions = [words[i] for i in rng.integers(0, 4, size=26)]
-  target_captions = [words[i] for i in rng.integers(0, 5, size=15)]  # "dry dog" never in gallery
-  gallery_ids, target_ids = metrics.caption_ids(gallery_captions, target_captions)
+  target_captions = [
+      words[i] for i in rng.integers(0, 5, size=15)
+  ]  # "dry dog" never in gallery
+  gallery_ids, target_ids = metrics.caption_ids(
+      gallery_captions, target_captions
+  )
   for i, target in enumerate(target_captions):
     for j, caption in enumerate(gallery_captions):
       assert (target_ids[i] == gallery_ids[j]) == (target == caption)
   assert (target_ids[[t == "dry dog" for t in target_captions]] == -1).all()
   scores = rng.standard_normal((15, 26))
   exclude = rng.integers(-1, 26, size=15)
-  expected = brute_force_recall(scores, target_captions, gallery_captions, (1, 5, 26), exclude)
-  recall = metrics.recall_at_k(scores, target_ids, gallery_ids, (1, 5, 26), exclude=exclude)
+  expected = brute_force_recall(
+      scores, target_captions, gallery_captions, (1, 5, 26), exclude
+  )
+  recall = metrics.recall_at_k(
+      scores, target_ids, gallery_ids, (1, 5, 26), exclude=exclude
+  )
   assert recall == expected

@@ -19,17 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from scipy import stats
+import torch
 
 from irtf_jax import config_base
 from irtf_jax import models
+from irtf_jax.data.fixtures import random_batch
 from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models.composers import COMPOSERS
 from irtf_jax.models.layers import FeatureNormalization
 from irtf_jax.train_step import normalize_images
-from tests.helpers import random_batch
 from tests.helpers import tiny_config
 
 # A KS p-value below this rejects "same distribution". Seeds are fixed, so
@@ -42,16 +42,19 @@ EMBED, CHANNELS, BATCH, VOCAB = 32, 48, 4, 400
 # inside the composer; "" = the retrieval model's own).
 MODEL_OWN = {
     "": ("normalization/scale",),
-    "tirg": ("weights/a",), "tirg_lastconv": ("weights/a",),
-    "compose_ae": ("a",), "real_space_concat_ae": ("a",),
+    "tirg": ("weights/a",),
+    "tirg_lastconv": ("weights/a",),
+    "compose_ae": ("a",),
+    "real_space_concat_ae": ("a",),
     "attribute_as_operator": ("operators",),
     "parameter_hashing": ("candidates/kernel", "bias"),
     "film": ("film/bias",),
 }
 
 
-def torch_reference(kind: str, shape: tuple[int, ...], fan_in: int,
-                    seed: int) -> np.ndarray:
+def torch_reference(
+    kind: str, shape: tuple[int, ...], fan_in: int, seed: int
+) -> np.ndarray:
   """The tensor PyTorch's layer of this kind initializes, in the JAX
   parameter's layout and shape."""
   torch.manual_seed(seed)
@@ -59,7 +62,7 @@ def torch_reference(kind: str, shape: tuple[int, ...], fan_in: int,
     layer = torch.nn.Linear(fan_in, shape[1])
     # A part of a layer split in the JAX model (Relationship's g1) has
     # fewer rows than the whole layer's fan-in: take that many.
-    return layer.weight.detach().numpy().T[:shape[0]]
+    return layer.weight.detach().numpy().T[: shape[0]]
   if kind == "dense_bias":
     return torch.nn.Linear(fan_in, shape[0]).bias.detach().numpy()
   if kind == "conv_bias":
@@ -68,34 +71,44 @@ def torch_reference(kind: str, shape: tuple[int, ...], fan_in: int,
   if kind == "conv_kernel":
     *window, in_channels, out = shape
     conv = (torch.nn.Conv1d if len(window) == 1 else torch.nn.Conv2d)(
-        in_channels, out, tuple(window))
+        in_channels, out, tuple(window)
+    )
     weight = conv.weight.detach().numpy()  # (O, I, *k) -> (*k, I, O)
     return np.moveaxis(weight, (0, 1), (-1, -2))
   if kind == "resnet_conv":
     kh, kw, in_channels, out = shape
     conv = torch.nn.Conv2d(in_channels, out, (kh, kw), bias=False)
     # What torchvision's ResNet.__init__ does to every convolution.
-    torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out",
-                                  nonlinearity="relu")
+    torch.nn.init.kaiming_normal_(
+        conv.weight, mode="fan_out", nonlinearity="relu"
+    )
     return conv.weight.detach().numpy().transpose(2, 3, 1, 0)
   if kind == "embedding":
     return torch.nn.Embedding(*shape).weight.detach().numpy()
   if kind.startswith("lstm_"):
     hidden = fan_in
-    lstm = torch.nn.LSTM(shape[0] if kind == "lstm_kernel_ih" else hidden,
-                         hidden)
-    return {"lstm_kernel_ih": lstm.weight_ih_l0.T,
+    lstm = torch.nn.LSTM(
+        shape[0] if kind == "lstm_kernel_ih" else hidden, hidden
+    )
+    return (
+        {
+            "lstm_kernel_ih": lstm.weight_ih_l0.T,
             "lstm_kernel_hh": lstm.weight_hh_l0.T,
             "lstm_bias_ih": lstm.bias_ih_l0,
-            "lstm_bias_hh": lstm.bias_hh_l0}[kind].detach().numpy()
+            "lstm_bias_hh": lstm.bias_hh_l0,
+        }[kind]
+        .detach()
+        .numpy()
+    )
   if kind in ("bn_scale", "bn_bias"):
     bn = torch.nn.BatchNorm1d(shape[0])
     return (bn.weight if kind == "bn_scale" else bn.bias).detach().numpy()
   raise ValueError(kind)
 
 
-def classify(path: tuple[str, ...], siblings: dict, composer: str,
-             composer_params: dict) -> tuple[str, int] | None:
+def classify(
+    path: tuple[str, ...], siblings: dict, composer: str, composer_params: dict
+) -> tuple[str, int] | None:
   """(kind, fan_in) of a parameter from its path (`composer_params`: the
   composer's own tree); None for a model's own initialization."""
   if path[0] == "composer_module":
@@ -116,8 +129,10 @@ def classify(path: tuple[str, ...], siblings: dict, composer: str,
   kernel = siblings["kernel"]
   if composer == "relationship" and inner[0].startswith("g1_"):
     # One Linear on [r_i, r_j, phi_t], split in three parts.
-    fan_in = (2 * composer_params["g1_left"]["kernel"].shape[0] +
-              composer_params["g1_text"]["kernel"].shape[0])
+    fan_in = (
+        2 * composer_params["g1_left"]["kernel"].shape[0]
+        + composer_params["g1_text"]["kernel"].shape[0]
+    )
     return f"dense_{name}", fan_in
   if kernel.ndim == 2:
     return f"dense_{name}", kernel.shape[0]
@@ -133,8 +148,9 @@ def leaves(params: dict, composer: str):
     siblings = params
     for key in path[:-1]:
       siblings = siblings[key]
-    yield seed, path, np.asarray(leaf), classify(path, siblings, composer,
-                                                 composer_params)
+    yield seed, path, np.asarray(leaf), classify(
+        path, siblings, composer, composer_params
+    )
 
 
 def composer_inputs(name: str):
@@ -148,9 +164,10 @@ def composer_inputs(name: str):
   text = rng.normal(size=(BATCH, EMBED)).astype(np.float32)
   extra = {}
   if getattr(cls, "uses_tokens", False):
-    extra = dict(tokens=jnp.asarray(rng.integers(2, 12, (BATCH, 5)),
-                                    jnp.int32),
-                 lengths=jnp.full((BATCH,), 5, jnp.int32))
+    extra = dict(
+        tokens=jnp.asarray(rng.integers(2, 12, (BATCH, 5)), jnp.int32),
+        lengths=jnp.full((BATCH,), 5, jnp.int32),
+    )
   if getattr(cls, "uses_target", False):
     extra = dict(target=jnp.asarray(image), normalize=FeatureNormalization())
   return image, text, extra
@@ -158,13 +175,20 @@ def composer_inputs(name: str):
 
 def init_composer(name: str, initialization: str) -> dict:
   cls = COMPOSERS[name]
-  options = dict(vocab_size=12, word_embed_dim=16) if getattr(
-      cls, "uses_tokens", False) else {}
+  options = (
+      dict(vocab_size=12, word_embed_dim=16)
+      if getattr(cls, "uses_tokens", False)
+      else {}
+  )
   module = cls(embed_dim=EMBED, initialization=initialization, **options)
   image, text, extra = composer_inputs(name)
-  variables = module.init({"params": jax.random.key(1),
-                           "dropout": jax.random.key(2)}, image, text,
-                          train=False, **extra)
+  variables = module.init(
+      {"params": jax.random.key(1), "dropout": jax.random.key(2)},
+      image,
+      text,
+      train=False,
+      **extra,
+  )
   return flax.core.unfreeze(variables.get("params", {}))
 
 
@@ -177,13 +201,19 @@ def retrieval_params():
     config = tiny_config(**{"model.init": initialization})
     # A vocabulary big enough for the embedding's statistics to tell.
     model = models.build_model(config.model, vocab_size=VOCAB)
-    init = jax.jit(lambda rng, model=model: model.init(
-        {"params": rng, "dropout": rng},
-        normalize_images(batch["query_image"]), batch["tokens"],
-        batch["lengths"], normalize_images(batch["target_image"]),
-        train=False))
+    init = jax.jit(
+        lambda rng, model=model: model.init(
+            {"params": rng, "dropout": rng},
+            normalize_images(batch["query_image"]),
+            batch["tokens"],
+            batch["lengths"],
+            normalize_images(batch["target_image"]),
+            train=False,
+        )
+    )
     params[initialization] = flax.core.unfreeze(
-        jax.device_get(init(jax.random.key(0))["params"]))
+        jax.device_get(init(jax.random.key(0))["params"])
+    )
   return params
 
 
@@ -197,7 +227,7 @@ def compare(path, values, kind, fan_in, seed):
     return
   if kind.startswith(("dense", "conv", "lstm")):  # U(+-1/sqrt(fan_in))
     bound = 1.0 / math.sqrt(fan_in)
-    slack = bound * 2.0 ** -22  # a float32 rounding of the bound
+    slack = bound * 2.0**-22  # a float32 rounding of the bound
     assert np.abs(reference).max() <= bound + slack, where  # the derivation
     assert np.abs(values).max() <= bound + slack, where
     if values.size >= 1000:
@@ -223,9 +253,18 @@ def test_torch_init_matches_pytorch_in_the_retrieval_model(retrieval_params):
     else:
       compare(path, values, *kind, seed=seed)
       checked.add(kind[0])
-  assert checked >= {"resnet_conv", "bn_scale", "bn_bias", "dense_kernel",
-                     "dense_bias", "embedding", "lstm_kernel_ih",
-                     "lstm_kernel_hh", "lstm_bias_ih", "lstm_bias_hh"}
+  assert checked >= {
+      "resnet_conv",
+      "bn_scale",
+      "bn_bias",
+      "dense_kernel",
+      "dense_bias",
+      "embedding",
+      "lstm_kernel_ih",
+      "lstm_kernel_hh",
+      "lstm_bias_ih",
+      "lstm_bias_hh",
+  }
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSERS))
@@ -244,19 +283,30 @@ def test_torch_init_of_the_pretrained_text_encoders_projection(encoder):
   lengths = jnp.full((BATCH,), 3, jnp.int32)
   if encoder == "sentence_transformer":
     module = sentence_encoder.SentenceTransformerEncoder(
-        sentence_encoder.BertConfig(vocab_size=12, hidden_size=40,
-                                    num_hidden_layers=1,
-                                    num_attention_heads=2,
-                                    intermediate_size=16),
-        output_dim=EMBED, initialization="torch")
+        sentence_encoder.BertConfig(
+            vocab_size=12,
+            hidden_size=40,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+        ),
+        output_dim=EMBED,
+        initialization="torch",
+    )
   else:
     module = sentence_encoder.PrecomputedTextEncoder(
-        num_texts=5, feature_dim=40, output_dim=EMBED, initialization="torch")
+        num_texts=5, feature_dim=40, output_dim=EMBED, initialization="torch"
+    )
   params = module.init(jax.random.key(3), tokens, lengths)["params"]
   projection = params["projection"]
   for seed, name in enumerate(("kernel", "bias")):
-    compare(("projection", name), np.asarray(projection[name]),
-            f"dense_{name}", 40, seed=200 + seed)
+    compare(
+        ("projection", name),
+        np.asarray(projection[name]),
+        f"dense_{name}",
+        40,
+        seed=200 + seed,
+    )
 
 
 def test_flax_init_fails_the_same_comparison(retrieval_params):
@@ -264,20 +314,29 @@ def test_flax_init_fails_the_same_comparison(retrieval_params):
   Dense kernels, embeddings and LSTM kernels, and it sees each."""
   rejected = set()
   for seed, path, values, kind in leaves(retrieval_params["flax"], "tirg"):
-    if kind and kind[0] in ("dense_kernel", "embedding", "lstm_kernel_ih",
-                            "lstm_kernel_hh") and values.size >= 100:
+    if (
+        kind
+        and kind[0]
+        in ("dense_kernel", "embedding", "lstm_kernel_ih", "lstm_kernel_hh")
+        and values.size >= 100
+    ):
       with pytest.raises(AssertionError):
         compare(path, values, *kind, seed=seed)
       rejected.add(kind[0])
-  assert rejected == {"dense_kernel", "embedding", "lstm_kernel_ih",
-                      "lstm_kernel_hh"}
+  assert rejected == {
+      "dense_kernel",
+      "embedding",
+      "lstm_kernel_ih",
+      "lstm_kernel_hh",
+  }
 
 
 def test_config_model_init_is_validated():
   config = tiny_config(**{"model.init": "kaiming"})
-  with pytest.raises(ValueError,
-                     match=r"^config.model.init: unknown 'kaiming'; "
-                     r"allowed: flax, torch$"):
+  with pytest.raises(
+      ValueError,
+      match=r"^config.model.init: unknown 'kaiming'; " r"allowed: flax, torch$",
+  ):
     config_base.validate(config, num_devices=1)
   with pytest.raises(ValueError, match=r"^config.model.init: unknown"):
     models.build_model(config.model, vocab_size=12)

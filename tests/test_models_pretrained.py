@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from irtf_jax import models
+from irtf_jax.data.fixtures import random_batch
 from irtf_jax.models import image_encoders
 from irtf_jax.models import pretrained
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import tiny_config
 
 
 class TorchBasicBlock(nn.Module):
@@ -29,8 +30,9 @@ class TorchBasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(out)
     self.downsample = None
     if stride != 1 or inp != out:
-      self.downsample = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False),
-                                      nn.BatchNorm2d(out))
+      self.downsample = nn.Sequential(
+          nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+      )
 
   def forward(self, x):
     identity = x if self.downsample is None else self.downsample(x)
@@ -39,6 +41,7 @@ class TorchBasicBlock(nn.Module):
 
 
 class TorchResNet18(nn.Module):
+
   def __init__(self):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -48,8 +51,14 @@ class TorchResNet18(nn.Module):
     inp = 64
     for i, width in enumerate((64, 128, 256, 512)):
       stride = 1 if i == 0 else 2
-      setattr(self, f"layer{i + 1}", nn.Sequential(
-          TorchBasicBlock(inp, width, stride), TorchBasicBlock(width, width, 1)))
+      setattr(
+          self,
+          f"layer{i + 1}",
+          nn.Sequential(
+              TorchBasicBlock(inp, width, stride),
+              TorchBasicBlock(width, width, 1),
+          ),
+      )
       inp = width
     self.avgpool = nn.AdaptiveAvgPool2d(1)
     self.fc = nn.Linear(512, 1000)
@@ -76,18 +85,23 @@ def torch_model():
 
 
 def _check_parity(torch_model, path):
-  images = np.random.default_rng(1).normal(size=(3, 64, 64, 3)).astype(
-      np.float32)
+  images = (
+      np.random.default_rng(1).normal(size=(3, 64, 64, 3)).astype(np.float32)
+  )
   with torch.no_grad():
     expected = torch_model.pooled(
-        torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+        torch.from_numpy(images.transpose(0, 3, 1, 2))
+    ).numpy()
   module, variables = image_encoders.resnet_from_torch(
-      str(path), depth=18, conv_implementation="lax")
-  got = np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(
-      variables, images))
+      str(path), depth=18, conv_implementation="lax"
+  )
+  got = np.asarray(
+      jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, images)
+  )
   assert got.shape == (3, 512)
-  np.testing.assert_allclose(got, expected, rtol=1e-4,
-                             atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+      got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+  )
 
 
 def test_pth_state_dict_parity(torch_model, tmp_path):
@@ -98,16 +112,24 @@ def test_pth_state_dict_parity(torch_model, tmp_path):
 
 def test_safetensors_parity(torch_model, tmp_path):
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "resnet18.safetensors"
-  save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()},
-            str(path))
+  save_file(
+      {k: v.contiguous() for k, v in torch_model.state_dict().items()},
+      str(path),
+  )
   _check_parity(torch_model, path)
 
 
 def test_reader_rebuilds_strided_and_typed_tensors(tmp_path):
   base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
-  state = {"t": base.t(), "slice": base[1:, 2:5], "half": base.half(),
-           "long": torch.arange(5), "scalar": torch.tensor(3.5)}
+  state = {
+      "t": base.t(),
+      "slice": base[1:, 2:5],
+      "half": base.half(),
+      "long": torch.arange(5),
+      "scalar": torch.tensor(3.5),
+  }
   path = tmp_path / "odd.pt"
   torch.save(state, path)
   got = pretrained.read_torch_state_dict(str(path))
@@ -132,8 +154,10 @@ def test_reader_refuses_code_in_pickles(tmp_path):
 
 
 class Evil:
+
   def __reduce__(self):
     import os  # pylint: disable=g-import-not-at-top
+
     return (os.system, ("echo unsafe",))
 
 
@@ -147,8 +171,9 @@ def test_wrong_depth_and_missing_file(torch_model, tmp_path):
   with pytest.raises(FileNotFoundError, match="no such weights file"):
     image_encoders.resnet_variables_from_torch(str(tmp_path / "x.pth"))
   legacy = tmp_path / "legacy.pth"
-  torch.save(torch_model.state_dict(), legacy,
-             _use_new_zipfile_serialization=False)
+  torch.save(
+      torch_model.state_dict(), legacy, _use_new_zipfile_serialization=False
+  )
   with pytest.raises(ValueError, match="not a zip-format torch checkpoint"):
     image_encoders.resnet_variables_from_torch(str(legacy))
 
@@ -178,22 +203,33 @@ def test_config_loads_pretrained_resnet_into_the_retrieval_model(tmp_path):
   model = models.build_model(config.model, 12)
   batch = random_batch(0, 2, image_size=16)
   init = lambda m: m.init(
-      jax.random.key(0), batch["query_image"].astype(np.float32),
-      batch["tokens"], batch["lengths"],
-      batch["target_image"].astype(np.float32), train=False)
+      jax.random.key(0),
+      batch["query_image"].astype(np.float32),
+      batch["tokens"],
+      batch["lengths"],
+      batch["target_image"].astype(np.float32),
+      train=False,
+  )
   # Shapes only (traced, nothing compiled); load_pretrained fills them in.
-  loaded = models.load_pretrained(jax.eval_shape(lambda: init(model)),
-                                  config.model)
+  loaded = models.load_pretrained(
+      jax.eval_shape(lambda: init(model)), config.model
+  )
   encoder = loaded["params"]["image_encoder"]
   np.testing.assert_array_equal(
       encoder["layer2_0"]["downsample_conv"]["kernel"],
-      state["layer2.0.downsample.0.weight"].numpy().transpose(2, 3, 1, 0))
+      state["layer2.0.downsample.0.weight"].numpy().transpose(2, 3, 1, 0),
+  )
   np.testing.assert_array_equal(
       loaded["batch_stats"]["image_encoder"]["layer4_0"]["bn2"]["var"],
-      state["layer4.0.bn2.running_var"].numpy())
+      state["layer4.0.bn2.running_var"].numpy(),
+  )
   assert encoder["conv1"]["kernel"].shape == (7, 7, 3, 64)
-  wrong = tiny_config(**{"model.image_encoder.pretrained": str(path),
-                         "model.image_encoder.depth": 18})
+  wrong = tiny_config(**{
+      "model.image_encoder.pretrained": str(path),
+      "model.image_encoder.depth": 18,
+  })
   with pytest.raises(ValueError, match="missing tensor 'layer1.1.conv1"):
-    models.load_pretrained(jax.eval_shape(
-        lambda: init(models.build_model(wrong.model, 12))), wrong.model)
+    models.load_pretrained(
+        jax.eval_shape(lambda: init(models.build_model(wrong.model, 12))),
+        wrong.model,
+    )

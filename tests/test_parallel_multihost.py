@@ -39,7 +39,8 @@ TRAIN = textwrap.dedent("""
     from irtf_jax import models
     from irtf_jax import parallel as parallel_lib
     from irtf_jax import train_step as train_step_lib
-    from tests.helpers import random_batch, tiny_config
+    from irtf_jax.data.fixtures import random_batch
+    from tests.helpers import tiny_config
 
     def train(process_count, process_index):
       config = tiny_config(**{"ga.isotropic.gamma": 1e-2})
@@ -92,12 +93,20 @@ REFERENCE = TRAIN + textwrap.dedent("""
 
 def _start(script, args, devices: int):
   """A subprocess with exactly these XLA flags (not the suite's own)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.Popen([sys.executable, str(script), *map(str, args)],
-                          env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  return subprocess.Popen(
+      [sys.executable, str(script), *map(str, args)],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
 
 
 @pytest.mark.slow
@@ -105,11 +114,17 @@ def test_two_processes_equal_one(tmp_path):
   (tmp_path / "worker.py").write_text(WORKER)
   (tmp_path / "reference.py").write_text(REFERENCE)
   port = portpicker.pick_unused_port()
-  processes = [_start(tmp_path / "worker.py",
-                      [port, i, tmp_path / f"process{i}.npz"], devices=1)
-               for i in range(2)]
-  processes.append(_start(tmp_path / "reference.py",
-                          [tmp_path / "reference.npz"], devices=2))
+  processes = [
+      _start(
+          tmp_path / "worker.py",
+          [port, i, tmp_path / f"process{i}.npz"],
+          devices=1,
+      )
+      for i in range(2)
+  ]
+  processes.append(
+      _start(tmp_path / "reference.py", [tmp_path / "reference.npz"], devices=2)
+  )
   try:
     outputs = [p.communicate(timeout=900)[0] for p in processes]
   finally:
@@ -126,5 +141,6 @@ def test_two_processes_equal_one(tmp_path):
       assert got["__stop__"].tolist() == [False, True], i
       assert sorted(set(got.files) - {"__stop__"}) == sorted(reference)
       for name, value in reference.items():
-        np.testing.assert_array_equal(got[name], value,
-                                      err_msg=f"process {i}: {name}")
+        np.testing.assert_array_equal(
+            got[name], value, err_msg=f"process {i}: {name}"
+        )

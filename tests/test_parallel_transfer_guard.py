@@ -9,36 +9,46 @@ import numpy as np
 
 from irtf_jax import models
 from irtf_jax import parallel as parallel_lib
-from irtf_jax.data import pipeline
 from irtf_jax import train_step as train_step_lib
-from tests.helpers import random_batch, tiny_config
+from irtf_jax.data import pipeline
+from irtf_jax.data.fixtures import random_batch
+from tests.helpers import tiny_config
 
 VOCAB_SIZE = 12
 
 
 def _setup(config):
   parallel = parallel_lib.DataParallel(config.parallel.strategy)
-  model = models.build_model(config.model, VOCAB_SIZE,
-                             precision=config.precision,
-                             bn_axis_name=parallel.axis_name)
+  model = models.build_model(
+      config.model,
+      VOCAB_SIZE,
+      precision=config.precision,
+      bn_axis_name=parallel.axis_name,
+  )
   tx = train_step_lib.make_optimizer(config)
   example = random_batch(0, config.batch_size, max_length=6)
-  state = jax.jit(lambda rng: train_step_lib.init_state(
-      model, tx, example, rng))(jax.random.key(0))
-  step_fn = parallel.compile_step(train_step_lib.make_train_step(
-      model, tx, config, axis_name=parallel.axis_name))
+  state = jax.jit(
+      lambda rng: train_step_lib.init_state(model, tx, example, rng)
+  )(jax.random.key(0))
+  step_fn = parallel.compile_step(
+      train_step_lib.make_train_step(
+          model, tx, config, axis_name=parallel.axis_name
+      )
+  )
   return parallel, model, parallel.replicate(jax.device_get(state)), step_fn
 
 
 def test_steady_state_steps_make_no_implicit_transfers():
-  config = tiny_config(**{"ga.adversarial.epsilon": 1e-6,
-                          "ga.isotropic.gamma": 1e-2})
+  config = tiny_config(
+      **{"ga.adversarial.epsilon": 1e-6, "ga.isotropic.gamma": 1e-2}
+  )
   parallel, _, state, step_fn = _setup(config)
   make_batch = lambda step: random_batch(step, config.batch_size)
   rng = jax.random.key(config.seed)
   losses = []
-  batches = pipeline.prefetched_batches(make_batch, range(4),
-                                     put=parallel.shard_batch)
+  batches = pipeline.prefetched_batches(
+      make_batch, range(4), put=parallel.shard_batch
+  )
   for step, batch in batches:
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
     if step == 0:  # compiles; may transfer constants
@@ -77,16 +87,20 @@ def test_shard_batch_passes_placed_arrays_through():
 def test_bfloat16_step_is_finite_and_features_are_float32():
   config = tiny_config(precision="bfloat16")
   parallel, model, state, step_fn = _setup(config)
-  batch = parallel.shard_batch(random_batch(1, config.batch_size,
-                                            image_size=16))
+  batch = parallel.shard_batch(
+      random_batch(1, config.batch_size, image_size=16)
+  )
   state, metrics = step_fn(state, batch, jax.random.key(0))
   assert np.isfinite(float(metrics["loss"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   host = jax.device_get(state)
   query, target = model.apply(
       {"params": host.params, "batch_stats": host.batch_stats},
-      models.normalize_images(batch["query_image"]), batch["tokens"],
-      batch["lengths"], models.normalize_images(batch["target_image"]),
-      train=False)
+      models.normalize_images(batch["query_image"]),
+      batch["tokens"],
+      batch["lengths"],
+      models.normalize_images(batch["target_image"]),
+      train=False,
+  )
   assert query.dtype == jnp.float32 and target.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(query)))

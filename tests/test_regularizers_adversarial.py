@@ -7,13 +7,13 @@ import math
 
 import flax.linen as nn
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from irtf_jax import regularizers as ga
 
@@ -55,20 +55,23 @@ def _numpy_penalty(weight, x, y, epsilon, q):
   per_example_grad = (features @ weight.T - y) @ weight  # rows: A^T r_i
   d = features.shape[1]
   norms = np.linalg.norm(per_example_grad, ord=q, axis=1)
-  return epsilon / 2 * d**(1 - 1 / q) * norms.mean()
+  return epsilon / 2 * d ** (1 - 1 / q) * norms.mean()
 
 
 def mlp_loss(params, x, y):
   """Mean squared error of a one-hidden-layer tanh network, per example."""
   hidden = jnp.tanh(x @ params["w1"] + params["b1"])
   out = hidden @ params["w2"]
-  return jnp.mean(0.5 * jnp.sum((out - y)**2, axis=1))
+  return jnp.mean(0.5 * jnp.sum((out - y) ** 2, axis=1))
 
 
 def _mlp_data(seed=0, batch=16, dtype=np.float32):
   rng = np.random.default_rng(seed)
-  params = {"w1": rng.normal(size=(3, 4)), "b1": rng.normal(size=(4,)) * 0.1,
-            "w2": rng.normal(size=(4, 2))}
+  params = {
+      "w1": rng.normal(size=(3, 4)),
+      "b1": rng.normal(size=(4,)) * 0.1,
+      "w2": rng.normal(size=(4, 2)),
+  }
   x = rng.normal(size=(batch, 3))
   y = rng.normal(size=(batch, 2))
   cast = lambda a: jnp.asarray(a, dtype)
@@ -79,15 +82,17 @@ def dict_batch_loss(params, batch):
   """A Flax-style loss: image and integer token ids in one dict."""
   words = params["embedding"][batch["tokens"]].mean(axis=1)
   hidden = jnp.tanh(batch["image"] @ params["w1"] + params["b1"])
-  return jnp.mean(jnp.sum((hidden @ params["w2"] - words)**2, axis=1))
+  return jnp.mean(jnp.sum((hidden @ params["w2"] - words) ** 2, axis=1))
 
 
 def _dict_batch_data(seed=0, batch=8):
   params, x, _ = _mlp_data(seed, batch)
   rng = np.random.default_rng(seed + 1)
   params["embedding"] = jnp.asarray(rng.normal(size=(11, 2)), jnp.float32)
-  return params, {"image": x, "tokens": jnp.asarray(
-      rng.integers(0, 11, (batch, 5)), jnp.int32)}
+  return params, {
+      "image": x,
+      "tokens": jnp.asarray(rng.integers(0, 11, (batch, 5)), jnp.int32),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -100,17 +105,21 @@ def test_penalty_matches_closed_form_with_pytree_input(q):
   epsilon = 0.3
   expected_penalty = _numpy_penalty(weight, x, y, epsilon, q)
   expected_loss = np.mean(
-      0.5 * np.sum((_numpy_features(x) @ weight.T - y)**2, axis=1))
+      0.5 * np.sum((_numpy_features(x) @ weight.T - y) ** 2, axis=1)
+  )
   with jax.enable_x64(True):
     regularized = ga.adversarial_gradient_penalty(
-        linear_quadratic_loss, epsilon=epsilon, q=q)
+        linear_quadratic_loss, epsilon=epsilon, q=q
+    )
     total, terms = regularized(weight, x, y)
-    alone = ga.adversarial_penalty(linear_quadratic_loss, epsilon=epsilon,
-                                   q=q)(weight, x, y)
+    alone = ga.adversarial_penalty(linear_quadratic_loss, epsilon=epsilon, q=q)(
+        weight, x, y
+    )
   np.testing.assert_allclose(terms.penalty, expected_penalty, rtol=1e-12)
   np.testing.assert_allclose(terms.loss, expected_loss, rtol=1e-12)
-  np.testing.assert_allclose(total, expected_loss + expected_penalty,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      total, expected_loss + expected_penalty, rtol=1e-12
+  )
   np.testing.assert_allclose(alone, expected_penalty, rtol=1e-12)
   assert expected_penalty > 1e-3  # The check above is not vacuous.
 
@@ -127,8 +136,8 @@ def test_parameter_gradient_matches_central_finite_differences(q):
     step = 1e-6
     basis = np.eye(flat.size) * step
     numeric = np.array([
-        (objective(flat + e) - objective(flat - e)) / (2 * step)
-        for e in basis])
+        (objective(flat + e) - objective(flat - e)) / (2 * step) for e in basis
+    ])
     clean = jax.grad(lambda v: mlp_loss(unravel(v), x, y))(flat)
   np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
   # The penalty's second-order term really contributes to the gradient.
@@ -139,7 +148,8 @@ def test_zero_epsilon_adds_nothing_and_costs_nothing():
   params, x, y = _mlp_data()
   wrapped = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.0, q=2.0)
   (total, terms), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(
-      params, x, y)
+      params, x, y
+  )
   clean, clean_grads = jax.jit(jax.value_and_grad(mlp_loss))(params, x, y)
   assert np.array_equal(total, clean) and np.array_equal(terms.loss, clean)
   assert terms.penalty == 0
@@ -162,7 +172,8 @@ def test_aux_is_passed_through_and_penalty_reported():
 
   epsilon, q = 0.5, 2.0
   wrapped = ga.adversarial_gradient_penalty(
-      loss_with_aux, epsilon=epsilon, q=q, has_aux=True)
+      loss_with_aux, epsilon=epsilon, q=q, has_aux=True
+  )
   total, (aux, terms) = wrapped(params, x, y)
   reference = ga.adversarial_penalty(mlp_loss, epsilon=epsilon, q=q)
   np.testing.assert_allclose(terms.penalty, reference(params, x, y), rtol=1e-6)
@@ -173,27 +184,40 @@ def test_aux_is_passed_through_and_penalty_reported():
 
 
 def test_batchnorm_statistics_pass_through_double_backprop():
-  model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False),
-                         jnp.tanh, nn.Dense(2)])
+  model = nn.Sequential([
+      nn.Dense(4),
+      nn.BatchNorm(use_running_average=False),
+      jnp.tanh,
+      nn.Dense(2),
+  ])
   _, x, y = _mlp_data()
   variables = model.init(jax.random.key(0), x)
 
   def loss_fn(params, x, y, batch_stats):
-    out, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                               x, mutable=["batch_stats"])
-    return jnp.mean(0.5 * jnp.sum((out - y)**2, axis=1)), updates
+    out, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        mutable=["batch_stats"],
+    )
+    return jnp.mean(0.5 * jnp.sum((out - y) ** 2, axis=1)), updates
 
-  regularized = ga.adversarial_gradient_penalty(loss_fn, epsilon=0.1,
-                                                has_aux=True)
+  regularized = ga.adversarial_gradient_penalty(
+      loss_fn, epsilon=0.1, has_aux=True
+  )
   args = (variables["params"], x, y, variables["batch_stats"])
   total, (updates, terms) = jax.jit(regularized)(*args)
   clean = loss_fn(*args)[0]
-  batch_mean = np.asarray(x @ variables["params"]["layers_0"]["kernel"] +
-                          variables["params"]["layers_0"]["bias"]).mean(0)
+  batch_mean = np.asarray(
+      x @ variables["params"]["layers_0"]["kernel"]
+      + variables["params"]["layers_0"]["bias"]
+  ).mean(0)
   # Flax's running mean after one step with momentum 0.99 from zeros.
   np.testing.assert_allclose(
-      updates["batch_stats"]["layers_1"]["mean"], 0.01 * batch_mean,
-      rtol=1e-5, atol=1e-7)
+      updates["batch_stats"]["layers_1"]["mean"],
+      0.01 * batch_mean,
+      rtol=1e-5,
+      atol=1e-7,
+  )
   np.testing.assert_allclose(terms.loss, clean, rtol=1e-6)
   np.testing.assert_allclose(total, clean + terms.penalty, rtol=1e-6)
   assert terms.penalty > 0
@@ -207,8 +231,9 @@ def test_penalty_with_keyword_arguments_and_other_argnums():
 
   wrapped = ga.adversarial_gradient_penalty(loss, epsilon=0.1, argnums=0)
   reference = ga.adversarial_gradient_penalty(mlp_loss, epsilon=0.1)
-  np.testing.assert_allclose(wrapped(x, params, y=y)[0],
-                             reference(params, x, y)[0], rtol=1e-6)
+  np.testing.assert_allclose(
+      wrapped(x, params, y=y)[0], reference(params, x, y)[0], rtol=1e-6
+  )
 
 
 def test_zero_input_gradient_gives_finite_parameter_gradient():
@@ -229,28 +254,41 @@ def test_zero_input_gradient_gives_finite_parameter_gradient():
 # Dict batches (wrt) and traced epsilon.
 
 
-@pytest.mark.parametrize("wrt", ["image", lambda batch: batch["image"],
-                                 lambda batch: {"x": batch["image"]}])
+@pytest.mark.parametrize(
+    "wrt",
+    [
+        "image",
+        lambda batch: batch["image"],
+        lambda batch: {"x": batch["image"]},
+    ],
+)
 def test_wrt_perturbs_only_the_selected_leaf_of_a_dict_batch(wrt):
   params, batch = _dict_batch_data()
   epsilon = 0.05
-  wrapped = ga.adversarial_gradient_penalty(dict_batch_loss, epsilon=epsilon,
-                                            wrt=wrt)
+  wrapped = ga.adversarial_gradient_penalty(
+      dict_batch_loss, epsilon=epsilon, wrt=wrt
+  )
   (total, terms), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(
-      params, batch)
+      params, batch
+  )
   # The same penalty with the image as an argument of its own.
   image_loss = lambda p, image, tokens: dict_batch_loss(
-      p, {"image": image, "tokens": tokens})
+      p, {"image": image, "tokens": tokens}
+  )
   want_total, want_terms = ga.adversarial_gradient_penalty(
-      image_loss, epsilon=epsilon)(params, batch["image"], batch["tokens"])
-  want_grads = jax.grad(lambda p: ga.adversarial_gradient_penalty(
-      image_loss, epsilon=epsilon)(p, batch["image"], batch["tokens"])[0])(
-          params)
+      image_loss, epsilon=epsilon
+  )(params, batch["image"], batch["tokens"])
+  want_grads = jax.grad(
+      lambda p: ga.adversarial_gradient_penalty(image_loss, epsilon=epsilon)(
+          p, batch["image"], batch["tokens"]
+      )[0]
+  )(params)
   np.testing.assert_allclose(terms.penalty, want_terms.penalty, rtol=1e-6)
   np.testing.assert_allclose(total, want_total, rtol=1e-6)
   for name in params:
-    np.testing.assert_allclose(grads[name], want_grads[name], rtol=1e-5,
-                               atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(
+        grads[name], want_grads[name], rtol=1e-5, atol=1e-7, err_msg=name
+    )
   assert terms.penalty > 0
 
 
@@ -260,7 +298,8 @@ def test_vmap_over_epsilon_equals_separate_calls():
 
   def penalty(epsilon):
     wrapped = ga.adversarial_gradient_penalty(
-        dict_batch_loss, epsilon=epsilon, q=2.0, wrt="image")
+        dict_batch_loss, epsilon=epsilon, q=2.0, wrt="image"
+    )
     return wrapped(params, batch)[1].penalty
 
   swept = jax.jit(jax.vmap(penalty))(epsilons)
@@ -283,19 +322,23 @@ def test_wrt_errors_name_the_fix():
       ({"argnums": 2}, ValueError, "argnums=2"),
   ]
   for kwargs, error, message in cases:
-    wrapped = ga.adversarial_gradient_penalty(dict_batch_loss, epsilon=0.1,
-                                              **kwargs)
+    wrapped = ga.adversarial_gradient_penalty(
+        dict_batch_loss, epsilon=0.1, **kwargs
+    )
     with pytest.raises(error, match=message):
       wrapped(params, batch)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"epsilon": 0.1, "q": 3.0}, "q must be 1, 2 or inf"),
-    ({"epsilon": -1.0}, "epsilon must be finite and >= 0"),
-    ({"epsilon": float("nan")}, "epsilon must be finite and >= 0"),
-    ({"epsilon": float("inf")}, "epsilon must be finite and >= 0"),
-    ({"epsilon": "big"}, "epsilon must be a number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epsilon": 0.1, "q": 3.0}, "q must be 1, 2 or inf"),
+        ({"epsilon": -1.0}, "epsilon must be finite and >= 0"),
+        ({"epsilon": float("nan")}, "epsilon must be finite and >= 0"),
+        ({"epsilon": float("inf")}, "epsilon must be finite and >= 0"),
+        ({"epsilon": "big"}, "epsilon must be a number"),
+    ],
+)
 def test_penalty_rejects_bad_configuration(kwargs, message):
   with pytest.raises(ValueError, match=message):
     ga.adversarial_gradient_penalty(mlp_loss, **kwargs)
@@ -303,7 +346,8 @@ def test_penalty_rejects_bad_configuration(kwargs, message):
 
 def test_penalty_rejects_ragged_batches():
   ragged = ga.adversarial_gradient_penalty(
-      lambda p, x: jnp.mean(x["a"]) + jnp.mean(x["b"]), epsilon=0.1)
+      lambda p, x: jnp.mean(x["a"]) + jnp.mean(x["b"]), epsilon=0.1
+  )
   with pytest.raises(ValueError, match="different leading"):
     ragged(None, {"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))})
 
@@ -321,14 +365,15 @@ def test_fgsm_loss_and_gradient_match_direct_computation():
   adversarial = features + epsilon * np.sign(input_grad)
 
   def numpy_loss(f):
-    return np.mean(0.5 * np.sum((f @ weight.T - y)**2, axis=1))
+    return np.mean(0.5 * np.sum((f @ weight.T - y) ** 2, axis=1))
 
   def numpy_weight_grad(f):
     return (f @ weight.T - y).T @ f / batch
 
   expected = (numpy_loss(features) + numpy_loss(adversarial)) / 2
-  expected_grad = (numpy_weight_grad(features) +
-                   numpy_weight_grad(adversarial)) / 2
+  expected_grad = (
+      numpy_weight_grad(features) + numpy_weight_grad(adversarial)
+  ) / 2
   with jax.enable_x64(True):
     fgsm = ga.fgsm_adversarial_loss(linear_quadratic_loss, epsilon=epsilon)
     value, grad = jax.value_and_grad(fgsm)(weight, x, y)
@@ -344,11 +389,14 @@ def test_fgsm_returns_clean_aux_and_perturbs_only_wrt():
     return dict_batch_loss(params, batch), jnp.sum(batch["image"])
 
   value, aux = ga.fgsm_adversarial_loss(
-      loss_with_aux, epsilon=0.1, wrt="image", has_aux=True)(params, batch)
+      loss_with_aux, epsilon=0.1, wrt="image", has_aux=True
+  )(params, batch)
   image_loss = lambda p, image, tokens: dict_batch_loss(
-      p, {"image": image, "tokens": tokens})
+      p, {"image": image, "tokens": tokens}
+  )
   expected = ga.fgsm_adversarial_loss(image_loss, epsilon=0.1)(
-      params, batch["image"], batch["tokens"])
+      params, batch["image"], batch["tokens"]
+  )
   np.testing.assert_allclose(value, expected, rtol=1e-6)
   np.testing.assert_allclose(aux, jnp.sum(batch["image"]), rtol=1e-6)
   assert value > dict_batch_loss(params, batch)
@@ -361,15 +409,19 @@ def test_fgsm_returns_clean_aux_and_perturbs_only_wrt():
 def _train_step(tx, regularized):
   def step(params, state, x, y):
     (loss, _), grads = jax.value_and_grad(regularized, has_aux=True)(
-        params, x, y)
+        params, x, y
+    )
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
+
   return step
 
 
 def _make_tx():
-  return optax.chain(ga.isotropic_gradient_augmentation(0.05, seed=2),
-                     optax.sgd(0.1, momentum=0.9))
+  return optax.chain(
+      ga.isotropic_gradient_augmentation(0.05, seed=2),
+      optax.sgd(0.1, momentum=0.9),
+  )
 
 
 # One dual norm each: the others differ only in the per-example reduction,
@@ -387,10 +439,12 @@ def test_sharded_jit_equals_one_device(q=1.0):
   mesh = jax.make_mesh((8,), ("data",))  # Explicit axes, the project's mesh.
   replicated = NamedSharding(mesh, P())
   batch_sharded = NamedSharding(mesh, P("data"))
-  sharded_args = (jax.device_put(params, replicated),
-                  jax.device_put(tx.init(params), replicated),
-                  jax.device_put(x, batch_sharded),
-                  jax.device_put(y, batch_sharded))
+  sharded_args = (
+      jax.device_put(params, replicated),
+      jax.device_put(tx.init(params), replicated),
+      jax.device_put(x, batch_sharded),
+      jax.device_put(y, batch_sharded),
+  )
   assert len(sharded_args[2].sharding.device_set) == 8
   sharded = step(*sharded_args)
   sharded = step(*sharded[:2], *sharded_args[2:])  # Second step: new noise.
@@ -408,7 +462,8 @@ def test_pmap_with_pmean_equals_global_batch(q=2.0):
 
   def local_step(params, state, x, y):
     (loss, _), grads = jax.value_and_grad(regularized, has_aux=True)(
-        params, x, y)
+        params, x, y
+    )
     loss, grads = jax.lax.pmean((loss, grads), "batch")
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss

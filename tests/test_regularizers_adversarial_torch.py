@@ -42,59 +42,74 @@ def _torch_penalty(params, images, targets, q):
   weights = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
   x = torch.tensor(images, requires_grad=True)
   t = torch.tensor(targets)
-  hidden = torch.tanh(F.conv2d(x, weights["conv_w"], weights["conv_b"],
-                               padding=1))
+  hidden = torch.tanh(
+      F.conv2d(x, weights["conv_w"], weights["conv_b"], padding=1)
+  )
   embedding = hidden.reshape(BATCH, -1) @ weights["lin_w"].T + weights["lin_b"]
   loss = F.cross_entropy(embedding @ t.T, torch.arange(BATCH))
   g = torch.autograd.grad(loss, x, create_graph=True)[0] * BATCH
   g = g.reshape(BATCH, -1)
   d = g.shape[1]
   norms = torch.linalg.vector_norm(g, ord=q, dim=1)
-  penalty = EPSILON * d**(1 - 1 / q) / 2 * norms.mean()
+  penalty = EPSILON * d ** (1 - 1 / q) / 2 * norms.mean()
   names = sorted(weights)
   penalty_grads = torch.autograd.grad(
-      penalty, [weights[k] for k in names], retain_graph=True)
-  total_grads = torch.autograd.grad(loss + penalty,
-                                    [weights[k] for k in names])
+      penalty, [weights[k] for k in names], retain_graph=True
+  )
+  total_grads = torch.autograd.grad(loss + penalty, [weights[k] for k in names])
   as_numpy = lambda grads: {k: v.numpy() for k, v in zip(names, grads)}
-  return (penalty.item(), (loss + penalty).item(), as_numpy(penalty_grads),
-          as_numpy(total_grads))
+  return (
+      penalty.item(),
+      (loss + penalty).item(),
+      as_numpy(penalty_grads),
+      as_numpy(total_grads),
+  )
 
 
 def _jax_loss(params, images, targets):
   hidden = jax.lax.conv_general_dilated(
-      images, params["conv_w"], window_strides=(1, 1),
-      padding=((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"))
+      images,
+      params["conv_w"],
+      window_strides=(1, 1),
+      padding=((1, 1), (1, 1)),
+      dimension_numbers=("NCHW", "OIHW", "NCHW"),
+  )
   hidden = jnp.tanh(hidden + params["conv_b"][None, :, None, None])
   embedding = hidden.reshape(BATCH, -1) @ params["lin_w"].T + params["lin_b"]
   logits = embedding @ targets.T
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.arange(BATCH)))
+  return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(BATCH))
+  )
 
 
 def _assert_close(got, want):
   scale = max(np.max(np.abs(v)) for v in want.values())
   for name in want:
-    np.testing.assert_allclose(got[name], want[name], rtol=1e-5,
-                               atol=1e-5 * scale, err_msg=name)
+    np.testing.assert_allclose(
+        got[name], want[name], rtol=1e-5, atol=1e-5 * scale, err_msg=name
+    )
 
 
 @pytest.mark.parametrize("q", (1.0, 2.0, math.inf))
 def test_penalty_and_gradients_match_pytorch(q):
   params, images, targets = _weights_and_data()
   want_penalty, want_total, want_penalty_grads, want_total_grads = (
-      _torch_penalty(params, images, targets, q))
+      _torch_penalty(params, images, targets, q)
+  )
   with jax.enable_x64(True):
     params, images, targets = jax.tree.map(
-        lambda a: jnp.asarray(a, jnp.float64), (params, images, targets))
-    regularized = ga.adversarial_gradient_penalty(_jax_loss, epsilon=EPSILON,
-                                                  q=q)
+        lambda a: jnp.asarray(a, jnp.float64), (params, images, targets)
+    )
+    regularized = ga.adversarial_gradient_penalty(
+        _jax_loss, epsilon=EPSILON, q=q
+    )
 
     @jax.jit
     def penalty_and_gradients(params):
       penalty_of = lambda p: regularized(p, images, targets)[1].penalty
       (total, terms), total_grads = jax.value_and_grad(
-          regularized, has_aux=True)(params, images, targets)
+          regularized, has_aux=True
+      )(params, images, targets)
       return terms.penalty, jax.grad(penalty_of)(params), total, total_grads
 
     penalty, penalty_grads, total, total_grads = penalty_and_gradients(params)

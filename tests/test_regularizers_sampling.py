@@ -17,8 +17,11 @@ def test_erfinv_matches_scipy_in_float64_into_the_tails():
   from scipy import special  # pylint: disable=g-import-not-at-top
   # The symmetric 23-bit grid the sampler feeds it, sampled densely near 0
   # and into both extreme cells.
-  grid = np.concatenate([np.linspace(-1, 1, 200001)[1:-1],
-                         1 - 2.0**-np.arange(1, 24), -1 + 2.0**-np.arange(1, 24)])
+  grid = np.concatenate([
+      np.linspace(-1, 1, 200001)[1:-1],
+      1 - 2.0 ** -np.arange(1, 24),
+      -1 + 2.0 ** -np.arange(1, 24),
+  ])
   grid = grid.astype(np.float32)
   got = np.asarray(jax.jit(sampling.erfinv)(grid), np.float64)
   want = special.erfinv(grid.astype(np.float64))
@@ -28,10 +31,13 @@ def test_erfinv_matches_scipy_in_float64_into_the_tails():
 @pytest.mark.parametrize("sampler", ["hashed", "threefry"])
 def test_normal_samplers_are_standard_normal(sampler):
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   n = 2**20
   draw = sampling.normal_sampler(sampler)
-  samples = np.asarray(jax.jit(draw, static_argnums=(1, 2))(
-      jax.random.key(3), (n,), np.float32), np.float64)
+  samples = np.asarray(
+      jax.jit(draw, static_argnums=(1, 2))(jax.random.key(3), (n,), np.float32),
+      np.float64,
+  )
   # Kolmogorov-Smirnov against N(0, 1); moments within 5 standard errors.
   assert stats.kstest(samples, "norm").pvalue > 1e-3
   assert abs(samples.mean()) < 5 / math.sqrt(n)
@@ -62,8 +68,10 @@ def test_auto_sampler_is_hashed_on_cpu_and_threefry_elsewhere():
   assert sampling.normal_sampler("auto", backend="cpu") is ga.hashed_normal
   for backend in ("gpu", "tpu"):
     assert sampling.normal_sampler("auto", backend=backend) is jax.random.normal
-    assert (sampling.uniform_sampler("auto", backend=backend)
-            is sampling.threefry_uniform)
+    assert (
+        sampling.uniform_sampler("auto", backend=backend)
+        is sampling.threefry_uniform
+    )
   assert sampling.uniform_sampler("hashed") is sampling.hashed_uniform
   custom = lambda key, shape, dtype: None
   assert sampling.normal_sampler(custom) is custom
@@ -76,15 +84,19 @@ def test_the_package_depends_on_jax_and_optax_only():
   load themselves, and no other part of irtf_jax."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   script = (
       "import sys\n"
       "import jax, optax\n"
       "before = {m.split('.')[0] for m in sys.modules}\n"
       "import irtf_jax.regularizers\n"
       "added = {m for m in sys.modules if m.split('.')[0] not in before}\n"
-      "print(sorted(added))\n")
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                       text=True, check=True).stdout
+      "print(sorted(added))\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", script], capture_output=True, text=True, check=True
+  ).stdout
   added = eval(out)  # pylint: disable=eval-used
-  assert added and all(m == "irtf_jax" or m.startswith(
-      "irtf_jax.regularizers") for m in added), added
+  assert added and all(
+      m == "irtf_jax" or m.startswith("irtf_jax.regularizers") for m in added
+  ), added

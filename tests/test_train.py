@@ -49,8 +49,9 @@ def latest_params(workdir):
 
 
 @pytest.mark.slow
-def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
-                                                     monkeypatch):
+def test_run_outputs_and_resume_equals_uninterrupted(
+    tmp_path, data_dir, monkeypatch
+):
   config = css_config(**{"data.data_dir": data_dir})
   straight = str(tmp_path / "straight")
   results = train.train_and_evaluate(config, straight)
@@ -58,20 +59,33 @@ def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
   # Everything DESIGN.md lists is in the workdir.
   files = os.listdir(straight)
   assert "config.json" in files and "vocab.json" in files
-  assert json.load(open(f"{straight}/config.json"))["data"]["name"] == "css_synth"
+  assert (
+      json.load(open(f"{straight}/config.json"))["data"]["name"] == "css_synth"
+  )
   assert any(f.startswith("events.out.tfevents") for f in files)
-  assert any(f.startswith("retrievals_step") and f.endswith(".png")
-             for f in files)
+  assert any(
+      f.startswith("retrievals_step") and f.endswith(".png") for f in files
+  )
   records = read_metrics(straight)
   assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
   final = records[-1]
-  for key in ("test/recall@1", "test/recall@5", "test/recall@10",
-              "test/recall@50", "train/recall@1", "whm"):
+  for key in (
+      "test/recall@1",
+      "test/recall@5",
+      "test/recall@10",
+      "test/recall@50",
+      "train/recall@1",
+      "whm",
+  ):
     assert 0.0 <= final[key] <= 1.0, key
   assert final["whm"] == pytest.approx(
-      2 * final["train/recall@1"] * final["test/recall@1"] /
-      (final["train/recall@1"] + final["test/recall@1"])
-      if final["train/recall@1"] + final["test/recall@1"] else 0.0)
+      2
+      * final["train/recall@1"]
+      * final["test/recall@1"]
+      / (final["train/recall@1"] + final["test/recall@1"])
+      if final["train/recall@1"] + final["test/recall@1"]
+      else 0.0
+  )
   assert results["test/recall@1"] == final["test/recall@1"]
 
   # Interrupted after step 3 (checkpoint at 2), then the same call again.
@@ -92,8 +106,10 @@ def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
   train.train_and_evaluate(config, resumed)
 
   def without_timing(rows):
-    return [{k: v for k, v in r.items() if k != "train/steps_per_second"}
-            for r in rows]
+    return [
+        {k: v for k, v in r.items() if k != "train/steps_per_second"}
+        for r in rows
+    ]
 
   assert without_timing(read_metrics(resumed)) == without_timing(records)
   step_a, params_a = latest_params(straight)
@@ -109,11 +125,15 @@ def test_run_outputs_and_resume_equals_uninterrupted(tmp_path, data_dir,
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
-                                                              data_dir):
-  config = css_config(**{"data.data_dir": data_dir,
-                         "optimizer.learning_rate": 1e30,
-                         "checkpoint_every": 1, "num_train_steps": 6})
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path, data_dir
+):
+  config = css_config(**{
+      "data.data_dir": data_dir,
+      "optimizer.learning_rate": 1e30,
+      "checkpoint_every": 1,
+      "num_train_steps": 6,
+  })
   workdir = str(tmp_path / "nan")
   with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
     train.train_and_evaluate(config, workdir)
@@ -121,6 +141,5 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
   if manager.latest_step() is not None:
     _, params = latest_params(workdir)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
-  losses = [r["train/loss"] for r in read_metrics(workdir)
-            if "train/loss" in r]
+  losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
   assert all(math.isfinite(x) for x in losses)

@@ -14,10 +14,19 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Mapping
 
-from irtf_jax.data.base import Query, Split, step_rng
+from irtf_jax.data.base import Query
+from irtf_jax.data.base import Split
+from irtf_jax.data.base import step_rng
 
-__all__ = ["Query", "Split", "check_options", "load", "register", "DATASETS",
-           "step_rng"]
+__all__ = [
+    "Query",
+    "Split",
+    "check_options",
+    "load",
+    "register",
+    "DATASETS",
+    "step_rng",
+]
 
 # name -> module that registers it on import (kept lazy: importing a dataset
 # module may import TFDS, which is slow).
@@ -32,8 +41,9 @@ _LOADERS: dict[str, Callable[..., Split]] = {}
 _CHECKERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {}
 
 
-def register(name: str, *,
-             check_options: Callable[[Mapping[str, Any]], dict[str, Any]]):
+def register(
+    name: str, *, check_options: Callable[[Mapping[str, Any]], dict[str, Any]]
+):
   """Decorator: registers the loader of dataset `name`.
 
   Args:
@@ -45,18 +55,22 @@ def register(name: str, *,
   Returns:
     A decorator registering `fn(split, *, data_dir, manual_dir, **options)`.
   """
+
   def wrap(fn):
     _LOADERS[name] = fn
     _CHECKERS[name] = check_options
     return fn
+
   return wrap
 
 
 def _import_dataset(name: str) -> None:
   """Imports the module of dataset `name` (which registers it)."""
   if name not in _MODULES:
-    raise ValueError(f"config.data.name: unknown dataset {name!r}; "
-                     f"allowed: {', '.join(DATASETS)}")
+    raise ValueError(
+        f"config.data.name: unknown dataset {name!r}; "
+        f"allowed: {', '.join(DATASETS)}"
+    )
   if name not in _LOADERS:
     importlib.import_module(_MODULES[name])
 
@@ -81,8 +95,14 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
   return _CHECKERS[name](options)
 
 
-def load(name: str, split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None, **options) -> Split:
+def load(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    **options,
+) -> Split:
   """Loads split "train" or "test" of dataset `name`.
 
   Args:
@@ -97,5 +117,6 @@ def load(name: str, split: str, *, data_dir: str | None = None,
   _import_dataset(name)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  return _LOADERS[name](split, data_dir=data_dir, manual_dir=manual_dir,
-                        **options)
+  return _LOADERS[name](
+      split, data_dir=data_dir, manual_dir=manual_dir, **options
+  )

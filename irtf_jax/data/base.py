@@ -26,6 +26,7 @@ class Query:
     target_index: one gallery image with `target_caption` (the training target,
       and the image shown in qualitative pictures); -1 where none is known.
   """
+
   source_index: int
   text: str
   target_caption: str
@@ -54,6 +55,7 @@ class Split:
     vocabulary_texts: every text that training may produce (builds the word
       vocabulary of the text encoder).
   """
+
   name: str = ""
   split: str = ""
   captions: Sequence[str] = ()
@@ -70,8 +72,9 @@ class Split:
     if self.exclude_columns is not None:
       return np.asarray(self.exclude_columns, np.int64)
     position = {int(image): pos for pos, image in enumerate(self.gallery)}
-    return np.asarray([position.get(q.source_index, -1) for q in self.queries],
-                      np.int64)
+    return np.asarray(
+        [position.get(q.source_index, -1) for q in self.queries], np.int64
+    )
 
   @property
   def vocabulary_texts(self) -> Sequence[str]:
@@ -93,8 +96,9 @@ class Split:
     """The images at `indices`, uint8 (len(indices), H, W, 3)."""
     raise NotImplementedError
 
-  def sample_training_queries(self, seed: int, step: int,
-                              batch_size: int) -> list[Query]:
+  def sample_training_queries(
+      self, seed: int, step: int, batch_size: int
+  ) -> list[Query]:
     """The training queries of one batch, each with its `target_index`.
 
     A pure function of (seed, step, batch_size), so a resumed run sees exactly
@@ -118,17 +122,22 @@ class GalleryView(Split):
 
   def __init__(self, split: Split, images: Sequence[int]):
     if split.exclude_columns is not None:
-      raise ValueError(f"{split.name}/{split.split}: its queries exclude "
-                       "chosen gallery columns, so a subset of its images "
-                       "is not a split of the same protocol")
+      raise ValueError(
+          f"{split.name}/{split.split}: its queries exclude "
+          "chosen gallery columns, so a subset of its images "
+          "is not a split of the same protocol"
+      )
     self.parent = split
     self.name, self.split = split.name, split.split
     self.captions = split.captions
     self.caption_views = split.caption_views
     self._gallery = np.sort(np.asarray(images, np.int64))
     inside = set(self._gallery.tolist())
-    self.queries = [q for q in split.queries
-                    if q.source_index in inside and q.target_index in inside]
+    self.queries = [
+        q
+        for q in split.queries
+        if q.source_index in inside and q.target_index in inside
+    ]
 
   @property
   def gallery(self) -> np.ndarray:
@@ -141,8 +150,9 @@ class GalleryView(Split):
   def images(self, indices: np.ndarray) -> np.ndarray:
     return self.parent.images(indices)
 
-  def sample_training_queries(self, seed: int, step: int,
-                              batch_size: int) -> list[Query]:
+  def sample_training_queries(
+      self, seed: int, step: int, batch_size: int
+  ) -> list[Query]:
     return self.parent.sample_training_queries(seed, step, batch_size)
 
 

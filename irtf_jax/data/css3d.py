@@ -70,8 +70,9 @@ def _missing(what: str) -> FileNotFoundError:
   return FileNotFoundError(f"css3d: {what}.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
 
-def check_manual_dir(manual_dir: str | os.PathLike | None,
-                     renderer: str) -> str:
+def check_manual_dir(
+    manual_dir: str | os.PathLike | None, renderer: str
+) -> str:
   """Returns the `.npy` path, or raises naming what is missing."""
   if manual_dir is None:
     raise _missing("manual_dir is not set (pass --config.data.manual_dir=...)")
@@ -83,8 +84,10 @@ def check_manual_dir(manual_dir: str | os.PathLike | None,
     raise _missing(f"{npy_path} does not exist")
   images = os.path.join(manual_dir, "images")
   if renderer == "png" and not os.path.isdir(images):
-    raise _missing(f"the image folder {images} does not exist (or use "
-                   "renderer='2d', which draws images from objects_img)")
+    raise _missing(
+        f"the image folder {images} does not exist (or use "
+        "renderer='2d', which draws images from objects_img)"
+    )
   return npy_path
 
 
@@ -94,8 +97,10 @@ def image_path(manual_dir: str, split: str, index: int) -> str:
 
 def _as_object(obj: Any, where: str) -> dict[str, Any]:
   if not isinstance(obj, dict):
-    raise ValueError(f"{where}: an object must be a dict with keys shape, "
-                     f"color, size, pos; got {type(obj).__name__}")
+    raise ValueError(
+        f"{where}: an object must be a dict with keys shape, "
+        f"color, size, pos; got {type(obj).__name__}"
+    )
   for key in ("shape", "color", "size", "pos"):
     if key not in obj:
       raise ValueError(f"{where}: object lacks key {key!r}")
@@ -105,30 +110,42 @@ def _as_object(obj: Any, where: str) -> dict[str, Any]:
     pos = np.zeros((0,))
   if pos.shape[0] < 2:
     raise ValueError(f"{where}: pos must hold (y, x), got {obj['pos']!r}")
-  return {"shape": str(obj["shape"]), "color": str(obj["color"]),
-          "size": str(obj["size"]), "pos": [float(pos[0]), float(pos[1])]}
+  return {
+      "shape": str(obj["shape"]),
+      "color": str(obj["color"]),
+      "size": str(obj["size"]),
+      "pos": [float(pos[0]), float(pos[1])],
+  }
 
 
 def read_split(npy: dict, split: str, npy_path: str):
   """Validates `npy[split]`; returns (objects, captions, mods)."""
   if not isinstance(npy, dict) or split not in npy:
     found = sorted(npy) if isinstance(npy, dict) else type(npy).__name__
-    raise ValueError(f"{npy_path}: no {split!r} entry (found {found}); not "
-                     f"the CSS file?\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    raise ValueError(
+        f"{npy_path}: no {split!r} entry (found {found}); not "
+        f"the CSS file?\n{MANUAL_DOWNLOAD_INSTRUCTIONS}"
+    )
   entry = npy[split]
   field = f"{npy_path}: {split}"
   for key in ("objects_img", "mods"):
     if key not in entry:
       raise ValueError(f"{field}: missing {key!r}")
-  objects = [[_as_object(o, f"{field} objects_img[{i}][{j}]")
-              for j, o in enumerate(objs)]
-             for i, objs in enumerate(entry["objects_img"])]
+  objects = [
+      [
+          _as_object(o, f"{field} objects_img[{i}][{j}]")
+          for j, o in enumerate(objs)
+      ]
+      for i, objs in enumerate(entry["objects_img"])
+  ]
   count = len(objects)
   if "labels" in entry:
     labels = list(entry["labels"])
     if len(labels) != count:
-      raise ValueError(f"{field} labels: {len(labels)} labels for {count} "
-                       "images in objects_img")
+      raise ValueError(
+          f"{field} labels: {len(labels)} labels for {count} "
+          "images in objects_img"
+      )
     captions = [str(label) for label in labels]
   else:
     captions = [str(i) for i in range(count)]
@@ -140,36 +157,45 @@ def read_split(npy: dict, split: str, npy_path: str):
         raise ValueError(f"{where}: missing {key!r}")
     sources, targets = list(mod["from"]), list(mod["to"])
     if len(sources) != len(targets):
-      raise ValueError(f"{where}: 'from' has {len(sources)} entries but 'to' "
-                       f"has {len(targets)}; they must pair up")
+      raise ValueError(
+          f"{where}: 'from' has {len(sources)} entries but 'to' "
+          f"has {len(targets)}; they must pair up"
+      )
     for key, indices in (("from", sources), ("to", targets)):
       for index in indices:
-        if not (isinstance(index, (int, np.integer))
-                and 0 <= index < count):
-          raise ValueError(f"{where} {key!r}: index {index!r} is not an "
-                           f"image index in [0, {count})")
-    mods.append(css_split.Mod(str(mod["to_str"]),
-                              tuple(int(f) for f in sources),
-                              tuple(int(t) for t in targets)))
+        if not (isinstance(index, (int, np.integer)) and 0 <= index < count):
+          raise ValueError(
+              f"{where} {key!r}: index {index!r} is not an "
+              f"image index in [0, {count})"
+          )
+    mods.append(
+        css_split.Mod(
+            str(mod["to_str"]),
+            tuple(int(f) for f in sources),
+            tuple(int(t) for t in targets),
+        )
+    )
   return objects, captions, mods
 
 
 def _read_png(path: str, skip: bool) -> bytes | None:
   """The PNG's bytes once decodable; None when skipped."""
-  hint = ("; pass skip_unreadable_images=True to leave such images (and "
-          "their queries) out")
+  hint = (
+      "; pass skip_unreadable_images=True to leave such images (and "
+      "their queries) out"
+  )
   try:
     with open(path, "rb") as f:
       encoded = f.read()
     storage.decode_image(encoded, source=path)
     return encoded
   except (OSError, ValueError) as e:
-    message = (f"{path}: missing image" if isinstance(e, FileNotFoundError)
-               else str(e))
+    message = (
+        f"{path}: missing image" if isinstance(e, FileNotFoundError) else str(e)
+    )
     if not skip:
       raise ValueError(message + hint) from e
-    logging.warning("css3d: skipping %s (skip_unreadable_images=True)",
-                    message)
+    logging.warning("css3d: skipping %s (skip_unreadable_images=True)", message)
     return None
 
 
@@ -178,13 +204,22 @@ def drop_images(keep: np.ndarray, captions, objects, mods):
   new_index = np.cumsum(keep) - 1
   kept_mods = []
   for mod in mods:
-    pairs = [(int(new_index[f]), int(new_index[t]))
-             for f, t in zip(mod.sources, mod.targets) if keep[f] and keep[t]]
+    pairs = [
+        (int(new_index[f]), int(new_index[t]))
+        for f, t in zip(mod.sources, mod.targets)
+        if keep[f] and keep[t]
+    ]
     if pairs:
-      kept_mods.append(css_split.Mod(mod.text, tuple(f for f, _ in pairs),
-                                     tuple(t for _, t in pairs)))
-  return ([c for c, k in zip(captions, keep) if k],
-          [o for o, k in zip(objects, keep) if k], kept_mods)
+      kept_mods.append(
+          css_split.Mod(
+              mod.text, tuple(f for f, _ in pairs), tuple(t for _, t in pairs)
+          )
+      )
+  return (
+      [c for c, k in zip(captions, keep) if k],
+      [o for o, k in zip(objects, keep) if k],
+      kept_mods,
+  )
 
 
 class Css3dConfig(tfds.core.BuilderConfig):
@@ -199,6 +234,7 @@ class Css3dConfig(tfds.core.BuilderConfig):
 
 class Css3d(tfds.core.GeneratorBasedBuilder):
   """The published CSS dataset (scenes of the TIRG paper), from manual_dir."""
+
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
@@ -211,31 +247,39 @@ class Css3d(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return self.dataset_info_from_configs(
         description="The CSS dataset (Vo et al., CVPR 2019).",
-        features=css_split.css_features(), disable_shuffling=True,
-        homepage="https://github.com/google/tirg")
+        features=css_split.css_features(),
+        disable_shuffling=True,
+        homepage="https://github.com/google/tirg",
+    )
 
   def _split_generators(self, dl_manager):
     try:
       manual_dir = dl_manager.manual_dir
     except AssertionError as e:
-      raise _missing(f"no usable manual_dir ({str(e).splitlines()[0]})"
-                     ) from None
+      raise _missing(
+          f"no usable manual_dir ({str(e).splitlines()[0]})"
+      ) from None
     renderer = self.builder_config.renderer
     npy_path = check_manual_dir(manual_dir, renderer)
     npy = safe_pickle.load_npy_object(npy_path)
-    return {split: self._generate_examples(
-        os.fspath(manual_dir), split, *read_split(npy, split, npy_path))
-            for split in ("train", "test")}
+    return {
+        split: self._generate_examples(
+            os.fspath(manual_dir), split, *read_split(npy, split, npy_path)
+        )
+        for split in ("train", "test")
+    }
 
   def _generate_examples(self, manual_dir, split, objects, captions, mods):
     config = self.builder_config
     if config.renderer == "2d":
-      images = [storage.encode_png(render.render_scene(o))
-                for o in objects]
+      images = [storage.encode_png(render.render_scene(o)) for o in objects]
     else:
-      images = [_read_png(image_path(manual_dir, split, i),
-                          config.skip_unreadable_images)
-                for i in range(len(objects))]
+      images = [
+          _read_png(
+              image_path(manual_dir, split, i), config.skip_unreadable_images
+          )
+          for i in range(len(objects))
+      ]
       keep = np.asarray([image is not None for image in images], bool)
       if not keep.all():
         captions, objects, mods = drop_images(keep, captions, objects, mods)
@@ -244,8 +288,13 @@ class Css3d(tfds.core.GeneratorBasedBuilder):
 
 
 @data.register("css3d", check_options=check_options)
-def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None, **options) -> css_split.CSSSplit:
+def load(
+    split: str,
+    *,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    **options,
+) -> css_split.CSSSplit:
   """Loads split "train" or "test" of the CSS dataset, preparing it once.
 
   The prepared data is kept per renderer option in `data_dir`; delete
@@ -265,12 +314,18 @@ def load(split: str, *, data_dir: str | None = None,
   renderer = options["renderer"]
   if manual_dir is not None:
     check_manual_dir(manual_dir, renderer)
-  config = Css3dConfig(renderer=renderer,
-                       skip_unreadable_images=(
-                           options["skip_unreadable_images"]
-                           and renderer == "png"))
-  sources = storage.prepare(Css3d, data_dir=data_dir, manual_dir=manual_dir,
-                            config=config.name)
+  config = Css3dConfig(
+      renderer=renderer,
+      skip_unreadable_images=(
+          options["skip_unreadable_images"] and renderer == "png"
+      ),
+  )
+  sources = storage.prepare(
+      Css3d, data_dir=data_dir, manual_dir=manual_dir, config=config.name
+  )
   return css_split.read_css_split(
-      sources[split], name="css3d", split=split,
-      render_size=64 if renderer == "2d" else None)
+      sources[split],
+      name="css3d",
+      split=split,
+      render_size=64 if renderer == "2d" else None,
+  )

@@ -40,6 +40,7 @@ import tensorflow_datasets as tfds
 from irtf_jax import data
 from irtf_jax.data import options as options_lib
 from irtf_jax.data import storage
+
 # Public names of the dataset, defined in the shared CSS modules.
 from irtf_jax.data.css.generate import generate_split
 from irtf_jax.data.css.render import render_scene
@@ -53,26 +54,62 @@ from irtf_jax.data.css.split import css_examples
 from irtf_jax.data.css.split import css_features
 from irtf_jax.data.css.split import read_css_split
 
-__all__ = ["CSSSplit", "CssSynth", "CssSynthConfig", "DEFAULTS", "Mod",
-           "NOVEL_SHAPE_COLORS", "OPTIONS", "SceneObject", "check_options",
-           "config_name", "generate_split", "load", "render_scene",
-           "scene_caption", "scene_objects"]
+__all__ = [
+    "CSSSplit",
+    "CssSynth",
+    "CssSynthConfig",
+    "DEFAULTS",
+    "Mod",
+    "NOVEL_SHAPE_COLORS",
+    "OPTIONS",
+    "SceneObject",
+    "check_options",
+    "config_name",
+    "generate_split",
+    "load",
+    "render_scene",
+    "scene_caption",
+    "scene_objects",
+]
 
 # The default options; the module doc gives the sizes and why.
-DEFAULTS = dict(num_train_scenes=250, num_test_scenes=100,
-                mods_per_scene=30, tree_depth=3, seed=0, image_size=64)
+DEFAULTS = dict(
+    num_train_scenes=250,
+    num_test_scenes=100,
+    mods_per_scene=30,
+    tree_depth=3,
+    seed=0,
+    image_size=64,
+)
 # Every option is an integer; the smallest value each allows.
-_MINIMUM = dict(num_train_scenes=1, num_test_scenes=1, mods_per_scene=1,
-                tree_depth=1, seed=0, image_size=16)
-OPTIONS = {name: options_lib.integer(default, _MINIMUM[name])
-           for name, default in DEFAULTS.items()}
+_MINIMUM = dict(
+    num_train_scenes=1,
+    num_test_scenes=1,
+    mods_per_scene=1,
+    tree_depth=1,
+    seed=0,
+    image_size=16,
+)
+OPTIONS = {
+    name: options_lib.integer(default, _MINIMUM[name])
+    for name, default in DEFAULTS.items()
+}
 
 
-def config_name(*, num_train_scenes, num_test_scenes, mods_per_scene,
-                tree_depth, seed, image_size) -> str:
+def config_name(
+    *,
+    num_train_scenes,
+    num_test_scenes,
+    mods_per_scene,
+    tree_depth,
+    seed,
+    image_size,
+) -> str:
   """The builder config name of an option set: every option, in order."""
-  return (f"seed{seed}_train{num_train_scenes}_test{num_test_scenes}_"
-          f"mods{mods_per_scene}_depth{tree_depth}_px{image_size}")
+  return (
+      f"seed{seed}_train{num_train_scenes}_test{num_test_scenes}_"
+      f"mods{mods_per_scene}_depth{tree_depth}_px{image_size}"
+  )
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, int]:
@@ -90,39 +127,59 @@ class CssSynthConfig(tfds.core.BuilderConfig):
 
 class CssSynth(tfds.core.GeneratorBasedBuilder):
   """CSS-style scene families and modifications generated from a seed."""
+
   VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
       "1.0.0": "First release.",
-      "2.0.0": "CSS's structure: families of chained modifications around "
-               "root scenes; option tree_depth.",
+      "2.0.0": (
+          "CSS's structure: families of chained modifications around "
+          "root scenes; option tree_depth."
+      ),
   }
   BUILDER_CONFIGS = [CssSynthConfig(**DEFAULTS)]
 
   def _info(self):
     return self.dataset_info_from_configs(
-        description="CSS-style scene families and modifications generated "
-        "from a seed.", features=css_features(), disable_shuffling=True)
+        description=(
+            "CSS-style scene families and modifications generated from a seed."
+        ),
+        features=css_features(),
+        disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(split)
-            for split in ("train", "test")}
+    return {
+        split: self._generate_examples(split) for split in ("train", "test")
+    }
 
   def _generate_examples(self, split):
     o = self.builder_config.options
-    scenes, mods = generate_split(o["seed"], split,
-                                  o[f"num_{split}_scenes"],
-                                  o["mods_per_scene"], o["tree_depth"])
+    scenes, mods = generate_split(
+        o["seed"],
+        split,
+        o[f"num_{split}_scenes"],
+        o["mods_per_scene"],
+        o["tree_depth"],
+    )
     objects = [scene_objects(s) for s in scenes]
-    images = (storage.encode_png(render_scene(objs, o["image_size"]))
-              for objs in objects)
-    yield from css_examples(images, [scene_caption(s) for s in scenes],
-                            objects, mods)
+    images = (
+        storage.encode_png(render_scene(objs, o["image_size"]))
+        for objs in objects
+    )
+    yield from css_examples(
+        images, [scene_caption(s) for s in scenes], objects, mods
+    )
 
 
 @data.register("css_synth", check_options=check_options)
-def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None, **options) -> CSSSplit:
+def load(
+    split: str,
+    *,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    **options,
+) -> CSSSplit:
   """Loads split "train" or "test" of `css_synth`, generating it once.
 
   Args:
@@ -140,5 +197,9 @@ def load(split: str, *, data_dir: str | None = None,
   if config.name in CssSynth.builder_configs:  # TFDS wants predefined by name.
     config = config.name
   sources = storage.prepare(CssSynth, data_dir=data_dir, config=config)
-  return read_css_split(sources[split], name="css_synth", split=split,
-                        render_size=options["image_size"])
+  return read_css_split(
+      sources[split],
+      name="css_synth",
+      split=split,
+      render_size=options["image_size"],
+  )

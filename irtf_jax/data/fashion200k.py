@@ -55,7 +55,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from irtf_jax.data import image_files, image_split, register
+from irtf_jax.data import image_files
+from irtf_jax.data import image_split
+from irtf_jax.data import register
 from irtf_jax.data.base import Query
 
 NAME = "fashion200k"
@@ -70,8 +72,12 @@ and the detection label files) and unpack it so that manual_dir holds
 paths in the label files are relative to manual_dir), and put TIRG's
 `test_queries.txt` (https://github.com/google/tirg) in manual_dir."""
 
-_CAPTION_REPLACEMENTS = (("." , "dotmark"), ("?", "questionmark"),
-                         ("&", "andmark"), ("*", "starmark"))
+_CAPTION_REPLACEMENTS = (
+    (".", "dotmark"),
+    ("?", "questionmark"),
+    ("&", "andmark"),
+    ("*", "starmark"),
+)
 
 
 def clean_caption(text: str) -> str:
@@ -93,7 +99,7 @@ def replacement_text(source_caption: str, target_caption: str) -> str:
 def parents(caption: str) -> set[str]:
   """The captions one word shorter than `caption` (one word deleted)."""
   words = caption.split()
-  return {" ".join(words[:i] + words[i + 1:]) for i in range(len(words))}
+  return {" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))}
 
 
 def word_multiset(caption: str) -> tuple[str, ...]:
@@ -112,15 +118,19 @@ def read_label_file(root: str, path: str) -> list[tuple[str, str]]:
   for where, line in image_files.numbered_lines(path):
     fields = line.split("\t")
     if len(fields) != 3:
-      raise ValueError(f"{where}: expected 3 tab-separated fields (image "
-                       f"path, detection score, caption), got {len(fields)}; "
-                       f"fix or remove the line")
+      raise ValueError(
+          f"{where}: expected 3 tab-separated fields (image "
+          f"path, detection score, caption), got {len(fields)}; "
+          "fix or remove the line"
+      )
     relative, score, caption = fields
     try:
       float(score)
     except ValueError:
-      raise ValueError(f"{where}: detection score {score!r} is not a "
-                       f"number; fix or remove the line") from None
+      raise ValueError(
+          f"{where}: detection score {score!r} is not a "
+          "number; fix or remove the line"
+      ) from None
     caption = clean_caption(caption)
     if not caption:
       raise ValueError(f"{where}: empty caption; fix or remove the line")
@@ -133,13 +143,15 @@ def read_labels(root: str, split: str) -> list[tuple[str, str]]:
   """All label files of `split`, in sorted order."""
   labels_dir = os.path.join(root, "labels")
   if not os.path.isdir(labels_dir):
-    raise image_files.missing_error(NAME, f"folder {labels_dir}",
-                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
+    raise image_files.missing_error(
+        NAME, f"folder {labels_dir}", MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
   pattern = os.path.join(labels_dir, f"*_{split}_detect_all.txt")
   files = sorted(glob.glob(pattern))
   if not files:
-    raise image_files.missing_error(NAME, f"label files {pattern}",
-                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
+    raise image_files.missing_error(
+        NAME, f"label files {pattern}", MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
   return [entry for path in files for entry in read_label_file(root, path)]
 
 
@@ -153,36 +165,46 @@ def read_test_queries(root: str, test_paths: set[str]) -> list[list[str]]:
   """
   path = os.path.join(root, TEST_QUERIES_FILE)
   if not os.path.isfile(path):
-    raise image_files.missing_error(NAME, f"file {path}",
-                                    MANUAL_DOWNLOAD_INSTRUCTIONS)
+    raise image_files.missing_error(
+        NAME, f"file {path}", MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
   pairs = []
   for where, line in image_files.numbered_lines(path):
     fields = line.split()
     if len(fields) != 2:
-      raise ValueError(f"{where}: expected '<source path> <target path>', "
-                       f"got {len(fields)} fields; fix or remove the line")
+      raise ValueError(
+          f"{where}: expected '<source path> <target path>', "
+          f"got {len(fields)} fields; fix or remove the line"
+      )
     for relative in fields:
       image_files.resolve_inside(root, relative, where=where)
       if relative not in test_paths:
-        raise ValueError(f"{where}: {relative} is not an image of the test "
-                         f"label files (labels/*_test_detect_all.txt)")
+        raise ValueError(
+            f"{where}: {relative} is not an image of the test "
+            "label files (labels/*_test_detect_all.txt)"
+        )
     pairs.append(fields)
   return pairs
 
 
 class Fashion200k(image_files.ImageFilesBuilder, skip_registration=True):
   """Fashion200k images; metadata holds captions, paths and test pairs."""
+
   name = NAME
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def _split_generators(self, dl_manager):
-    root = image_files.manual_root(dl_manager, NAME,
-                                   MANUAL_DOWNLOAD_INSTRUCTIONS)
+    root = image_files.manual_root(
+        dl_manager, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
     splits = {split: read_labels(root, split) for split in ("train", "test")}
     self.info.metadata["test_queries"] = read_test_queries(
-        root, {relative for relative, _ in splits["test"]})
-    return {split: self._generate_examples(root, split, entries)
-            for split, entries in splits.items()}
+        root, {relative for relative, _ in splits["test"]}
+    )
+    return {
+        split: self._generate_examples(root, split, entries)
+        for split, entries in splits.items()
+    }
 
 
 class Fashion200kSplit(image_split.ImageFileSplit):
@@ -218,20 +240,31 @@ class Fashion200kSplit(image_split.ImageFileSplit):
     for caption in self.caption_to_indices:
       for parent in sorted(parents(caption)):
         self.parent_to_children.setdefault(parent, []).append(caption)
-    multisets = {parent: collections.Counter(map(word_multiset, children))
-                 for parent, children in self.parent_to_children.items()}
+    multisets = {
+        parent: collections.Counter(map(word_multiset, children))
+        for parent, children in self.parent_to_children.items()
+    }
     self.caption_to_parents: dict[str, list[str]] = {}
     self._num_targets_at_least_two: dict[str, bool] = {}
     for caption in self.caption_to_indices:
       own = word_multiset(caption)
-      counts = {p: len(self.parent_to_children[p]) - multisets[p][own]
-                for p in sorted(parents(caption))}
+      counts = {
+          p: len(self.parent_to_children[p]) - multisets[p][own]
+          for p in sorted(parents(caption))
+      }
       self.caption_to_parents[caption] = [p for p, n in counts.items() if n]
       # a target reached through several parents is counted once per parent
       total = sum(counts.values())
-      self._num_targets_at_least_two[caption] = total > len(counts) or len(
-          {c for p in counts for c in self.parent_to_children[p]
-           if word_multiset(c) != own}) >= 2
+      self._num_targets_at_least_two[caption] = (
+          total > len(counts)
+          or len({
+              c
+              for p in counts
+              for c in self.parent_to_children[p]
+              if word_multiset(c) != own
+          })
+          >= 2
+      )
 
   def _is_source(self, caption: str) -> bool:
     return bool(self.caption_to_parents[caption])
@@ -247,12 +280,21 @@ class Fashion200kSplit(image_split.ImageFileSplit):
       source = path_to_index[source_path]
       target = path_to_index[target_path]
       target_caption = self.captions[target]
-      queries.append(Query(source, self._text(self.captions[source],
-                                              target_caption),
-                           target_caption, target))
+      queries.append(
+          Query(
+              source,
+              self._text(self.captions[source], target_caption),
+              target_caption,
+              target,
+          )
+      )
     if dropped:
-      logging.warning("%s: %d test queries dropped: their images were skipped "
-                      "as bad (on_bad_image='skip')", NAME, dropped)
+      logging.warning(
+          "%s: %d test queries dropped: their images were skipped "
+          "as bad (on_bad_image='skip')",
+          NAME,
+          dropped,
+      )
     return queries
 
   def _draw_target(self, rng: np.random.Generator, caption: str) -> str:
@@ -265,15 +307,18 @@ class Fashion200kSplit(image_split.ImageFileSplit):
       if word_multiset(target) != own:
         return target
 
-  def _draw_two(self, rng: np.random.Generator,
-                source: int) -> tuple[Query, Query]:
+  def _draw_two(
+      self, rng: np.random.Generator, source: int
+  ) -> tuple[Query, Query]:
     caption = self.captions[source]
     first = second = self._draw_target(rng, caption)
     if self._num_targets_at_least_two[caption]:
       while second == first:
         second = self._draw_target(rng, caption)
-    return (self._query_to(rng, source, self._text(caption, first), first),
-            self._query_to(rng, source, self._text(caption, second), second))
+    return (
+        self._query_to(rng, source, self._text(caption, first), first),
+        self._query_to(rng, source, self._text(caption, second), second),
+    )
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -282,8 +327,13 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @register(NAME, check_options=check_options)
-def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None, **options) -> Fashion200kSplit:
+def load(
+    split: str,
+    *,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    **options,
+) -> Fashion200kSplit:
   """Loads split "train" or "test" of Fashion200k, preparing it on first use.
 
   Args:
@@ -295,6 +345,11 @@ def load(split: str, *, data_dir: str | None = None,
       (False), num_train_queries (10,000), train_query_seed (0); see
       `image_split.load_split`.
   """
-  return image_split.load_split(Fashion200kSplit, Fashion200k, split,
-                                data_dir=data_dir, manual_dir=manual_dir,
-                                options=options)
+  return image_split.load_split(
+      Fashion200kSplit,
+      Fashion200k,
+      split,
+      data_dir=data_dir,
+      manual_dir=manual_dir,
+      options=options,
+  )

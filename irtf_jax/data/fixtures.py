@@ -71,16 +71,17 @@ def banded_pixels(width: int, height: int) -> np.ndarray:
   bands = np.empty((short_side, long_side, 3), np.uint8)
   quarter = long_side // 4
   bands[:] = GREEN
-  bands[:, quarter: long_side // 2] = RED
-  bands[:, long_side // 2: long_side - quarter] = BLUE
+  bands[:, quarter : long_side // 2] = RED
+  bands[:, long_side // 2 : long_side - quarter] = BLUE
   return bands if width >= height else bands.transpose(1, 0, 2)
 
 
 def write_banded_jpeg(path: str, width: int, height: int) -> None:
   """`banded_pixels(width, height)` as a JPEG (checks resize and crop)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(banded_pixels(width, height)).save(path, format="JPEG",
-                                                      quality=95)
+  Image.fromarray(banded_pixels(width, height)).save(
+      path, format="JPEG", quality=95
+  )
 
 
 def write_truncated_jpeg(path: str) -> None:
@@ -95,8 +96,9 @@ def write_truncated_jpeg(path: str) -> None:
 # -------------------------------------------------------------- MIT-States
 
 
-def write_mit_states(root: str, folders: Mapping[str, int], *,
-                     size=(24, 16)) -> dict[str, list[str]]:
+def write_mit_states(
+    root: str, folders: Mapping[str, int], *, size=(24, 16)
+) -> dict[str, list[str]]:
   """`root/images/<folder>/image_<k>.jpg`, `folders[folder]` images in each.
 
   Image k of the f-th folder (sorted) has colour (37 f mod 256,
@@ -116,8 +118,11 @@ def write_mit_states(root: str, folders: Mapping[str, int], *,
     written[folder] = []
     for k in range(count):
       relative = os.path.join("images", folder, f"image_{k}.jpg")
-      write_jpeg(os.path.join(root, relative),
-                 ((37 * f) % 256, (11 * k + 60) % 256, 128), size=size)
+      write_jpeg(
+          os.path.join(root, relative),
+          ((37 * f) % 256, (11 * k + 60) % 256, 128),
+          size=size,
+      )
       written[folder].append(relative)
   os.makedirs(os.path.join(root, "images"), exist_ok=True)
   return written
@@ -139,8 +144,7 @@ def mit_states_smoke_folders() -> dict[str, int]:
       "tomato": ("ripe", "rotten", "sliced"),
       "wool": ("dyed", "wet"),
   }
-  folders = {f"{adj} {noun}": 3 for noun, adjs in nouns.items()
-             for adj in adjs}
+  folders = {f"{adj} {noun}": 3 for noun, adjs in nouns.items() for adj in adjs}
   folders["adj apple"] = 1
   return folders
 
@@ -148,10 +152,13 @@ def mit_states_smoke_folders() -> dict[str, int]:
 # -------------------------------------------------------------- Fashion200k
 
 
-def write_fashion200k(root: str,
-                      labels: Mapping[str, Sequence[tuple[str, str]]],
-                      test_queries: Sequence[tuple[str, str]], *,
-                      size=(24, 16)) -> None:
+def write_fashion200k(
+    root: str,
+    labels: Mapping[str, Sequence[tuple[str, str]]],
+    test_queries: Sequence[tuple[str, str]],
+    *,
+    size=(24, 16),
+) -> None:
   """Label files, images and `test_queries.txt` of Fashion200k under `root`.
 
   `root/labels/<file>` gets one "path<TAB>score<TAB>caption" line per entry.
@@ -172,11 +179,13 @@ def write_fashion200k(root: str,
       for n, (relative, caption) in enumerate(lines):
         f.write(f"{relative}\t{0.5 + n / 1000:.3f}\t{caption}\n")
         if relative not in written:
-          write_jpeg(os.path.join(root, relative),
-                     ((29 * len(written)) % 256, 100, 200), size=size)
+          write_jpeg(
+              os.path.join(root, relative),
+              ((29 * len(written)) % 256, 100, 200),
+              size=size,
+          )
           written.add(relative)
-  with open(os.path.join(root, "test_queries.txt"), "w",
-            encoding="utf-8") as f:
+  with open(os.path.join(root, "test_queries.txt"), "w", encoding="utf-8") as f:
     for source, target in test_queries:
       f.write(f"{source} {target}\n")
 
@@ -191,8 +200,9 @@ _FASHION_COLORS = ("black", "white", "red", "blue")
 _FASHION_MATERIALS = ("lace", "silk", "cotton")
 
 
-def fashion200k_smoke_content() -> tuple[dict[str, list[tuple[str, str]]],
-                                          list[tuple[str, str]]]:
+def fashion200k_smoke_content() -> (
+    tuple[dict[str, list[tuple[str, str]]], list[tuple[str, str]]]
+):
   """Label lines and test queries of the smoke fixture.
 
   Per category (dress, skirt, top) every caption "<color> <material>
@@ -210,20 +220,26 @@ def fashion200k_smoke_content() -> tuple[dict[str, list[tuple[str, str]]],
   for category, folder in _FASHION_CATEGORIES.items():
     train, test = [], []
     for (c, color), (m, material) in itertools.product(
-        enumerate(_FASHION_COLORS), enumerate(_FASHION_MATERIALS)):
+        enumerate(_FASHION_COLORS), enumerate(_FASHION_MATERIALS)
+    ):
       caption = f"{color} {material} {category}"
       product_id += 1
-      train += [(f"{folder}/{product_id}/{product_id}_{k}.jpeg", caption)
-                for k in range(2)]
+      train += [
+          (f"{folder}/{product_id}/{product_id}_{k}.jpeg", caption)
+          for k in range(2)
+      ]
       if (c + m) % 2 == 0:
         product_id += 1
         test.append((f"{folder}/{product_id}/{product_id}_0.jpeg", caption))
     labels[f"{category}_train_detect_all.txt"] = train
     labels[f"{category}_test_detect_all.txt"] = test
-    for (source, source_caption), (target, target_caption) in (
-        itertools.permutations(test, 2)):
-      differing = sum(a != b for a, b in zip(source_caption.split(),
-                                             target_caption.split()))
+    for (source, source_caption), (
+        target,
+        target_caption,
+    ) in itertools.permutations(test, 2):
+      differing = sum(
+          a != b for a, b in zip(source_caption.split(), target_caption.split())
+      )
       if differing == 1:
         test_queries.append((source, target))
   return labels, test_queries
@@ -231,9 +247,15 @@ def fashion200k_smoke_content() -> tuple[dict[str, list[tuple[str, str]]],
 
 # -------------------------------------------------------------------- CSS
 
-def write_css3d(root: str, css: Mapping[str, Any], *, with_images: bool = True,
-                image_pixels: Callable[[str, int], np.ndarray] | None = None,
-                image_size: int = 64) -> str:
+
+def write_css3d(
+    root: str,
+    css: Mapping[str, Any],
+    *,
+    with_images: bool = True,
+    image_pixels: Callable[[str, int], np.ndarray] | None = None,
+    image_size: int = 64,
+) -> str:
   """Writes a CSS dict as the published `.npy` plus one PNG per image.
 
   Args:
@@ -256,15 +278,23 @@ def write_css3d(root: str, css: Mapping[str, Any], *, with_images: bool = True,
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     for split in ("train", "test"):
       for i, objects in enumerate(css[split]["objects_img"]):
-        pixels = (image_pixels(split, i) if image_pixels else
-                  render.render_scene(objects, image_size))
+        pixels = (
+            image_pixels(split, i)
+            if image_pixels
+            else render.render_scene(objects, image_size)
+        )
         Image.fromarray(pixels).save(css3d.image_path(root, split, i))
   return root
 
 
-def css3d_smoke_dict(num_train_scenes: int = 10, num_test_scenes: int = 16,
-                     mods_per_scene: int = 4, tree_depth: int = 2,
-                     num_duplicates: int = 4, seed: int = 0) -> dict:
+def css3d_smoke_dict(
+    num_train_scenes: int = 10,
+    num_test_scenes: int = 16,
+    mods_per_scene: int = 4,
+    tree_depth: int = 2,
+    num_duplicates: int = 4,
+    seed: int = 0,
+) -> dict:
   """A CSS dict of generated scenes (`css.generate.generate_split`).
 
   Each split has `num_*_scenes` families of chained modifications
@@ -274,18 +304,24 @@ def css3d_smoke_dict(num_train_scenes: int = 10, num_test_scenes: int = 16,
   query aimed at one of them has two correct answers, decided by label.
   """
   css = {}
-  for split, count in (("train", num_train_scenes),
-                       ("test", num_test_scenes)):
-    generated, mods = generate.generate_split(seed, split, count,
-                                              mods_per_scene, tree_depth)
+  for split, count in (("train", num_train_scenes), ("test", num_test_scenes)):
+    generated, mods = generate.generate_split(
+        seed, split, count, mods_per_scene, tree_depth
+    )
     objects = [scenes.scene_objects(s) for s in generated]
     labels = list(range(len(objects)))
     duplicated = range(min(num_duplicates, len(objects)))
     css[split] = {
         "objects_img": objects + [objects[i] for i in duplicated],
         "labels": np.asarray(labels + [labels[i] for i in duplicated]),
-        "mods": [{"from": list(mod.sources), "to": list(mod.targets),
-                  "to_str": mod.text} for mod in mods],
+        "mods": [
+            {
+                "from": list(mod.sources),
+                "to": list(mod.targets),
+                "to_str": mod.text,
+            }
+            for mod in mods
+        ],
     }
   return css
 
@@ -316,7 +352,40 @@ def write_fixture(name: str, root: str | os.PathLike) -> str:
     labels, test_queries = fashion200k_smoke_content()
     write_fashion200k(root, labels, test_queries, size=(48, 64))
     return root
-  raise ValueError(f"config.data.name: no fixture for {name!r} "
-                   f"(config.data.fixture=True); fixtures exist for "
-                   f"{', '.join(FIXTURE_DATASETS)}; css_synth is generated "
-                   f"and needs none: set config.data.fixture=False")
+  raise ValueError(
+      f"config.data.name: no fixture for {name!r} "
+      "(config.data.fixture=True); fixtures exist for "
+      f"{', '.join(FIXTURE_DATASETS)}; css_synth is generated "
+      "and needs none: set config.data.fixture=False"
+  )
+
+
+def random_batch(
+    seed: int,
+    batch_size: int,
+    image_size: int = 32,
+    max_length: int = 6,
+    vocab_size: int = 12,
+    length_range: tuple[int, int] | None = None,
+) -> dict[str, np.ndarray]:
+  """A training batch as the trainer feeds the step, with random content.
+
+  uint8 (B, H, W, 3) `query_image` and `target_image`, int32 (B, max_length)
+  `tokens` (ids in [2, vocab_size), 0-padded after each length) and int32 (B,)
+  `lengths` in `length_range` (inclusive; default [1, max_length]). For
+  tests and benchmarks of the step.
+  """
+  rng = np.random.default_rng(seed)
+  shortest, longest = length_range or (1, max_length)
+  lengths = rng.integers(shortest, longest + 1, batch_size)
+  lengths = lengths.astype(np.int32)
+  tokens = rng.integers(2, vocab_size, (batch_size, max_length))
+  tokens = tokens.astype(np.int32)
+  tokens[np.arange(max_length)[None, :] >= lengths[:, None]] = 0
+  shape = (batch_size, image_size, image_size, 3)
+  return {
+      "query_image": rng.integers(0, 256, shape, dtype=np.uint8),
+      "target_image": rng.integers(0, 256, shape, dtype=np.uint8),
+      "tokens": tokens,
+      "lengths": lengths,
+  }

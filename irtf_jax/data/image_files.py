@@ -38,8 +38,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from irtf_jax.data.storage import (default_data_dir, encoded_image_feature,
-                                   prepare)
+from irtf_jax.data.storage import default_data_dir
+from irtf_jax.data.storage import encoded_image_feature
+from irtf_jax.data.storage import prepare
 
 ON_BAD_IMAGE = ("error", "skip")
 DEFAULT_STORED_SHORT_SIDE = 256
@@ -61,12 +62,15 @@ def storage_config_name(short_side: int, on_bad_image: str) -> str:
   return name + "_skip_bad" if on_bad_image == "skip" else name
 
 
-def missing_error(dataset: str, what: str,
-                  instructions: str) -> FileNotFoundError:
+def missing_error(
+    dataset: str, what: str, instructions: str
+) -> FileNotFoundError:
   """The error for a missing dataset folder or file, with download help."""
-  return FileNotFoundError(f"{dataset}: missing {what}. Pass the folder that "
-                           f"holds the dataset as manual_dir "
-                           f"(--config.data.manual_dir=...).\n{instructions}")
+  return FileNotFoundError(
+      f"{dataset}: missing {what}. Pass the folder that "
+      "holds the dataset as manual_dir "
+      f"(--config.data.manual_dir=...).\n{instructions}"
+  )
 
 
 def resolve_inside(root: str, relative: str, *, where: str) -> str:
@@ -85,13 +89,17 @@ def resolve_inside(root: str, relative: str, *, where: str) -> str:
     `root` through `..` or a symlink.
   """
   if not relative or os.path.isabs(relative) or relative.startswith("~"):
-    raise ValueError(f"{where}: image path {relative!r} is not a relative path "
-                     f"inside the dataset folder {root}; refused")
+    raise ValueError(
+        f"{where}: image path {relative!r} is not a relative path "
+        f"inside the dataset folder {root}; refused"
+    )
   real_root = os.path.realpath(root)
   real = os.path.realpath(os.path.join(real_root, relative))
   if os.path.commonpath([real_root, real]) != real_root:
-    raise ValueError(f"{where}: image path {relative!r} escapes the dataset "
-                     f"folder {root} (through '..' or a symlink); refused")
+    raise ValueError(
+        f"{where}: image path {relative!r} escapes the dataset "
+        f"folder {root} (through '..' or a symlink); refused"
+    )
   return real
 
 
@@ -106,19 +114,24 @@ def numbered_lines(path: str) -> Iterator[tuple[str, str]]:
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{number}: not UTF-8 text ({e.reason} at "
-                         f"byte {e.start}); save the file as UTF-8") from None
+        raise ValueError(
+            f"{path}:{number}: not UTF-8 text ({e.reason} at "
+            f"byte {e.start}); save the file as UTF-8"
+        ) from None
       if line.strip():
         yield f"{path}:{number}", line.rstrip("\r\n")
 
 
 def bad_image_message(path: str, error: Exception, *, skipped: bool) -> str:
-  what = (f"{path}: unreadable or truncated image "
-          f"({type(error).__name__}: {error})")
+  what = (
+      f"{path}: unreadable or truncated image ({type(error).__name__}: {error})"
+  )
   if skipped:
     return what + "; skipped (on_bad_image='skip')"
-  return what + ("; stopping (on_bad_image='error'; pass on_bad_image='skip' "
-                 "to leave bad images out)")
+  return what + (
+      "; stopping (on_bad_image='error'; pass on_bad_image='skip' "
+      "to leave bad images out)"
+  )
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -149,8 +162,7 @@ def read_for_storage(path: str, *, short_side: int) -> bytes:
 
 def resize_and_center_crop(img: Image.Image, size: int) -> np.ndarray:
   """TIRG's test transform: shorter side to `size`, centre crop, uint8 HxWx3."""
-  img = img.convert("RGB").resize(resized_size(*img.size, size),
-                                  Image.BILINEAR)
+  img = img.convert("RGB").resize(resized_size(*img.size, size), Image.BILINEAR)
   width, height = img.size
   left = int(round((width - size) / 2.0))
   top = int(round((height - size) / 2.0))
@@ -164,12 +176,18 @@ def log_skipped(path: str, error: Exception) -> None:
 class StorageConfig(tfds.core.BuilderConfig):
   """A TFDS config per stored image size and bad-image rule."""
 
-  def __init__(self, *, short_side: int = DEFAULT_STORED_SHORT_SIDE,
-               on_bad_image: str = "error"):
+  def __init__(
+      self,
+      *,
+      short_side: int = DEFAULT_STORED_SHORT_SIDE,
+      on_bad_image: str = "error",
+  ):
     super().__init__(
         name=storage_config_name(short_side, on_bad_image),
-        description=(f"JPEG, shorter side <= {short_side}, bad images: "
-                     f"{on_bad_image}"))
+        description=(
+            f"JPEG, shorter side <= {short_side}, bad images: {on_bad_image}"
+        ),
+    )
     self.short_side = short_side
     self.on_bad_image = on_bad_image
 
@@ -189,8 +207,9 @@ def _storage_config(short_side: int, on_bad_image: str) -> StorageConfig:
   return StorageConfig(short_side=short_side, on_bad_image=on_bad_image)
 
 
-class ImageFilesBuilder(tfds.core.GeneratorBasedBuilder,
-                        skip_registration=True):
+class ImageFilesBuilder(
+    tfds.core.GeneratorBasedBuilder, skip_registration=True
+):
   """A TFDS builder of image files with captions (no TensorFlow needed).
 
   A record holds the stored image ("image", JPEG bytes) and its "path"; the
@@ -200,6 +219,7 @@ class ImageFilesBuilder(tfds.core.GeneratorBasedBuilder,
   `MANUAL_DOWNLOAD_INSTRUCTIONS` and implement `_split_generators` with
   `_generate_examples(root, split, [(relative path, caption)])`.
   """
+
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [StorageConfig()]
 
@@ -210,7 +230,8 @@ class ImageFilesBuilder(tfds.core.GeneratorBasedBuilder,
             "path": tfds.features.Tensor(shape=(), dtype=np.object_),
         }),
         metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True)
+        disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     raise NotImplementedError
@@ -225,12 +246,14 @@ def manual_root(dl_manager, dataset: str, instructions: str) -> str:
     return os.fspath(dl_manager.manual_dir)
   except AssertionError as e:  # TFDS's check: absent or empty.
     missing = getattr(dl_manager, "_manual_dir", None) or "manual_dir"
-    raise missing_error(dataset, f"dataset folder {missing} (absent or empty)",
-                        instructions) from e
+    raise missing_error(
+        dataset, f"dataset folder {missing} (absent or empty)", instructions
+    ) from e
 
 
-def generate_image_examples(builder, root: str, split: str,
-                            entries: Iterable[tuple[str, str]]):
+def generate_image_examples(
+    builder, root: str, split: str, entries: Iterable[tuple[str, str]]
+):
   """Yields the TFDS examples of `split`; records its metadata as it goes.
 
   Each entry (relative path, caption) becomes record i = metadata entry i
@@ -256,17 +279,22 @@ def generate_image_examples(builder, root: str, split: str,
     yield key, {"image": encoded, "path": relative}
 
 
-def prepare_with_metadata(builder_cls, *, data_dir: str | None,
-                          manual_dir: str | None, image_size: int,
-                          on_bad_image: str
-                          ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+def prepare_with_metadata(
+    builder_cls,
+    *,
+    data_dir: str | None,
+    manual_dir: str | None,
+    image_size: int,
+    on_bad_image: str,
+) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
   """Prepares `builder_cls` once; returns (split -> data source, metadata)."""
   short_side = stored_short_side(image_size)
   # TFDS wants the class's own object for a config the class lists.
-  config = (builder_cls.builder_configs.get(
-      storage_config_name(short_side, on_bad_image)) or
-            StorageConfig(short_side=short_side, on_bad_image=on_bad_image))
-  sources = prepare(builder_cls, data_dir=data_dir, manual_dir=manual_dir,
-                    config=config)
+  config = builder_cls.builder_configs.get(
+      storage_config_name(short_side, on_bad_image)
+  ) or StorageConfig(short_side=short_side, on_bad_image=on_bad_image)
+  sources = prepare(
+      builder_cls, data_dir=data_dir, manual_dir=manual_dir, config=config
+  )
   builder = builder_cls(data_dir=data_dir or default_data_dir(), config=config)
   return sources, builder.info.metadata

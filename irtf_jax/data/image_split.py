@@ -32,7 +32,8 @@ from PIL import Image
 
 from irtf_jax.data import image_files
 from irtf_jax.data import options as options_lib
-from irtf_jax.data.base import Query, step_rng
+from irtf_jax.data.base import Query
+from irtf_jax.data.base import step_rng
 from irtf_jax.data.storage import RecordSplit
 
 DEFAULT_IMAGE_SIZE = 224
@@ -43,12 +44,14 @@ NUM_TRAIN_RECALL_QUERIES = 10_000
 TRAIN_RECALL_STREAM = 2**31 - 1
 
 OPTIONS = {
-    "image_size": options_lib.integer(DEFAULT_IMAGE_SIZE, 1,
-                                      " (224 is TIRG's)"),
+    "image_size": options_lib.integer(
+        DEFAULT_IMAGE_SIZE, 1, " (224 is TIRG's)"
+    ),
     "on_bad_image": options_lib.one_of(
-        "error", image_files.ON_BAD_IMAGE,
-        " ('error' stops at the first bad image, 'skip' leaves bad images "
-        "out)"),
+        "error",
+        image_files.ON_BAD_IMAGE,
+        " ('error' stops at the first bad image, 'skip' leaves bad images out)",
+    ),
     "complete_text": options_lib.boolean(False),
     "num_train_queries": options_lib.integer(NUM_TRAIN_RECALL_QUERIES, 0),
     "train_query_seed": options_lib.integer(0, 0),
@@ -64,9 +67,12 @@ def check_options(dataset: str, options: Mapping[str, Any]) -> dict[str, Any]:
   return options_lib.resolve(dataset, OPTIONS, options)
 
 
-def paired_queries(rng: np.random.Generator, count: int, sources: np.ndarray,
-                   draw_two: Callable[[np.random.Generator, int],
-                                      tuple[Query, Query]]) -> list[Query]:
+def paired_queries(
+    rng: np.random.Generator,
+    count: int,
+    sources: np.ndarray,
+    draw_two: Callable[[np.random.Generator, int], tuple[Query, Query]],
+) -> list[Query]:
   """`count` training queries, two per source image (TIRG's pairing).
 
   Queries 2k and 2k+1 share a uniformly drawn source from `sources`; `draw_two`
@@ -74,9 +80,11 @@ def paired_queries(rng: np.random.Generator, count: int, sources: np.ndarray,
   more than one). An odd `count` drops the last query of the last pair.
   """
   if len(sources) == 0:
-    raise ValueError("this split has no image with a possible modification "
-                     "(every noun or caption has a single variant); training "
-                     "queries cannot be sampled")
+    raise ValueError(
+        "this split has no image with a possible modification "
+        "(every noun or caption has a single variant); training "
+        "queries cannot be sampled"
+    )
   queries: list[Query] = []
   while len(queries) < count:
     source = int(sources[rng.integers(len(sources))])
@@ -107,10 +115,18 @@ class ImageFileSplit(RecordSplit):
       `irtf_jax.metrics.recall_at_k`.
   """
 
-  def __init__(self, source, *, name: str, split: str,
-               metadata: Mapping[str, Any], image_size: int,
-               complete_text: bool, num_train_queries: int,
-               train_query_seed: int):
+  def __init__(
+      self,
+      source,
+      *,
+      name: str,
+      split: str,
+      metadata: Mapping[str, Any],
+      image_size: int,
+      complete_text: bool,
+      num_train_queries: int,
+      train_query_seed: int,
+  ):
     """Sets up the split from its data source and the builder's metadata.
 
     Args:
@@ -126,8 +142,9 @@ class ImageFileSplit(RecordSplit):
         train-split recall (at most the number of images).
       train_query_seed: seed of those queries.
     """
-    super().__init__(source, name=name, split=split,
-                     captions=metadata[split]["captions"])
+    super().__init__(
+        source, name=name, split=split, captions=metadata[split]["captions"]
+    )
     self.image_size = image_size
     self.paths = list(metadata[split]["paths"])
     self.complete_text = complete_text
@@ -136,33 +153,49 @@ class ImageFileSplit(RecordSplit):
       self.caption_to_indices.setdefault(caption, []).append(i)
     self._index_captions()
     self._sources = np.asarray(
-        [i for i, c in enumerate(self.captions) if self._is_source(c)],
-        np.int64)
+        [i for i, c in enumerate(self.captions) if self._is_source(c)], np.int64
+    )
     if split == "test":
       self.queries = self._test_queries(metadata)
       self._gallery = np.arange(len(self.captions))
       self.exclude_columns = np.asarray(
-          [q.source_index for q in self.queries], np.int64)
+          [q.source_index for q in self.queries], np.int64
+      )
     else:
       count = min(num_train_queries, len(self.captions))
-      self.queries = paired_queries(
-          step_rng(train_query_seed, TRAIN_RECALL_STREAM), count,
-          self._sources, self._draw_two) if count else []
-      self._gallery = np.asarray([q.target_index for q in self.queries],
-                                 np.int64)
+      self.queries = (
+          paired_queries(
+              step_rng(train_query_seed, TRAIN_RECALL_STREAM),
+              count,
+              self._sources,
+              self._draw_two,
+          )
+          if count
+          else []
+      )
+      self._gallery = np.asarray(
+          [q.target_index for q in self.queries], np.int64
+      )
       self.exclude_columns = np.full(len(self.queries), -1, np.int64)
 
   @property
   def gallery(self) -> np.ndarray:
     return self._gallery
 
-  def sample_training_queries(self, seed: int, step: int,
-                              batch_size: int) -> list[Query]:
-    return paired_queries(step_rng(seed, step), batch_size, self._sources,
-                          self._draw_two)
+  def sample_training_queries(
+      self, seed: int, step: int, batch_size: int
+  ) -> list[Query]:
+    return paired_queries(
+        step_rng(seed, step), batch_size, self._sources, self._draw_two
+    )
 
-  def _query_to(self, rng: np.random.Generator, source: int, text: str,
-                target_caption: str) -> Query:
+  def _query_to(
+      self,
+      rng: np.random.Generator,
+      source: int,
+      text: str,
+      target_caption: str,
+  ) -> Query:
     """A training query from `source` to an image of `target_caption`, drawn
     uniformly among that caption's images."""
     candidates = self.caption_to_indices[target_caption]
@@ -175,8 +208,10 @@ class ImageFileSplit(RecordSplit):
     if not indices:
       return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
     records = self._source.__getitems__(indices)
-    return np.stack([self._decode_record(record, index)
-                     for record, index in zip(records, indices)])
+    return np.stack([
+        self._decode_record(record, index)
+        for record, index in zip(records, indices)
+    ])
 
   def _decode(self, index: int) -> np.ndarray:
     return self._decode_record(self._source[int(index)], index)
@@ -188,8 +223,10 @@ class ImageFileSplit(RecordSplit):
       with Image.open(io.BytesIO(encoded)) as img:
         return image_files.resize_and_center_crop(img, self.image_size)
     except Exception as e:
-      raise ValueError(f"{source}: unreadable stored image ({e}); delete the "
-                       f"prepared data and prepare again") from e
+      raise ValueError(
+          f"{source}: unreadable stored image ({e}); delete the "
+          "prepared data and prepare again"
+      ) from e
 
   def _index_captions(self) -> None:
     """Builds the dataset's pairing index from `caption_to_indices`."""
@@ -203,15 +240,22 @@ class ImageFileSplit(RecordSplit):
     """The test queries, each with its `target_index`."""
     raise NotImplementedError
 
-  def _draw_two(self, rng: np.random.Generator,
-                source: int) -> tuple[Query, Query]:
+  def _draw_two(
+      self, rng: np.random.Generator, source: int
+  ) -> tuple[Query, Query]:
     """Two training queries from image `source`, targets differing if able."""
     raise NotImplementedError
 
 
-def load_split(split_cls: type[ImageFileSplit], builder_cls, split: str, *,
-               data_dir: str | None, manual_dir: str | None,
-               options: Mapping[str, Any]) -> ImageFileSplit:
+def load_split(
+    split_cls: type[ImageFileSplit],
+    builder_cls,
+    split: str,
+    *,
+    data_dir: str | None,
+    manual_dir: str | None,
+    options: Mapping[str, Any],
+) -> ImageFileSplit:
   """Checks `options`, prepares `builder_cls` once, returns `split_cls`'s split.
 
   Args:
@@ -232,11 +276,19 @@ def load_split(split_cls: type[ImageFileSplit], builder_cls, split: str, *,
   """
   options = check_options(builder_cls.name, options)
   sources, metadata = image_files.prepare_with_metadata(
-      builder_cls, data_dir=data_dir, manual_dir=manual_dir,
-      image_size=options["image_size"], on_bad_image=options["on_bad_image"])
+      builder_cls,
+      data_dir=data_dir,
+      manual_dir=manual_dir,
+      image_size=options["image_size"],
+      on_bad_image=options["on_bad_image"],
+  )
   return split_cls(
-      sources[split], name=builder_cls.name, split=split, metadata=metadata,
+      sources[split],
+      name=builder_cls.name,
+      split=split,
+      metadata=metadata,
       image_size=options["image_size"],
       complete_text=options["complete_text"],
       num_train_queries=options["num_train_queries"],
-      train_query_seed=options["train_query_seed"])
+      train_query_seed=options["train_query_seed"],
+  )

@@ -46,20 +46,65 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from irtf_jax.data import image_files, image_split, register
+from irtf_jax.data import image_files
+from irtf_jax.data import image_split
+from irtf_jax.data import register
 from irtf_jax.data.base import Query
 
 NAME = "mit_states"
 
 # TIRG's 49 test nouns (google/tirg datasets.py, MITStates).
 TEST_NOUNS = frozenset((
-    "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic",
-    "cheese", "clock", "clothes", "coffee", "fan", "fig", "fish", "foam",
-    "forest", "fruit", "furniture", "garden", "gate", "glass", "horse",
-    "island", "laptop", "lead", "lightning", "mirror", "orange", "paint",
-    "persimmon", "plastic", "plate", "potato", "road", "rubber", "sand",
-    "shell", "sky", "smoke", "steel", "stream", "table", "tea", "tomato",
-    "vacuum", "wax", "wheel", "window", "wool"))
+    "armor",
+    "bracelet",
+    "bush",
+    "camera",
+    "candy",
+    "castle",
+    "ceramic",
+    "cheese",
+    "clock",
+    "clothes",
+    "coffee",
+    "fan",
+    "fig",
+    "fish",
+    "foam",
+    "forest",
+    "fruit",
+    "furniture",
+    "garden",
+    "gate",
+    "glass",
+    "horse",
+    "island",
+    "laptop",
+    "lead",
+    "lightning",
+    "mirror",
+    "orange",
+    "paint",
+    "persimmon",
+    "plastic",
+    "plate",
+    "potato",
+    "road",
+    "rubber",
+    "sand",
+    "shell",
+    "sky",
+    "smoke",
+    "steel",
+    "stream",
+    "table",
+    "tea",
+    "tomato",
+    "vacuum",
+    "wax",
+    "wheel",
+    "window",
+    "wool",
+))
 
 # TIRG skips folders whose adjective is this placeholder ("adj <noun>").
 PLACEHOLDER_ADJECTIVE = "adj"
@@ -92,19 +137,23 @@ def list_images(root: str) -> dict[str, list[tuple[str, str]]]:
   images_dir = os.path.join(root, "images")
   if not os.path.isdir(images_dir):
     raise image_files.missing_error(
-        NAME, f"folder {images_dir}", MANUAL_DOWNLOAD_INSTRUCTIONS)
+        NAME, f"folder {images_dir}", MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
   splits: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
   for folder in sorted(os.listdir(images_dir)):
     if " " not in folder:
       continue
     words = folder.split()
     if len(words) != 2:
-      raise ValueError(f"{os.path.join(images_dir, folder)}: a class folder "
-                       f"must be named '<adjective> <noun>' (two words); "
-                       f"rename or remove it")
+      raise ValueError(
+          f"{os.path.join(images_dir, folder)}: a class folder "
+          "must be named '<adjective> <noun>' (two words); "
+          "rename or remove it"
+      )
     adj, noun_ = words
     if adj == PLACEHOLDER_ADJECTIVE or not os.path.isdir(
-        os.path.join(images_dir, folder)):
+        os.path.join(images_dir, folder)
+    ):
       continue
     folder_path = resolve_folder(root, folder)
     split = "test" if noun_ in TEST_NOUNS else "train"
@@ -113,30 +162,38 @@ def list_images(root: str) -> dict[str, list[tuple[str, str]]]:
         continue
       relative = os.path.join("images", folder, file_name)
       if not file_name.lower().endswith("jpg"):
-        raise ValueError(f"{os.path.join(root, relative)}: not a .jpg file; "
-                         f"MIT-States class folders hold only .jpg images "
-                         f"(remove it)")
-      image_files.resolve_inside(root, relative,
-                                 where=os.path.join(images_dir, folder))
+        raise ValueError(
+            f"{os.path.join(root, relative)}: not a .jpg file; "
+            "MIT-States class folders hold only .jpg images "
+            "(remove it)"
+        )
+      image_files.resolve_inside(
+          root, relative, where=os.path.join(images_dir, folder)
+      )
       splits[split].append((relative, f"{adj} {noun_}"))
   return splits
 
 
 def resolve_folder(root: str, folder: str) -> str:
-  return image_files.resolve_inside(root, os.path.join("images", folder),
-                                    where=os.path.join(root, "images"))
+  return image_files.resolve_inside(
+      root, os.path.join("images", folder), where=os.path.join(root, "images")
+  )
 
 
 class MitStates(image_files.ImageFilesBuilder, skip_registration=True):
   """MIT-States images with captions; metadata holds every split's captions."""
+
   name = NAME
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def _split_generators(self, dl_manager):
-    root = image_files.manual_root(dl_manager, NAME,
-                                   MANUAL_DOWNLOAD_INSTRUCTIONS)
-    return {split: self._generate_examples(root, split, entries)
-            for split, entries in list_images(root).items()}
+    root = image_files.manual_root(
+        dl_manager, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
+    return {
+        split: self._generate_examples(root, split, entries)
+        for split, entries in list_images(root).items()
+    }
 
 
 class MitStatesSplit(image_split.ImageFileSplit):
@@ -146,6 +203,7 @@ class MitStatesSplit(image_split.ImageFileSplit):
     noun_to_adjectives: noun -> its adjectives in this split, in order of
       first appearance.
   """
+
   caption_views = {"adjective": adjective, "noun": noun}
 
   @property
@@ -178,19 +236,31 @@ class MitStatesSplit(image_split.ImageFileSplit):
         if target_adj == adjective(caption):
           continue
         target_caption = f"{target_adj} {noun(caption)}"
-        queries.append(Query(i, self._text(target_caption), target_caption,
-                             self.caption_to_indices[target_caption][0]))
+        queries.append(
+            Query(
+                i,
+                self._text(target_caption),
+                target_caption,
+                self.caption_to_indices[target_caption][0],
+            )
+        )
     return queries
 
-  def _draw_two(self, rng: np.random.Generator,
-                source: int) -> tuple[Query, Query]:
+  def _draw_two(
+      self, rng: np.random.Generator, source: int
+  ) -> tuple[Query, Query]:
     caption = self.captions[source]
-    others = [a for a in self.noun_to_adjectives[noun(caption)]
-              if a != adjective(caption)]
+    others = [
+        a
+        for a in self.noun_to_adjectives[noun(caption)]
+        if a != adjective(caption)
+    ]
     picks = rng.choice(len(others), size=2, replace=len(others) < 2)
     first, second = (f"{others[pick]} {noun(caption)}" for pick in picks)
-    return (self._query_to(rng, source, self._text(first), first),
-            self._query_to(rng, source, self._text(second), second))
+    return (
+        self._query_to(rng, source, self._text(first), first),
+        self._query_to(rng, source, self._text(second), second),
+    )
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,8 +269,13 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @register(NAME, check_options=check_options)
-def load(split: str, *, data_dir: str | None = None,
-         manual_dir: str | None = None, **options) -> MitStatesSplit:
+def load(
+    split: str,
+    *,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    **options,
+) -> MitStatesSplit:
   """Loads split "train" or "test" of MIT-States, preparing it on first use.
 
   Args:
@@ -211,6 +286,11 @@ def load(split: str, *, data_dir: str | None = None,
       (False), num_train_queries (10,000), train_query_seed (0); see
       `image_split.load_split`.
   """
-  return image_split.load_split(MitStatesSplit, MitStates, split,
-                                data_dir=data_dir, manual_dir=manual_dir,
-                                options=options)
+  return image_split.load_split(
+      MitStatesSplit,
+      MitStates,
+      split,
+      data_dir=data_dir,
+      manual_dir=manual_dir,
+      options=options,
+  )

@@ -31,6 +31,7 @@ class Option:
     accepts: value -> whether it is accepted.
     convert: an accepted value -> its resolved form (e.g. np.int64 -> int).
   """
+
   default: Any
   allowed: str
   accepts: Callable[[Any], bool]
@@ -39,32 +40,44 @@ class Option:
 
 def _is_integer(value: Any) -> bool:
   # bool is an int subclass, but True is never meant as a count or a size.
-  return (isinstance(value, (int, np.integer))
-          and not isinstance(value, (bool, np.bool_)))
+  return isinstance(value, (int, np.integer)) and not isinstance(
+      value, (bool, np.bool_)
+  )
 
 
 def integer(default: int, minimum: int, note: str = "") -> Option:
   """An integer option >= `minimum`; `note` follows the allowed values."""
-  return Option(default, f"an integer >= {minimum}{note}",
-                lambda value: _is_integer(value) and value >= minimum, int)
+  return Option(
+      default,
+      f"an integer >= {minimum}{note}",
+      lambda value: _is_integer(value) and value >= minimum,
+      int,
+  )
 
 
 def boolean(default: bool) -> Option:
   """A True/False option (an int 0 or 1 is refused: it hides typos)."""
-  return Option(default, "True or False",
-                lambda value: isinstance(value, (bool, np.bool_)), bool)
+  return Option(
+      default,
+      "True or False",
+      lambda value: isinstance(value, (bool, np.bool_)),
+      bool,
+  )
 
 
 def one_of(default: str, values: Sequence[str], note: str = "") -> Option:
   """A string option among `values`; `note` follows the allowed values."""
   values = tuple(values)
-  return Option(default,
-                f"one of {', '.join(map(repr, values))}{note}",
-                lambda value: isinstance(value, str) and value in values)
+  return Option(
+      default,
+      f"one of {', '.join(map(repr, values))}{note}",
+      lambda value: isinstance(value, str) and value in values,
+  )
 
 
-def resolve(dataset: str, spec: Mapping[str, Option],
-            options: Mapping[str, Any]) -> dict[str, Any]:
+def resolve(
+    dataset: str, spec: Mapping[str, Option], options: Mapping[str, Any]
+) -> dict[str, Any]:
   """`options` checked against `spec`, with the defaults filled in.
 
   Args:
@@ -81,17 +94,23 @@ def resolve(dataset: str, spec: Mapping[str, Option],
   """
   unknown = sorted(set(options) - set(spec))
   if unknown:
-    also = (f" (nor {', '.join(map(repr, unknown[1:]))})"
-            if len(unknown) > 1 else "")
-    raise ValueError(f"{FIELD}.{unknown[0]}: {dataset} has no option "
-                     f"{unknown[0]!r}{also}; its options are "
-                     f"{', '.join(spec)} (remove the others, or set "
-                     f"config.data.name to the dataset they belong to)")
+    also = (
+        f" (nor {', '.join(map(repr, unknown[1:]))})"
+        if len(unknown) > 1
+        else ""
+    )
+    raise ValueError(
+        f"{FIELD}.{unknown[0]}: {dataset} has no option "
+        f"{unknown[0]!r}{also}; its options are "
+        f"{', '.join(spec)} (remove the others, or set "
+        "config.data.name to the dataset they belong to)"
+    )
   resolved = {}
   for name, option in spec.items():
     value = options[name] if name in options else option.default
     if not option.accepts(value):
-      raise ValueError(f"{FIELD}.{name}: got {value!r}; {dataset} needs "
-                       f"{option.allowed}")
+      raise ValueError(
+          f"{FIELD}.{name}: got {value!r}; {dataset} needs {option.allowed}"
+      )
     resolved[name] = option.convert(value)
   return resolved

@@ -39,14 +39,24 @@ _JOIN_SECONDS = 60.0
 
 
 class Tokenizer(Protocol):
-  def encode(self, texts: Sequence[str], max_length: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+
+  def encode(
+      self, texts: Sequence[str], max_length: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     ...
 
 
-def host_batch(split, tokenizer: Tokenizer, *, seed: int, step: int,
-               batch_size: int, max_length: int, num_processes: int = 1,
-               process_index: int = 0) -> dict:
+def host_batch(
+    split,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    step: int,
+    batch_size: int,
+    max_length: int,
+    num_processes: int = 1,
+    process_index: int = 0,
+) -> dict:
   """This process's slice of the global training batch `step` (numpy).
 
   Args:
@@ -63,13 +73,15 @@ def host_batch(split, tokenizer: Tokenizer, *, seed: int, step: int,
   """
   queries = split.sample_training_queries(seed, step, batch_size)
   local = batch_size // num_processes
-  queries = queries[process_index * local:(process_index + 1) * local]
+  queries = queries[process_index * local : (process_index + 1) * local]
   tokens, lengths = tokenizer.encode([q.text for q in queries], max_length)
   return {
-      "query_image": split.images(np.asarray([q.source_index
-                                              for q in queries])),
-      "target_image": split.images(np.asarray([q.target_index
-                                               for q in queries])),
+      "query_image": split.images(
+          np.asarray([q.source_index for q in queries])
+      ),
+      "target_image": split.images(
+          np.asarray([q.target_index for q in queries])
+      ),
       "tokens": tokens,
       "lengths": lengths,
   }
@@ -79,6 +91,7 @@ def host_batch(split, tokenizer: Tokenizer, *, seed: int, step: int,
 class HostBatch:
   """`host_batch` with everything but the step bound: a picklable
   step -> batch function (what worker processes need)."""
+
   split: Any
   tokenizer: Tokenizer
   seed: int
@@ -88,15 +101,22 @@ class HostBatch:
   process_index: int = 0
 
   def __call__(self, step: int) -> dict:
-    return host_batch(self.split, self.tokenizer, seed=self.seed, step=step,
-                      batch_size=self.batch_size, max_length=self.max_length,
-                      num_processes=self.num_processes,
-                      process_index=self.process_index)
+    return host_batch(
+        self.split,
+        self.tokenizer,
+        seed=self.seed,
+        step=step,
+        batch_size=self.batch_size,
+        max_length=self.max_length,
+        num_processes=self.num_processes,
+        process_index=self.process_index,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _StepBatch:
   """step -> (step, batch of that step); picklable."""
+
   make_batch: Callable[[int], dict]
 
   def __call__(self, step: int) -> tuple[int, dict]:
@@ -109,15 +129,21 @@ def picklable_or_raise(make_batch: Callable[[int], dict]):
     pickle.dumps(make_batch)
   except Exception as e:
     raise TypeError(
-        f"config.data.workers > 0 needs a picklable batch function, got "
+        "config.data.workers > 0 needs a picklable batch function, got "
         f"{make_batch!r} ({e}); pass pipeline.HostBatch(...), or set "
-        f"config.data.workers=0") from e
+        "config.data.workers=0"
+    ) from e
   return make_batch
 
 
-def training_batches(make_batch: Callable[[int], dict], steps: range,
-                     workers: int, *, prefetch: int = 2, put=None
-                     ) -> Iterator[tuple[int, Any]]:
+def training_batches(
+    make_batch: Callable[[int], dict],
+    steps: range,
+    workers: int,
+    *,
+    prefetch: int = 2,
+    put=None,
+) -> Iterator[tuple[int, Any]]:
   """(step, batch) for every step of `steps`, built in `workers` processes.
 
   Args:
@@ -133,20 +159,27 @@ def training_batches(make_batch: Callable[[int], dict], steps: range,
     (step, batch) in step order. Closing the generator ends the workers.
   """
   if workers < 0:
-    raise ValueError(f"config.data.workers: {workers} must be >= 0 "
-                     "(0 builds batches in the trainer's own thread)")
+    raise ValueError(
+        f"config.data.workers: {workers} must be >= 0 "
+        "(0 builds batches in the trainer's own thread)"
+    )
   if steps.step != 1:
     raise ValueError(f"steps: {steps} must have step 1")
   if not flags.FLAGS.is_parsed():
     # grain reads its absl flags when it starts workers; outside an absl
     # app (tests, notebooks) their defaults are what we want.
     flags.FLAGS.mark_as_parsed()
-  dataset = grain.MapDataset.range(steps.start, steps.stop).map(
-      _StepBatch(make_batch)).to_iter_dataset(
-          grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  dataset = (
+      grain.MapDataset.range(steps.start, steps.stop)
+      .map(_StepBatch(make_batch))
+      .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  )
   if workers:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=prefetch))
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=prefetch
+        )
+    )
   iterator = iter(dataset)
   try:
     for step, batch in iterator:
@@ -159,9 +192,14 @@ def training_batches(make_batch: Callable[[int], dict], steps: range,
       close()
 
 
-def prefetched_batches(make_batch: Callable[[int], dict], steps: range, *,
-                       depth: int = 2, put=None, workers: int = 0
-                       ) -> Iterator[tuple[int, Any]]:
+def prefetched_batches(
+    make_batch: Callable[[int], dict],
+    steps: range,
+    *,
+    depth: int = 2,
+    put=None,
+    workers: int = 0,
+) -> Iterator[tuple[int, Any]]:
   """(step, batch) for `steps`, built `depth` ahead in a background thread.
 
   With `put` (e.g. `DataParallel.shard_batch`) the thread also places each
@@ -189,8 +227,11 @@ def prefetched_batches(make_batch: Callable[[int], dict], steps: range, *,
     return False
 
   def produce():
-    source = (training_batches(make_batch, steps, workers, prefetch=depth)
-              if workers else ((step, make_batch(step)) for step in steps))
+    source = (
+        training_batches(make_batch, steps, workers, prefetch=depth)
+        if workers
+        else ((step, make_batch(step)) for step in steps)
+    )
     try:
       for step, batch in source:
         if not offer((step, batch if put is None else put(batch))):
@@ -201,8 +242,9 @@ def prefetched_batches(make_batch: Callable[[int], dict], steps: range, *,
     finally:
       source.close()
 
-  thread = threading.Thread(target=produce, name="irtf_jax-prefetch",
-                            daemon=True)
+  thread = threading.Thread(
+      target=produce, name="irtf_jax-prefetch", daemon=True
+  )
   thread.start()
   try:
     while True:
@@ -222,6 +264,8 @@ def prefetched_batches(make_batch: Callable[[int], dict], steps: range, *,
         pass
       thread.join(timeout=_POLL_SECONDS)
     if thread.is_alive():
-      logging.warning("The batch producer is still building a batch after "
-                      "%.0f s; leaving its (daemon) thread behind.",
-                      _JOIN_SECONDS)
+      logging.warning(
+          "The batch producer is still building a batch after "
+          "%.0f s; leaving its (daemon) thread behind.",
+          _JOIN_SECONDS,
+      )

@@ -42,10 +42,20 @@ class UnsafePickleError(ValueError):
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
   builtin_types = {
-      "dict": dict, "list": list, "tuple": tuple, "set": set,
-      "frozenset": frozenset, "str": str, "bytes": bytes,
-      "bytearray": bytearray, "int": int, "float": float, "complex": complex,
-      "bool": bool, "slice": slice, "range": range,
+      "dict": dict,
+      "list": list,
+      "tuple": tuple,
+      "set": set,
+      "frozenset": frozenset,
+      "str": str,
+      "bytes": bytes,
+      "bytearray": bytearray,
+      "int": int,
+      "float": float,
+      "complex": complex,
+      "bool": bool,
+      "slice": slice,
+      "range": range,
   }
   allowed = {}
   # Python 2 pickles (the published CSS file) name the module "__builtin__".
@@ -81,11 +91,13 @@ class RestrictedUnpickler(pickle.Unpickler):
       raise UnsafePickleError(
           f"{self._source}: refused to load: the pickle asks for "
           f"{module}.{name}, which is not a builtin container or NumPy array "
-          "type (a crafted or foreign file; use the original file)") from None
+          "type (a crafted or foreign file; use the original file)"
+      ) from None
 
 
-def safe_loads(payload: bytes, *, source: str = "pickle",
-               encoding: str = "latin1") -> Any:
+def safe_loads(
+    payload: bytes, *, source: str = "pickle", encoding: str = "latin1"
+) -> Any:
   """Unpickles `payload` with `RestrictedUnpickler`.
 
   Args:
@@ -99,13 +111,15 @@ def safe_loads(payload: bytes, *, source: str = "pickle",
     ValueError: the pickle is malformed or truncated.
   """
   try:
-    return RestrictedUnpickler(io.BytesIO(payload), source=source,
-                               encoding=encoding).load()
+    return RestrictedUnpickler(
+        io.BytesIO(payload), source=source, encoding=encoding
+    ).load()
   except UnsafePickleError:
     raise
   except Exception as e:  # pickle raises many types for broken input.
-    raise ValueError(f"{source}: not a readable pickle "
-                     f"({type(e).__name__}: {e})") from e
+    raise ValueError(
+        f"{source}: not a readable pickle ({type(e).__name__}: {e})"
+    ) from e
 
 
 def load_npy_object(path: str | os.PathLike) -> Any:
@@ -136,6 +150,8 @@ def load_npy_object(path: str | os.PathLike) -> Any:
       return np.load(path, allow_pickle=False)
     array = safe_loads(f.read(), source=path)
   if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
-    raise ValueError(f"{path}: the pickled payload is not the array of shape "
-                     f"{tuple(shape)} that the .npy header announces")
+    raise ValueError(
+        f"{path}: the pickled payload is not the array of shape "
+        f"{tuple(shape)} that the .npy header announces"
+    )
   return array.item() if array.shape == () else array

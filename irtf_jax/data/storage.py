@@ -15,10 +15,11 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
+import tensorflow_datasets as tfds
 
 from irtf_jax.data.base import Split
+
 
 # The feature spec for an encoded image; decode with `decode_image`.
 def encoded_image_feature():
@@ -42,18 +43,26 @@ def decode_image(encoded: bytes, *, source: str = "") -> np.ndarray:
     with Image.open(io.BytesIO(encoded)) as img:
       return np.asarray(img.convert("RGB"))
   except Exception as e:  # Pillow raises several types for broken files.
-    raise ValueError(f"{source or 'image'}: unreadable or truncated image "
-                     f"({type(e).__name__}: {e})") from e
+    raise ValueError(
+        f"{source or 'image'}: unreadable or truncated image "
+        f"({type(e).__name__}: {e})"
+    ) from e
 
 
 def default_data_dir() -> str:
   return os.environ.get(
       "IRTF_JAX_DATA_DIR",
-      os.path.join(os.path.expanduser("~"), ".cache", "irtf_jax", "tfds"))
+      os.path.join(os.path.expanduser("~"), ".cache", "irtf_jax", "tfds"),
+  )
 
 
-def prepare(builder_cls, *, data_dir: str | None, manual_dir: str | None = None,
-            config: Any = None) -> Mapping[str, Any]:
+def prepare(
+    builder_cls,
+    *,
+    data_dir: str | None,
+    manual_dir: str | None = None,
+    config: Any = None,
+) -> Mapping[str, Any]:
   """Builds `builder_cls` into `data_dir` once; returns its data sources.
 
   Returns:
@@ -65,7 +74,8 @@ def prepare(builder_cls, *, data_dir: str | None, manual_dir: str | None = None,
   builder = builder_cls(**kwargs)
   builder.download_and_prepare(
       file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+  )
   return builder.as_data_source()
 
 
@@ -76,8 +86,15 @@ class RecordSplit(Split):
   all at once into memory when `cache_images` (small images, as CSS's).
   """
 
-  def __init__(self, source, *, name: str, split: str,
-               captions: Sequence[str], cache_images: bool = False):
+  def __init__(
+      self,
+      source,
+      *,
+      name: str,
+      split: str,
+      captions: Sequence[str],
+      cache_images: bool = False,
+  ):
     self.name = name
     self.split = split
     self.captions = list(captions)
@@ -87,8 +104,10 @@ class RecordSplit(Split):
       self._cache = np.stack([self._decode(i) for i in range(len(source))])
 
   def _decode(self, index: int) -> np.ndarray:
-    return decode_image(self._source[int(index)]["image"],
-                        source=f"{self.name}/{self.split}[{index}]")
+    return decode_image(
+        self._source[int(index)]["image"],
+        source=f"{self.name}/{self.split}[{index}]",
+    )
 
   def images(self, indices: np.ndarray) -> np.ndarray:
     indices = np.asarray(indices, np.int64)

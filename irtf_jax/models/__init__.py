@@ -16,17 +16,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from irtf_jax.models import compose_ae  # registers compose_ae, real_space_concat_ae
+from irtf_jax.models import (
+    compose_ae,  # registers compose_ae, real_space_concat_ae
+)
 from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models import tirg_baselines  # registers TIRG's baselines
 from irtf_jax.models import torch_order
-from irtf_jax.models.composers import COMPOSERS, register
+from irtf_jax.models.composers import COMPOSERS
+from irtf_jax.models.composers import register
 from irtf_jax.models.image_encoders import RESNET_DEPTHS
 from irtf_jax.models.initializers import INITIALIZATIONS
 from irtf_jax.models.layers import CONV_IMPLEMENTATIONS
 from irtf_jax.models.loading import load_pretrained
-from irtf_jax.models.retrieval import RetrievalModel, TEXT_ENCODERS
+from irtf_jax.models.retrieval import TEXT_ENCODERS
+from irtf_jax.models.retrieval import RetrievalModel
 from irtf_jax.models.retrieval import normalize_images
 from irtf_jax.models.sentence_encoder import TextTokenizer
 from irtf_jax.models.text_encoders import Vocabulary
@@ -37,34 +41,44 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRECISIONS = tuple(_DTYPES)
 
 # config.model.<group> fields passed to composers of these names.
-_COMPOSER_OPTION_GROUPS = {"compose_ae": "compose_ae",
-                           "real_space_concat_ae": "compose_ae"}
+_COMPOSER_OPTION_GROUPS = {
+    "compose_ae": "compose_ae",
+    "real_space_concat_ae": "compose_ae",
+}
 
 
 def compute_dtype(precision: str):
   """config.precision -> computation dtype of the convolutional parts."""
   if precision not in _DTYPES:
-    raise ValueError(f"config.precision: unknown {precision!r}; allowed: "
-                     f"{', '.join(_DTYPES)}")
+    raise ValueError(
+        f"config.precision: unknown {precision!r}; allowed: "
+        f"{', '.join(_DTYPES)}"
+    )
   return _DTYPES[precision]
 
 
 def _text_encoder_name(model_config) -> str:
   name = model_config.text_encoder.get("name", "lstm")
   if name not in TEXT_ENCODERS:
-    raise ValueError(f"config.model.text_encoder.name: unknown {name!r}; "
-                     f"allowed: {', '.join(TEXT_ENCODERS)}")
+    raise ValueError(
+        f"config.model.text_encoder.name: unknown {name!r}; "
+        f"allowed: {', '.join(TEXT_ENCODERS)}"
+    )
   return name
 
 
 def _required_path(model_config, field: str, encoder: str) -> str:
   path = model_config.text_encoder.get(field, "")
   if not path:
-    raise ValueError(f"config.model.text_encoder.{field}: required for "
-                     f"text_encoder.name={encoder!r}; set it to "
-                     + ("a sentence-transformers model folder"
-                        if field == "pretrained" else
-                        "an .npz file with arrays `texts` and `features`"))
+    raise ValueError(
+        f"config.model.text_encoder.{field}: required for "
+        f"text_encoder.name={encoder!r}; set it to "
+        + (
+            "a sentence-transformers model folder"
+            if field == "pretrained"
+            else "an .npz file with arrays `texts` and `features`"
+        )
+    )
   return path
 
 
@@ -78,9 +92,11 @@ def build_text_tokenizer(model_config, texts: Sequence[str]) -> TextTokenizer:
     return Vocabulary.build(texts)
   if name == "sentence_transformer":
     return sentence_encoder.WordPieceTokenizer(
-        _required_path(model_config, "pretrained", name))
+        _required_path(model_config, "pretrained", name)
+    )
   return sentence_encoder.PrecomputedTextFeatures(
-      _required_path(model_config, "features", name))
+      _required_path(model_config, "features", name)
+  )
 
 
 def _composer_options(model_config) -> tuple:
@@ -88,16 +104,24 @@ def _composer_options(model_config) -> tuple:
   if group is None or group not in model_config:
     return ()
   fields = COMPOSERS[model_config.name].__dataclass_fields__
-  return tuple((k, v) for k, v in sorted(model_config[group].items())
-               if k in fields)
+  return tuple(
+      (k, v) for k, v in sorted(model_config[group].items()) if k in fields
+  )
 
 
-def build_model(model_config, vocab_size: int, *, precision: str = "float32",
-                bn_axis_name: str | None = None) -> RetrievalModel:
+def build_model(
+    model_config,
+    vocab_size: int,
+    *,
+    precision: str = "float32",
+    bn_axis_name: str | None = None,
+) -> RetrievalModel:
   """The RetrievalModel that `config.model` describes."""
   if model_config.name not in COMPOSERS:
-    raise ValueError(f"config.model.name: unknown {model_config.name!r}; "
-                     f"allowed: {', '.join(sorted(COMPOSERS))}")
+    raise ValueError(
+        f"config.model.name: unknown {model_config.name!r}; "
+        f"allowed: {', '.join(sorted(COMPOSERS))}"
+    )
   text = model_config.text_encoder
   encoder = _text_encoder_name(model_config)
   word_embed_dim = text.word_embed_dim
@@ -111,8 +135,9 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
     path = _required_path(model_config, "features", encoder)
     with np.load(path, allow_pickle=False) as archive:
       if "features" not in archive or archive["features"].ndim != 2:
-        raise ValueError(f"{path}: needs a 2-D array `features` (N, F) and "
-                         "`texts` (N,)")
+        raise ValueError(
+            f"{path}: needs a 2-D array `features` (N, F) and `texts` (N,)"
+        )
       num_texts, feature_dim = archive["features"].shape
     extra = dict(num_texts=num_texts, text_feature_dim=feature_dim)
     vocab_size, word_embed_dim = num_texts, feature_dim
@@ -131,7 +156,8 @@ def build_model(model_config, vocab_size: int, *, precision: str = "float32",
       composer_options=_composer_options(model_config),
       text_encoder_kind=encoder,
       initialization=initializers.check(model_config.init),
-      **extra)
+      **extra,
+  )
 
 
 def official_parameter_positions(model_config) -> Callable:
@@ -139,10 +165,11 @@ def official_parameter_positions(model_config) -> Callable:
   official PyTorch model's `named_parameters()` order: the
   `registration_order` of isotropic GA's "official" scaling."""
   if model_config.name not in COMPOSERS:
-    raise ValueError(f"config.model.name: unknown {model_config.name!r}; "
-                     f"allowed: {', '.join(sorted(COMPOSERS))}")
-  return torch_order.official_parameter_positions(
-      COMPOSERS[model_config.name])
+    raise ValueError(
+        f"config.model.name: unknown {model_config.name!r}; "
+        f"allowed: {', '.join(sorted(COMPOSERS))}"
+    )
+  return torch_order.official_parameter_positions(COMPOSERS[model_config.name])
 
 
 def parameter_labels(model_config) -> Callable | None:
@@ -157,9 +184,14 @@ def parameter_labels(model_config) -> Callable | None:
   """
   multiplier = model_config.image_encoder.get("lr_multiplier", 1.0)
   encoder = _text_encoder_name(model_config)
-  frozen_text = {"sentence_transformer": (
-      () if model_config.text_encoder.get("trainable", True) else ("encoder",)),
-                 "precomputed": ("features",)}.get(encoder, ())
+  frozen_text = {
+      "sentence_transformer": (
+          ()
+          if model_config.text_encoder.get("trainable", True)
+          else ("encoder",)
+      ),
+      "precomputed": ("features",),
+  }.get(encoder, ())
   if multiplier == 1.0 and not frozen_text:
     return None
 
@@ -171,15 +203,27 @@ def parameter_labels(model_config) -> Callable | None:
       if keys[0] == "text_encoder" and len(keys) > 1 and keys[1] in frozen_text:
         return "frozen"
       return "default"
+
     return jax.tree_util.tree_map_with_path(label, params)
 
   return labels
 
 
-__all__ = ["COMPOSERS", "CONV_IMPLEMENTATIONS", "INITIALIZATIONS", "PRECISIONS",
-           "RESNET_DEPTHS",
-           "register", "RetrievalModel", "build_model",
-           "build_text_tokenizer", "compute_dtype", "load_pretrained",
-           "normalize_images", "official_parameter_positions",
-           "parameter_labels",
-           "TextTokenizer", "TEXT_ENCODERS"]
+__all__ = [
+    "COMPOSERS",
+    "CONV_IMPLEMENTATIONS",
+    "INITIALIZATIONS",
+    "PRECISIONS",
+    "RESNET_DEPTHS",
+    "register",
+    "RetrievalModel",
+    "build_model",
+    "build_text_tokenizer",
+    "compute_dtype",
+    "load_pretrained",
+    "normalize_images",
+    "official_parameter_positions",
+    "parameter_labels",
+    "TextTokenizer",
+    "TEXT_ENCODERS",
+]

@@ -26,6 +26,7 @@ def register(name: str) -> Callable[[type], type]:
   def wrap(cls):
     COMPOSERS[name] = cls
     return cls
+
   return wrap
 
 
@@ -40,6 +41,7 @@ class Composer(nn.Module):
     initialization: "flax" or "torch" (`config.model.init`): the
       initializers of the composer's layers (see `initializers`).
   """
+
   operates_on = "feature"
   # PyTorch registration order (see `torch_order.py`): the composer's layers,
   # and its parameters that the official top-level module owns.
@@ -52,26 +54,42 @@ class Composer(nn.Module):
   initialization: str = "flax"
 
   def batch_norm(self, name):
-    return nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=self.bn_axis_name,
-                        dtype=self.dtype, name=name)
+    return nn.BatchNorm(
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.bn_axis_name,
+        dtype=self.dtype,
+        name=name,
+    )
 
-  def dense(self, features: int, fan_in: int, *, name: str,
-            **kwargs) -> nn.Dense:
+  def dense(
+      self, features: int, fan_in: int, *, name: str, **kwargs
+  ) -> nn.Dense:
     """A Dense layer with `fan_in` inputs, initialized as `initialization`
     says unless `kwargs` name an initializer."""
-    return nn.Dense(features, name=name, **{
-        **initializers.dense(self.initialization, fan_in), **kwargs})
+    return nn.Dense(
+        features,
+        name=name,
+        **{**initializers.dense(self.initialization, fan_in), **kwargs},
+    )
 
-  def conv(self, features: int, kernel_size: int, fan_in_channels: int, *,
-           name: str) -> Conv:
+  def conv(
+      self, features: int, kernel_size: int, fan_in_channels: int, *, name: str
+  ) -> Conv:
     """A k x k, stride-1, same-padded `layers.Conv` on `fan_in_channels`
     channels, initialized as `initialization` says."""
     pad = ((kernel_size // 2, kernel_size // 2),) * 2
-    return Conv(features, (kernel_size, kernel_size), padding=pad,
-                dtype=self.dtype, implementation=self.conv_implementation,
-                name=name, **initializers.conv(
-                    self.initialization,
-                    fan_in_channels * kernel_size * kernel_size))
+    return Conv(
+        features,
+        (kernel_size, kernel_size),
+        padding=pad,
+        dtype=self.dtype,
+        implementation=self.conv_implementation,
+        name=name,
+        **initializers.conv(
+            self.initialization, fan_in_channels * kernel_size * kernel_size
+        ),
+    )
 
 
 @register("image_only")
@@ -96,6 +114,7 @@ class TextOnly(Composer):
 class Concat(Composer):
   """MLP on [image, text] (TIRG's concatenation baseline):
   BN, ReLU, Linear(2D, 2D), ReLU, Dropout(0.1), Linear(2D, D)."""
+
   torch_order = ("bn", "fc1", "fc2")
   dropout_rate: float = 0.1
 
@@ -103,11 +122,15 @@ class Concat(Composer):
   def __call__(self, image, text, *, train):
     x = jnp.concatenate([image, text], axis=-1)
     x = nn.relu(self.batch_norm("bn")(x, use_running_average=not train))
-    x = nn.relu(self.dense(2 * self.embed_dim, x.shape[-1], dtype=self.dtype,
-                           name="fc1")(x))
+    x = nn.relu(
+        self.dense(
+            2 * self.embed_dim, x.shape[-1], dtype=self.dtype, name="fc1"
+        )(x)
+    )
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return self.dense(self.embed_dim, x.shape[-1], dtype=self.dtype,
-                      name="fc2")(x)
+    return self.dense(
+        self.embed_dim, x.shape[-1], dtype=self.dtype, name="fc2"
+    )(x)
 
 
 class _TirgWeights(nn.Module):
@@ -128,6 +151,7 @@ class Tirg(Composer):
     res  = W_r2 ReLU(W_r1 ReLU(BN([phi_x, phi_t])))
     phi  = a_0 * sigmoid(gate) * phi_x + a_1 * res
   """
+
   torch_own_parameters = ("weights",)
   torch_order = ("gate_bn", "gate_fc", "res_bn", "res_fc1", "res_fc2")
 
@@ -138,8 +162,9 @@ class Tirg(Composer):
     gate = nn.relu(self.batch_norm("gate_bn")(x, use_running_average=not train))
     gate = self.dense(d, x.shape[-1], dtype=self.dtype, name="gate_fc")(gate)
     res = nn.relu(self.batch_norm("res_bn")(x, use_running_average=not train))
-    res = nn.relu(self.dense(2 * d, x.shape[-1], dtype=self.dtype,
-                             name="res_fc1")(res))
+    res = nn.relu(
+        self.dense(2 * d, x.shape[-1], dtype=self.dtype, name="res_fc1")(res)
+    )
     res = self.dense(d, 2 * d, dtype=self.dtype, name="res_fc2")(res)
     a = _TirgWeights(name="weights")()
     return a[0] * nn.sigmoid(gate) * image + a[1] * res
@@ -155,17 +180,25 @@ class TirgLastConv(Composer):
   out = a_0 * sigmoid(gate(z)) * x + a_1 * res(z), then pooled and projected by
   the retrieval model like any image map.
   """
+
   operates_on = "map"
   torch_own_parameters = ("weights",)
   # The official code registers the residual branch (mod2d) first.
-  torch_order = ("res_bn", "res_conv1", "res_conv2", "gate_bn", "gate_conv1",
-                 "gate_conv2")
+  torch_order = (
+      "res_bn",
+      "res_conv1",
+      "res_conv2",
+      "gate_bn",
+      "gate_conv1",
+      "gate_conv2",
+  )
 
   @nn.compact
   def __call__(self, image, text, *, train):
     b, h, w, c = image.shape
-    tiled = jnp.broadcast_to(text[:, None, None, :].astype(image.dtype),
-                             (b, h, w, text.shape[-1]))
+    tiled = jnp.broadcast_to(
+        text[:, None, None, :].astype(image.dtype), (b, h, w, text.shape[-1])
+    )
     z = jnp.concatenate([image, tiled], axis=-1)
 
     def branch(prefix):
@@ -175,5 +208,6 @@ class TirgLastConv(Composer):
       return self.conv(c, 3, z.shape[-1], name=f"{prefix}_conv2")(y)
 
     a = _TirgWeights(name="weights")()
-    return (a[0] * nn.sigmoid(branch("gate")) * image +
-            a[1] * branch("res")).astype(image.dtype)
+    return (
+        a[0] * nn.sigmoid(branch("gate")) * image + a[1] * branch("res")
+    ).astype(image.dtype)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from irtf_jax.models import initializers
 from irtf_jax.models import pretrained
-from irtf_jax.models.layers import Conv, max_pool
+from irtf_jax.models.layers import Conv
+from irtf_jax.models.layers import max_pool
 
 # Depth 10 (one block per stage) is a small variant for tests and quick runs.
 _STAGES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -29,6 +30,7 @@ FEATURE_DIM = _WIDTHS[-1]
 
 class BasicBlock(nn.Module):
   """torchvision's BasicBlock: two 3x3 convolutions and a residual."""
+
   features: int
   strides: int
   conv: type
@@ -37,17 +39,29 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     residual = x
-    y = self.conv(self.features, (3, 3), (self.strides, self.strides),
-                  ((1, 1), (1, 1)), name="conv1")(x)
+    y = self.conv(
+        self.features,
+        (3, 3),
+        (self.strides, self.strides),
+        ((1, 1), (1, 1)),
+        name="conv1",
+    )(x)
     y = nn.relu(self.norm(name="bn1")(y, use_running_average=not train))
-    y = self.conv(self.features, (3, 3), (1, 1), ((1, 1), (1, 1)),
-                  name="conv2")(y)
+    y = self.conv(
+        self.features, (3, 3), (1, 1), ((1, 1), (1, 1)), name="conv2"
+    )(y)
     y = self.norm(name="bn2")(y, use_running_average=not train)
     if self.strides != 1 or x.shape[-1] != self.features:
-      residual = self.conv(self.features, (1, 1), (self.strides, self.strides),
-                           ((0, 0), (0, 0)), name="downsample_conv")(x)
+      residual = self.conv(
+          self.features,
+          (1, 1),
+          (self.strides, self.strides),
+          ((0, 0), (0, 0)),
+          name="downsample_conv",
+      )(x)
       residual = self.norm(name="downsample_bn")(
-          residual, use_running_average=not train)
+          residual, use_running_average=not train
+      )
     return nn.relu(y + residual)
 
 
@@ -61,6 +75,7 @@ class ResNet(nn.Module):
       (set under pmap so statistics cover the global batch).
     dtype: computation dtype (bfloat16 for mixed precision).
   """
+
   depth: int = 18
   conv_implementation: str = "auto"
   bn_axis_name: str | None = None
@@ -69,22 +84,34 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     if self.depth not in _STAGES:
-      raise ValueError(f"config.model.image_encoder.depth: {self.depth} not "
-                       f"in {sorted(_STAGES)}")
-    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
-                             implementation=self.conv_implementation,
-                             kernel_init=initializers.RESNET_CONV_KERNEL)
+      raise ValueError(
+          f"config.model.image_encoder.depth: {self.depth} not "
+          f"in {sorted(_STAGES)}"
+      )
+    conv = functools.partial(
+        Conv,
+        use_bias=False,
+        dtype=self.dtype,
+        implementation=self.conv_implementation,
+        kernel_init=initializers.RESNET_CONV_KERNEL,
+    )
     # torchvision: momentum 0.1 (flax: 0.9 for the running average), eps 1e-5.
-    norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, axis_name=self.bn_axis_name)
+    norm = functools.partial(
+        nn.BatchNorm,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        axis_name=self.bn_axis_name,
+    )
     x = conv(64, (7, 7), (2, 2), ((3, 3), (3, 3)), name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x, use_running_average=not train))
     x = max_pool(x, window=3, stride=2, padding=1)
     for stage, (blocks, width) in enumerate(zip(_STAGES[self.depth], _WIDTHS)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides, conv, norm,
-                       name=f"layer{stage + 1}_{block}")(x, train)
+        x = BasicBlock(
+            width, strides, conv, norm, name=f"layer{stage + 1}_{block}"
+        )(x, train)
     return x
 
 
@@ -95,14 +122,17 @@ class PooledResNet(nn.Module):
   ResNet's (conv1, bn1, layer1_0, ...), and the output is what torchvision's
   `model.avgpool` gives (flattened) for the same images in NCHW.
   """
+
   depth: int = 18
   conv_implementation: str = "auto"
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.trunk = ResNet(depth=self.depth,
-                        conv_implementation=self.conv_implementation,
-                        dtype=self.dtype)
+    self.trunk = ResNet(
+        depth=self.depth,
+        conv_implementation=self.conv_implementation,
+        dtype=self.dtype,
+    )
     nn.share_scope(self, self.trunk)
 
   def __call__(self, x, train: bool = False):
@@ -135,15 +165,18 @@ def resnet_variables_from_torch(path: str, depth: int = 18) -> dict:
   params, stats = {}, {}
 
   def norm(torch_name, flax_scope, width):
-    get = lambda suffix: pretrained.take(path, tensors,
-                                         f"{torch_name}.{suffix}", (width,))
+    get = lambda suffix: pretrained.take(
+        path, tensors, f"{torch_name}.{suffix}", (width,)
+    )
     params[flax_scope] = {"scale": get("weight"), "bias": get("bias")}
-    stats[flax_scope] = {"mean": get("running_mean"),
-                         "var": get("running_var")}
+    stats[flax_scope] = {"mean": get("running_mean"), "var": get("running_var")}
 
   def conv(torch_name, out, inp, k):
-    return {"kernel": _torch_conv(tensors, path, f"{torch_name}.weight",
-                                  (out, inp, k, k))}
+    return {
+        "kernel": _torch_conv(
+            tensors, path, f"{torch_name}.weight", (out, inp, k, k)
+        )
+    }
 
   params["conv1"] = conv("conv1", 64, 3, 7)
   norm("bn1", "bn1", 64)
@@ -163,19 +196,23 @@ def resnet_variables_from_torch(path: str, depth: int = 18) -> dict:
       if strides != 1 or inp != width:
         p["downsample_conv"] = conv(f"{t}.downsample.0", width, inp, 1)
         norm(f"{t}.downsample.1", "_tmp", width)
-        p["downsample_bn"], s["downsample_bn"] = (params.pop("_tmp"),
-                                                  stats.pop("_tmp"))
+        p["downsample_bn"], s["downsample_bn"] = (
+            params.pop("_tmp"),
+            stats.pop("_tmp"),
+        )
       inp = width
   deeper = f"layer1.{_STAGES[depth][0]}.conv1.weight"
   if deeper in tensors:
-    raise ValueError(f"{path}: has {deeper!r}, so it is deeper than the "
-                     f"requested ResNet-{depth}; pass the matching depth")
+    raise ValueError(
+        f"{path}: has {deeper!r}, so it is deeper than the "
+        f"requested ResNet-{depth}; pass the matching depth"
+    )
   return {"params": params, "batch_stats": stats}
 
 
-def resnet_from_torch(path: str, depth: int = 18, *,
-                      conv_implementation: str = "auto"
-                      ) -> tuple[PooledResNet, dict]:
+def resnet_from_torch(
+    path: str, depth: int = 18, *, conv_implementation: str = "auto"
+) -> tuple[PooledResNet, dict]:
   """A pretrained torchvision ResNet as (module, variables), read offline.
 
   `module.apply(variables, images_nhwc, train=False)` gives the (N, 512)
@@ -191,5 +228,7 @@ def resnet_from_torch(path: str, depth: int = 18, *,
     conv_implementation: see `irtf_jax.models.layers.Conv`.
   """
   variables = resnet_variables_from_torch(path, depth)
-  return (PooledResNet(depth=depth, conv_implementation=conv_implementation),
-          variables)
+  return (
+      PooledResNet(depth=depth, conv_implementation=conv_implementation),
+      variables,
+  )

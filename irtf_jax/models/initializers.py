@@ -39,15 +39,16 @@ INITIALIZATIONS = ("flax", "torch")
 
 # The ResNet's convolution kernels under both: torchvision's own
 # `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
-RESNET_CONV_KERNEL = nn.initializers.variance_scaling(2.0, "fan_out",
-                                                      "normal")
+RESNET_CONV_KERNEL = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def check(initialization: str) -> str:
   """`initialization`, or ValueError naming config.model.init."""
   if initialization not in INITIALIZATIONS:
-    raise ValueError(f"config.model.init: unknown {initialization!r}; "
-                     f"allowed: {', '.join(INITIALIZATIONS)}")
+    raise ValueError(
+        f"config.model.init: unknown {initialization!r}; "
+        f"allowed: {', '.join(INITIALIZATIONS)}"
+    )
   return initialization
 
 
@@ -71,8 +72,10 @@ def dense(initialization: str, fan_in: int) -> dict:
   composer's g1) initializes each part as the whole layer.
   """
   if check(initialization) == "flax":
-    return dict(kernel_init=nn.linear.default_kernel_init,
-                bias_init=nn.initializers.zeros_init())
+    return dict(
+        kernel_init=nn.linear.default_kernel_init,
+        bias_init=nn.initializers.zeros_init(),
+    )
   bound = symmetric_uniform(1.0 / math.sqrt(fan_in))
   return dict(kernel_init=bound, bias_init=bound)
 

@@ -33,11 +33,16 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
-CONV_IMPLEMENTATIONS = ("auto", "lax", "im2col", "lax_dw_im2col",
-                        "space_to_depth")
+CONV_IMPLEMENTATIONS = (
+    "auto",
+    "lax",
+    "im2col",
+    "lax_dw_im2col",
+    "space_to_depth",
+)
 
 
 def _pad_pairs(padding, kernel_size):
@@ -47,12 +52,12 @@ def _pad_pairs(padding, kernel_size):
     return [((k - 1) // 2, k // 2) for k in kernel_size]
   if isinstance(padding, int):
     return [(padding, padding)] * len(kernel_size)
-  return [tuple(p) if isinstance(p, (tuple, list)) else (p, p)
-          for p in padding]
+  return [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in padding]
 
 
-def conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                padding) -> jax.Array:
+def conv_im2col(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
+) -> jax.Array:
   """2D convolution as strided slices + one matmul.
 
   y[n, i, j, o] = sum_{a, b, c} xpad[n, s_h*i + a, s_w*j + b, c] * w[a, b, c, o]
@@ -74,28 +79,42 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   out_h = (h + pt + pb - kh) // sh + 1
   out_w = (w + pl + pr - kw) // sw + 1
   if kh == kw == 1:
-    patches = xp[:, :(out_h - 1) * sh + 1:sh, :(out_w - 1) * sw + 1:sw, :]
+    patches = xp[:, : (out_h - 1) * sh + 1 : sh, : (out_w - 1) * sw + 1 : sw, :]
   else:
-    patches = jnp.concatenate([
-        lax.slice(xp, (0, a, b, 0),
-                  (n, a + (out_h - 1) * sh + 1, b + (out_w - 1) * sw + 1, c),
-                  (1, sh, sw, 1))
-        for a in range(kh) for b in range(kw)
-    ], axis=-1)
-  return jnp.dot(patches, kernel.reshape(kh * kw * c, o),
-                 preferred_element_type=jnp.float32).astype(x.dtype)
+    patches = jnp.concatenate(
+        [
+            lax.slice(
+                xp,
+                (0, a, b, 0),
+                (n, a + (out_h - 1) * sh + 1, b + (out_w - 1) * sw + 1, c),
+                (1, sh, sw, 1),
+            )
+            for a in range(kh)
+            for b in range(kw)
+        ],
+        axis=-1,
+    )
+  return jnp.dot(
+      patches,
+      kernel.reshape(kh * kw * c, o),
+      preferred_element_type=jnp.float32,
+  ).astype(x.dtype)
 
 
 def conv_lax(x, kernel, strides, padding):
   return lax.conv_general_dilated(
-      x, kernel, window_strides=tuple(strides),
+      x,
+      kernel,
+      window_strides=tuple(strides),
       padding=_pad_pairs(padding, kernel.shape[:2]),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      preferred_element_type=jnp.float32).astype(x.dtype)
+      preferred_element_type=jnp.float32,
+  ).astype(x.dtype)
 
 
-def kernel_gradient_im2col(x: jax.Array, cotangent: jax.Array,
-                           kernel_size: Sequence[int], padding) -> jax.Array:
+def kernel_gradient_im2col(
+    x: jax.Array, cotangent: jax.Array, kernel_size: Sequence[int], padding
+) -> jax.Array:
   """Gradient w.r.t. the kernel of a stride-1 convolution, as one matmul.
 
     dw[a, b, c, o] = sum_{n, i, j} xpad[n, i + a, j + b, c] * ct[n, i, j, o]
@@ -138,28 +157,47 @@ def kernel_gradient_im2col(x: jax.Array, cotangent: jax.Array,
   if kh * o + kw * c <= kh * kw * c + o:
     # Row shifts on ct, column shifts on x: kh + kw copies.
     rows = total - (kw - 1)  # xpad[q + b] must exist for b < kw
-    x_shifted = jnp.concatenate([flat_x[b:b + rows] for b in range(kw)],
-                                axis=1)  # (R, kw C)
+    x_shifted = jnp.concatenate(
+        [flat_x[b : b + rows] for b in range(kw)], axis=1
+    )  # (R, kw C)
     # ct[q - a W'] for q < R: a W' zero rows, then the first R - a W' rows
     # of ct; its last kh - 1 grid rows are zero, so nothing nonzero is cut.
-    ct_shifted = jnp.concatenate([
-        jnp.pad(flat_ct[:rows - a * wp], ((a * wp, 0), (0, 0)))
-        for a in range(kh)], axis=1)  # (R, kh O)
-    dw = lax.dot_general(ct_shifted, x_shifted, (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)  # (kh O, kw C)
+    ct_shifted = jnp.concatenate(
+        [
+            jnp.pad(flat_ct[: rows - a * wp], ((a * wp, 0), (0, 0)))
+            for a in range(kh)
+        ],
+        axis=1,
+    )  # (R, kh O)
+    dw = lax.dot_general(
+        ct_shifted,
+        x_shifted,
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )  # (kh O, kw C)
     return dw.reshape(kh, o, kw, c).transpose(0, 2, 3, 1)
   # Few input channels (a space-to-depth stem): every shift on x is cheaper.
   rows = total - ((kh - 1) * wp + kw - 1)
-  x_shifted = jnp.concatenate([flat_x[a * wp + b:a * wp + b + rows]
-                               for a in range(kh) for b in range(kw)],
-                              axis=1)  # (R, kh kw C)
-  dw = lax.dot_general(x_shifted, flat_ct[:rows], (((0,), (0,)), ((), ())),
-                       preferred_element_type=jnp.float32)  # (kh kw C, O)
+  x_shifted = jnp.concatenate(
+      [
+          flat_x[a * wp + b : a * wp + b + rows]
+          for a in range(kh)
+          for b in range(kw)
+      ],
+      axis=1,
+  )  # (R, kh kw C)
+  dw = lax.dot_general(
+      x_shifted,
+      flat_ct[:rows],
+      (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+  )  # (kh kw C, O)
   return dw.reshape(kh, kw, c, o)
 
 
-def _space_to_depth_conv(x: jax.Array, kernel: jax.Array,
-                         strides: Sequence[int], padding) -> jax.Array:
+def _space_to_depth_conv(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
+) -> jax.Array:
   """A strided convolution as a stride-1 one on space-to-depth blocks.
 
   With strides (s_h, s_w), the padded input is cut into s_h x s_w blocks
@@ -181,21 +219,30 @@ def _space_to_depth_conv(x: jax.Array, kernel: jax.Array,
   blocks_h, blocks_w = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
   rows, cols = out_h + blocks_h - 1, out_w + blocks_w - 1  # input blocks
   # Pad (or crop: rows past the last window are never read) to whole blocks.
-  xp = lax.pad(x, jnp.zeros((), x.dtype),
-               ((0, 0, 0), (pt, sh * rows - h - pt, 0),
-                (pl, sw * cols - w - pl, 0), (0, 0, 0)))
+  xp = lax.pad(
+      x,
+      jnp.zeros((), x.dtype),
+      (
+          (0, 0, 0),
+          (pt, sh * rows - h - pt, 0),
+          (pl, sw * cols - w - pl, 0),
+          (0, 0, 0),
+      ),
+  )
   xs = xp.reshape(n, rows, sh, cols, sw, c).transpose(0, 1, 3, 2, 4, 5)
   xs = xs.reshape(n, rows, cols, sh * sw * c)
-  ks = jnp.pad(kernel, ((0, sh * blocks_h - kh), (0, sw * blocks_w - kw),
-                        (0, 0), (0, 0)))
+  ks = jnp.pad(
+      kernel, ((0, sh * blocks_h - kh), (0, sw * blocks_w - kw), (0, 0), (0, 0))
+  )
   ks = ks.reshape(blocks_h, sh, blocks_w, sw, c, o).transpose(0, 2, 1, 3, 4, 5)
   ks = ks.reshape(blocks_h, blocks_w, sh * sw * c, o)
   return conv_lax_dw_im2col(xs, ks, ((0, 0), (0, 0)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_space_to_depth(x: jax.Array, kernel: jax.Array,
-                        strides: Sequence[int], padding) -> jax.Array:
+def conv_space_to_depth(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
+) -> jax.Array:
   """Native strided convolution whose derivatives go through space-to-depth.
 
   The value is XLA's native strided convolution (fast forward on CPU: the
@@ -223,8 +270,11 @@ def _conv_space_to_depth_bwd(strides, padding, residuals, cotangent):
   x, kernel = residuals
   # Only the derivatives of the blocked form are used; its forward value is
   # dead code that XLA removes.
-  _, vjp = jax.vjp(lambda x, kernel: _space_to_depth_conv(
-      x, kernel, strides, padding), x, kernel)
+  _, vjp = jax.vjp(
+      lambda x, kernel: _space_to_depth_conv(x, kernel, strides, padding),
+      x,
+      kernel,
+  )
   return vjp(cotangent.astype(x.dtype))
 
 
@@ -261,8 +311,10 @@ def _conv_lax_dw_im2col_bwd(padding, residuals, cotangent):
   (pt, pb), (pl, pr) = padding
   flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
   dx = conv_lax_dw_im2col(
-      cotangent.astype(x.dtype), flipped,
-      ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+      cotangent.astype(x.dtype),
+      flipped,
+      ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
+  )
   dw = kernel_gradient_im2col(x, cotangent.astype(x.dtype), (kh, kw), padding)
   return dx, dw.astype(kernel.dtype)
 
@@ -286,12 +338,15 @@ _CPU_NATIVE_MIN_POSITIONS = 64
 _CPU_SPACE_TO_DEPTH_MAX_CHANNELS = 4
 
 
-def resolve_conv_implementation(implementation: str, *,
-                                kernel_size: Sequence[int] | None = None,
-                                strides: Sequence[int] | None = None,
-                                output_hw: Sequence[int] | None = None,
-                                in_channels: int | None = None,
-                                backend: str | None = None) -> str:
+def resolve_conv_implementation(
+    implementation: str,
+    *,
+    kernel_size: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
+    output_hw: Sequence[int] | None = None,
+    in_channels: int | None = None,
+    backend: str | None = None,
+) -> str:
   """The formulation `implementation` selects for one convolution.
 
   Anything but "auto" is returned as given. "auto" gives "lax" on GPU and TPU
@@ -313,8 +368,10 @@ def resolve_conv_implementation(implementation: str, *,
     backend: `jax.default_backend()` when None.
   """
   if implementation not in CONV_IMPLEMENTATIONS:
-    raise ValueError(f"config.model.conv_implementation: unknown "
-                     f"{implementation!r}; allowed: {CONV_IMPLEMENTATIONS}")
+    raise ValueError(
+        "config.model.conv_implementation: unknown "
+        f"{implementation!r}; allowed: {CONV_IMPLEMENTATIONS}"
+    )
   if implementation != "auto":
     return implementation
   if (backend or jax.default_backend()) != "cpu":
@@ -322,20 +379,30 @@ def resolve_conv_implementation(implementation: str, *,
   if kernel_size is None or strides is None or output_hw is None:
     return "im2col"
   if all(s == 1 for s in strides):
-    native = (max(kernel_size) > 1
-              and output_hw[0] * output_hw[1] >= _CPU_NATIVE_MIN_POSITIONS)
+    native = (
+        max(kernel_size) > 1
+        and output_hw[0] * output_hw[1] >= _CPU_NATIVE_MIN_POSITIONS
+    )
     return "lax_dw_im2col" if native else "im2col"
-  if (in_channels is not None
+  if (
+      in_channels is not None
       and in_channels <= _CPU_SPACE_TO_DEPTH_MAX_CHANNELS
-      and any(k > s for k, s in zip(kernel_size, strides))):
+      and any(k > s for k, s in zip(kernel_size, strides))
+  ):
     return "space_to_depth"
   return "im2col"
 
 
-def conv_function(implementation: str, *, kernel_size: Sequence[int],
-                  strides: Sequence[int], padding, input_hw: Sequence[int],
-                  in_channels: int | None = None,
-                  backend: str | None = None):
+def conv_function(
+    implementation: str,
+    *,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    padding,
+    input_hw: Sequence[int],
+    in_channels: int | None = None,
+    backend: str | None = None,
+):
   """`(x, kernel) -> y` of the formulation `implementation` picks for one
   convolution of NHWC inputs of spatial size `input_hw` (and `in_channels`
   channels, which "auto" uses to spot the stem).
@@ -346,25 +413,36 @@ def conv_function(implementation: str, *, kernel_size: Sequence[int],
   """
   kh, kw = kernel_size
   (pt, pb), (pl, pr) = _pad_pairs(padding, (kh, kw))
-  output_hw = ((input_hw[0] + pt + pb - kh) // strides[0] + 1,
-               (input_hw[1] + pl + pr - kw) // strides[1] + 1)
+  output_hw = (
+      (input_hw[0] + pt + pb - kh) // strides[0] + 1,
+      (input_hw[1] + pl + pr - kw) // strides[1] + 1,
+  )
   chosen = resolve_conv_implementation(
-      implementation, kernel_size=kernel_size, strides=strides,
-      output_hw=output_hw, in_channels=in_channels, backend=backend)
+      implementation,
+      kernel_size=kernel_size,
+      strides=strides,
+      output_hw=output_hw,
+      in_channels=in_channels,
+      backend=backend,
+  )
   pads = ((pt, pb), (pl, pr))
-  in_range = all(0 <= p <= k - 1
-                 for p, k in zip((pt, pb, pl, pr), (kh, kh, kw, kw)))
+  in_range = all(
+      0 <= p <= k - 1 for p, k in zip((pt, pb, pl, pr), (kh, kh, kw, kw))
+  )
   if chosen == "lax_dw_im2col":
     if tuple(strides) != (1, 1) or not in_range:
       if implementation == "auto":
         return lambda x, kernel: conv_im2col(x, kernel, strides, padding)
-      raise ValueError(f"conv implementation 'lax_dw_im2col' needs stride 1 "
-                       f"and paddings in [0, k - 1], got strides {strides} "
-                       f"and padding {pads} for a {kh}x{kw} kernel")
+      raise ValueError(
+          "conv implementation 'lax_dw_im2col' needs stride 1 "
+          f"and paddings in [0, k - 1], got strides {strides} "
+          f"and padding {pads} for a {kh}x{kw} kernel"
+      )
     return lambda x, kernel: conv_lax_dw_im2col(x, kernel, pads)
   if chosen == "space_to_depth":
-    return lambda x, kernel: conv_space_to_depth(x, kernel, tuple(strides),
-                                                 pads)
+    return lambda x, kernel: conv_space_to_depth(
+        x, kernel, tuple(strides), pads
+    )
   formulation = {"lax": conv_lax, "im2col": conv_im2col}[chosen]
   return lambda x, kernel: formulation(x, kernel, strides, padding)
 
@@ -382,6 +460,7 @@ class Conv(nn.Module):
     dtype: computation dtype (parameters stay float32).
     kernel_init, bias_init: the parameters' initializers.
   """
+
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -394,21 +473,31 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init,
-                        (*self.kernel_size, x.shape[-1], self.features))
+    kernel = self.param(
+        "kernel",
+        self.kernel_init,
+        (*self.kernel_size, x.shape[-1], self.features),
+    )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    y = conv_function(self.implementation, kernel_size=self.kernel_size,
-                      strides=self.strides, padding=self.padding,
-                      input_hw=x.shape[1:3], in_channels=x.shape[3])(x, kernel)
+    y = conv_function(
+        self.implementation,
+        kernel_size=self.kernel_size,
+        strides=self.strides,
+        padding=self.padding,
+        input_hw=x.shape[1:3],
+        in_channels=x.shape[3],
+    )(x, kernel)
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init,
-                         (self.features,)).astype(self.dtype)
+      y = y + self.param("bias", self.bias_init, (self.features,)).astype(
+          self.dtype
+      )
     return y
 
 
-def max_pool(x: jax.Array, window: int = 3, stride: int = 2,
-             padding: int = 1) -> jax.Array:
+def max_pool(
+    x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1
+) -> jax.Array:
   """NHWC max-pooling as a running maximum over the window's strided slices.
 
     y[n, i, j, c] = max_{a, b < window} xpad[n, s*i + a, s*j + b, c]
@@ -421,16 +510,22 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2,
   on 32x32x32x64: ~25 ms against ~150 ms).
   """
   n, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-               constant_values=-jnp.inf)
+  xp = jnp.pad(
+      x,
+      ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+      constant_values=-jnp.inf,
+  )
   out_h = (h + 2 * padding - window) // stride + 1
   out_w = (w + 2 * padding - window) // stride + 1
   out = None
   for a in range(window):
     for b in range(window):
-      s = lax.slice(xp, (0, a, b, 0),
-                    (n, a + (out_h - 1) * stride + 1,
-                     b + (out_w - 1) * stride + 1, c), (1, stride, stride, 1))
+      s = lax.slice(
+          xp,
+          (0, a, b, 0),
+          (n, a + (out_h - 1) * stride + 1, b + (out_w - 1) * stride + 1, c),
+          (1, stride, stride, 1),
+      )
       out = s if out is None else jnp.where(s > out, s, out)
   return out
 
@@ -441,14 +536,16 @@ class FeatureNormalization(nn.Module):
   The scale starts at `initial_scale` (4.0 in TIRG), which sets the softmax
   temperature of the batch-based classification loss.
   """
+
   initial_scale: float = 4.0
   learn_scale: bool = True
 
   @nn.compact
   def __call__(self, x):
     if self.learn_scale:
-      scale = self.param("scale", nn.initializers.constant(self.initial_scale),
-                         ())
+      scale = self.param(
+          "scale", nn.initializers.constant(self.initial_scale), ()
+      )
     else:
       scale = self.initial_scale
     x = x.astype(jnp.float32)

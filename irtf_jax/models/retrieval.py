@@ -69,6 +69,7 @@ class RetrievalModel(nn.Module):
       PyTorch's default initializers for every layer that has no
       initialization of its own (see `initializers`).
   """
+
   composer: str
   vocab_size: int
   embed_dim: int = 512
@@ -90,93 +91,147 @@ class RetrievalModel(nn.Module):
   def setup(self):
     initializers.check(self.initialization)
     self.image_encoder = ResNet(
-        depth=self.image_depth, conv_implementation=self.conv_implementation,
-        bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+        depth=self.image_depth,
+        conv_implementation=self.conv_implementation,
+        bn_axis_name=self.bn_axis_name,
+        dtype=self.dtype,
+    )
     # TIRG replaces ResNet's classifier by this projection to the embedding.
-    self.image_projection = nn.Dense(self.embed_dim, **initializers.dense(
-        self.initialization, FEATURE_DIM))
+    self.image_projection = nn.Dense(
+        self.embed_dim, **initializers.dense(self.initialization, FEATURE_DIM)
+    )
     self.text_encoder = self._make_text_encoder()
     composer_class = COMPOSERS[self.composer]
     options = dict(self.composer_options)
     if getattr(composer_class, "uses_tokens", False):
-      options.update(vocab_size=self.vocab_size,
-                     word_embed_dim=self.word_embed_dim)
+      options.update(
+          vocab_size=self.vocab_size, word_embed_dim=self.word_embed_dim
+      )
     self.composer_module = composer_class(
-        embed_dim=self.embed_dim, conv_implementation=self.conv_implementation,
-        bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-        initialization=self.initialization, **options)
+        embed_dim=self.embed_dim,
+        conv_implementation=self.conv_implementation,
+        bn_axis_name=self.bn_axis_name,
+        dtype=self.dtype,
+        initialization=self.initialization,
+        **options,
+    )
     self.normalization = FeatureNormalization(self.normalization_scale)
 
   def _make_text_encoder(self):
     if self.text_encoder_kind == "lstm":
       return LSTMTextEncoder(
-          vocab_size=self.vocab_size, word_embed_dim=self.word_embed_dim,
-          hidden_dim=self.text_hidden_dim, output_dim=self.embed_dim,
-          dropout_rate=self.text_dropout, initialization=self.initialization)
+          vocab_size=self.vocab_size,
+          word_embed_dim=self.word_embed_dim,
+          hidden_dim=self.text_hidden_dim,
+          output_dim=self.embed_dim,
+          dropout_rate=self.text_dropout,
+          initialization=self.initialization,
+      )
     if self.text_encoder_kind == "sentence_transformer":
       return sentence_encoder.SentenceTransformerEncoder(
-          self.bert, output_dim=self.embed_dim,
-          initialization=self.initialization)
+          self.bert,
+          output_dim=self.embed_dim,
+          initialization=self.initialization,
+      )
     if self.text_encoder_kind == "precomputed":
       return sentence_encoder.PrecomputedTextEncoder(
-          self.num_texts, self.text_feature_dim, output_dim=self.embed_dim,
-          initialization=self.initialization)
-    raise ValueError(f"config.model.text_encoder.name: unknown "
-                     f"{self.text_encoder_kind!r}; allowed: "
-                     f"{', '.join(TEXT_ENCODERS)}")
+          self.num_texts,
+          self.text_feature_dim,
+          output_dim=self.embed_dim,
+          initialization=self.initialization,
+      )
+    raise ValueError(
+        "config.model.text_encoder.name: unknown "
+        f"{self.text_encoder_kind!r}; allowed: "
+        f"{', '.join(TEXT_ENCODERS)}"
+    )
 
   def pool_and_project(self, image_map):
     return self.image_projection(
-        jnp.mean(image_map.astype(jnp.float32), axis=(1, 2)))
+        jnp.mean(image_map.astype(jnp.float32), axis=(1, 2))
+    )
 
   def embed_target(self, images, *, train: bool):
     """(B, H, W, 3) normalized images -> (B, embed_dim) target features."""
     return self.normalization(
-        self.pool_and_project(self.image_encoder(images, train)))
+        self.pool_and_project(self.image_encoder(images, train))
+    )
 
   def _query_inputs(self, images, tokens, lengths, train, text_perturbation):
-    text = self.text_encoder(tokens, lengths, train=train,
-                             embedding_perturbation=text_perturbation)
+    text = self.text_encoder(
+        tokens, lengths, train=train, embedding_perturbation=text_perturbation
+    )
     image = self.image_encoder(images, train)
     if self.composer_module.operates_on != "map":
       image = self.pool_and_project(image)
     return image, text
 
-  def _compose(self, image, text, tokens, lengths, train, text_perturbation,
-               **training_inputs):
+  def _compose(
+      self,
+      image,
+      text,
+      tokens,
+      lengths,
+      train,
+      text_perturbation,
+      **training_inputs,
+  ):
     extras = dict(training_inputs)
     if getattr(self.composer_module, "uses_tokens", False):
-      extras.update(tokens=tokens, lengths=lengths,
-                    text_perturbation=text_perturbation)
+      extras.update(
+          tokens=tokens, lengths=lengths, text_perturbation=text_perturbation
+      )
     query = self.composer_module(image, text, train=train, **extras)
     if query.ndim == 4:  # a map
       query = self.pool_and_project(query)
     return self.normalization(query)
 
-  def embed_query(self, images, tokens, lengths, *, train: bool,
-                  text_perturbation=None):
+  def embed_query(
+      self, images, tokens, lengths, *, train: bool, text_perturbation=None
+  ):
     """Reference images + texts -> (B, embed_dim) query features.
 
     `text_perturbation` (B, T, word_embed_dim), if given, is added to the word
     embeddings (the text-side input of the adversarial penalty).
     """
-    image, text = self._query_inputs(images, tokens, lengths, train,
-                                     text_perturbation)
-    return self._compose(image, text, tokens, lengths, train,
-                         text_perturbation)
+    image, text = self._query_inputs(
+        images, tokens, lengths, train, text_perturbation
+    )
+    return self._compose(image, text, tokens, lengths, train, text_perturbation)
 
-  def __call__(self, query_images, tokens, lengths, target_images, *,
-               train: bool = True, text_perturbation=None):
+  def __call__(
+      self,
+      query_images,
+      tokens,
+      lengths,
+      target_images,
+      *,
+      train: bool = True,
+      text_perturbation=None,
+  ):
     """(query features, target features), as the training loss wants them."""
     if not getattr(self.composer_module, "uses_target", False):
-      query = self.embed_query(query_images, tokens, lengths, train=train,
-                               text_perturbation=text_perturbation)
+      query = self.embed_query(
+          query_images,
+          tokens,
+          lengths,
+          train=train,
+          text_perturbation=text_perturbation,
+      )
       return query, self.embed_target(target_images, train=train)
     # Same order of BatchNorm updates as above: query images, then targets.
-    image, text = self._query_inputs(query_images, tokens, lengths, train,
-                                     text_perturbation)
+    image, text = self._query_inputs(
+        query_images, tokens, lengths, train, text_perturbation
+    )
     target = self.pool_and_project(self.image_encoder(target_images, train))
-    query = self._compose(image, text, tokens, lengths, train,
-                          text_perturbation, target=target,
-                          normalize=self.normalization)
+    query = self._compose(
+        image,
+        text,
+        tokens,
+        lengths,
+        train,
+        text_perturbation,
+        target=target,
+        normalize=self.normalization,
+    )
     return query, self.normalization(target)

@@ -13,9 +13,9 @@ from typing import Iterable, Sequence
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from irtf_jax.models import initializers
 
@@ -49,8 +49,9 @@ class Vocabulary:
   def __eq__(self, other) -> bool:
     return isinstance(other, Vocabulary) and self.words == other.words
 
-  def encode(self, texts: Sequence[str], max_length: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def encode(
+      self, texts: Sequence[str], max_length: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (token ids (B, max_length) int32, lengths (B,) int32).
 
     Texts longer than `max_length` words are truncated; an empty text becomes
@@ -61,7 +62,7 @@ class Vocabulary:
     for row, text in enumerate(texts):
       ids = [self._ids.get(w, UNKNOWN_ID) for w in tokenize(text)][:max_length]
       ids = ids or [UNKNOWN_ID]
-      tokens[row, :len(ids)] = ids
+      tokens[row, : len(ids)] = ids
       lengths[row] = len(ids)
     return tokens, lengths
 
@@ -79,8 +80,9 @@ def _per_gate(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
   def initialize(key, shape, dtype=jnp.float32):
     rows, columns = shape
     keys = jax.random.split(key, 4)
-    return jnp.concatenate([init(k, (rows, columns // 4), dtype) for k in keys],
-                           axis=1)
+    return jnp.concatenate(
+        [init(k, (rows, columns // 4), dtype) for k in keys], axis=1
+    )
 
   return initialize
 
@@ -108,10 +110,12 @@ class LSTM(nn.Module):
       both biases (by default Flax's LSTM cells': LeCun normal, an orthogonal
       matrix per gate, zeros).
   """
+
   hidden_dim: int
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   recurrent_init: nn.initializers.Initializer = _per_gate(
-      nn.initializers.orthogonal())
+      nn.initializers.orthogonal()
+  )
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
   @nn.compact
@@ -143,7 +147,8 @@ def last_valid(outputs: jax.Array, lengths: jax.Array) -> jax.Array:
   never reaches this output.
   """
   return jnp.take_along_axis(
-      outputs, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+      outputs, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1
+  )[:, 0]
 
 
 class LSTMTextEncoder(nn.Module):
@@ -159,6 +164,7 @@ class LSTMTextEncoder(nn.Module):
     initialization: "flax" or "torch" (`config.model.init`; see
       `initializers`).
   """
+
   vocab_size: int
   word_embed_dim: int = 512
   hidden_dim: int = 512
@@ -167,8 +173,9 @@ class LSTMTextEncoder(nn.Module):
   initialization: str = "flax"
 
   @nn.compact
-  def __call__(self, tokens, lengths, *, train: bool,
-               embedding_perturbation=None):
+  def __call__(
+      self, tokens, lengths, *, train: bool, embedding_perturbation=None
+  ):
     """Encodes texts.
 
     Args:
@@ -182,13 +189,25 @@ class LSTMTextEncoder(nn.Module):
     Returns:
       (B, output_dim) text features.
     """
-    x = nn.Embed(self.vocab_size, self.word_embed_dim,
-                 embedding_init=initializers.embedding(self.initialization),
-                 name="embedding")(tokens)
+    x = nn.Embed(
+        self.vocab_size,
+        self.word_embed_dim,
+        embedding_init=initializers.embedding(self.initialization),
+        name="embedding",
+    )(tokens)
     if embedding_perturbation is not None:
       x = x + embedding_perturbation
-    last = last_valid(LSTM(self.hidden_dim, name="lstm", **initializers.lstm(
-        self.initialization, self.hidden_dim))(x), lengths)
+    last = last_valid(
+        LSTM(
+            self.hidden_dim,
+            name="lstm",
+            **initializers.lstm(self.initialization, self.hidden_dim),
+        )(x),
+        lengths,
+    )
     last = nn.Dropout(self.dropout_rate, deterministic=not train)(last)
-    return nn.Dense(self.output_dim, name="output", **initializers.dense(
-        self.initialization, self.hidden_dim))(last)
+    return nn.Dense(
+        self.output_dim,
+        name="output",
+        **initializers.dense(self.initialization, self.hidden_dim),
+    )(last)

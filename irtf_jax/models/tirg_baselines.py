@@ -35,25 +35,34 @@ class ShowAndTell(Composer):
 
   with its own word embedding e; the text feature is not used.
   """
+
   uses_tokens = True
   torch_order = ("embedding", "image_input", "lstm", "output")
   vocab_size: int = 0
   word_embed_dim: int = 512
 
   @nn.compact
-  def __call__(self, image, text, *, train, tokens, lengths,
-               text_perturbation=None):
+  def __call__(
+      self, image, text, *, train, tokens, lengths, text_perturbation=None
+  ):
     del text, train
-    words = nn.Embed(self.vocab_size, self.word_embed_dim,
-                     embedding_init=initializers.embedding(
-                         self.initialization), name="embedding")(tokens)
+    words = nn.Embed(
+        self.vocab_size,
+        self.word_embed_dim,
+        embedding_init=initializers.embedding(self.initialization),
+        name="embedding",
+    )(tokens)
     if text_perturbation is not None:
       words = words + text_perturbation
-    first = self.dense(self.word_embed_dim, image.shape[-1],
-                       name="image_input")(image)
+    first = self.dense(
+        self.word_embed_dim, image.shape[-1], name="image_input"
+    )(image)
     sequence = jnp.concatenate([first[:, None, :], words], axis=1)
-    outputs = LSTM(self.embed_dim, name="lstm", **initializers.lstm(
-        self.initialization, self.embed_dim))(sequence)
+    outputs = LSTM(
+        self.embed_dim,
+        name="lstm",
+        **initializers.lstm(self.initialization, self.embed_dim),
+    )(sequence)
     last = last_valid(outputs, lengths + 1)
     return self.dense(self.embed_dim, last.shape[-1], name="output")(last)
 
@@ -61,8 +70,10 @@ class ShowAndTell(Composer):
 def _hash_tables(rows: int, cols: int, buckets: int, seed: int = 0):
   """Fixed hash h(i, j) in [0, buckets) and sign xi(i, j) in {-1, 1}."""
   rng = np.random.default_rng(seed)
-  return (rng.integers(0, buckets, size=(rows, cols)).astype(np.int32),
-          rng.choice(np.array([-1.0, 1.0], np.float32), size=(rows, cols)))
+  return (
+      rng.integers(0, buckets, size=(rows, cols)).astype(np.int32),
+      rng.choice(np.array([-1.0, 1.0], np.float32), size=(rows, cols)),
+  )
 
 
 @register("parameter_hashing")
@@ -77,6 +88,7 @@ class ParameterHashing(Composer):
 
   with a fixed random hash h and sign xi.
   """
+
   torch_order = ("candidates", "bias")
   num_hashed_weights: int = 4096
 
@@ -86,11 +98,15 @@ class ParameterHashing(Composer):
     d_out, d_in = self.embed_dim, image.shape[-1]
     bucket, sign = _hash_tables(d_out, d_in, self.num_hashed_weights)
     # The kernel's scale keeps W(t) phi_x of unit order; the model's choice.
-    candidates = self.dense(self.num_hashed_weights, text.shape[-1],
-                            name="candidates",
-                            kernel_init=nn.initializers.normal(
-                                1.0 / np.sqrt(text.shape[-1] * d_in)))(text)
-    weights = candidates[:, bucket] * sign                    # (B, D, D_in)
+    candidates = self.dense(
+        self.num_hashed_weights,
+        text.shape[-1],
+        name="candidates",
+        kernel_init=nn.initializers.normal(
+            1.0 / np.sqrt(text.shape[-1] * d_in)
+        ),
+    )(text)
+    weights = candidates[:, bucket] * sign  # (B, D, D_in)
     bias = self.param("bias", nn.initializers.zeros, (d_out,))
     return jnp.einsum("bij,bj->bi", weights, image) + bias
 
@@ -108,6 +124,7 @@ class AttributeAsOperator(Composer):
   is the paper's "one matrix per attribute"; the soft choice lets free-form
   texts share operators.
   """
+
   torch_order = ("operators", "choice")
   num_operators: int = 16
 
@@ -117,10 +134,13 @@ class AttributeAsOperator(Composer):
     d = image.shape[-1]
     operators = self.param(
         "operators",
-        lambda key, shape: jnp.eye(d)[None] + 0.01 * jax.random.normal(
-            key, shape), (self.num_operators, d, d))
-    choice = jax.nn.softmax(self.dense(self.num_operators, text.shape[-1],
-                                       name="choice")(text))
+        lambda key, shape: jnp.eye(d)[None]
+        + 0.01 * jax.random.normal(key, shape),
+        (self.num_operators, d, d),
+    )
+    choice = jax.nn.softmax(
+        self.dense(self.num_operators, text.shape[-1], name="choice")(text)
+    )
     applied = jnp.einsum("kij,bj->bki", operators, image)
     return jnp.einsum("bk,bki->bi", choice, applied)
 
@@ -138,6 +158,7 @@ class Relationship(Composer):
   and summed, which equals the layer on the concatenation and costs
   O(h w) instead of O((h w)^2) matrix products.
   """
+
   operates_on = "map"
   torch_order = ("g1_left", "g1_right", "g1_text", "g2", "f1", "f2")
   hidden_dim: int = 256
@@ -146,26 +167,33 @@ class Relationship(Composer):
   def __call__(self, image, text, *, train):
     del train
     b, h, w, c = image.shape
-    ys, xs = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w),
-                          indexing="ij")
+    ys, xs = jnp.meshgrid(
+        jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij"
+    )
     coords = jnp.broadcast_to(jnp.stack([ys, xs], -1)[None], (b, h, w, 2))
-    regions = jnp.concatenate([image.astype(jnp.float32), coords],
-                              -1).reshape(b, h * w, c + 2)
+    regions = jnp.concatenate([image.astype(jnp.float32), coords], -1).reshape(
+        b, h * w, c + 2
+    )
     # g1 is one Linear on [r_i, r_j, phi_t] split in three: each part is
     # initialized with the fan-in of the whole layer, its bias on `g1_left`.
     fan_in = 2 * (c + 2) + text.shape[-1]
     left = self.dense(self.hidden_dim, fan_in, name="g1_left")(regions)
-    right = self.dense(self.hidden_dim, fan_in, use_bias=False,
-                       name="g1_right")(regions)
-    words = self.dense(self.hidden_dim, fan_in, use_bias=False,
-                       name="g1_text")(text)
-    pairs = nn.relu(left[:, :, None] + right[:, None, :] +
-                    words[:, None, None, :])       # (B, hw, hw, hidden)
-    pairs = nn.relu(self.dense(self.hidden_dim, self.hidden_dim,
-                               name="g2")(pairs))
+    right = self.dense(
+        self.hidden_dim, fan_in, use_bias=False, name="g1_right"
+    )(regions)
+    words = self.dense(self.hidden_dim, fan_in, use_bias=False, name="g1_text")(
+        text
+    )
+    pairs = nn.relu(
+        left[:, :, None] + right[:, None, :] + words[:, None, None, :]
+    )  # (B, hw, hw, hidden)
+    pairs = nn.relu(
+        self.dense(self.hidden_dim, self.hidden_dim, name="g2")(pairs)
+    )
     relation = jnp.sum(pairs, axis=(1, 2))
-    out = nn.relu(self.dense(self.hidden_dim, self.hidden_dim,
-                             name="f1")(relation))
+    out = nn.relu(
+        self.dense(self.hidden_dim, self.hidden_dim, name="f1")(relation)
+    )
     return self.dense(self.embed_dim, self.hidden_dim, name="f2")(out)
 
 
@@ -181,6 +209,7 @@ class FiLM(Composer):
   BN without its own affine parameters. The retrieval model pools and
   projects the output map.
   """
+
   operates_on = "map"
   torch_order = ("conv1", "conv2", "film")
 
@@ -189,15 +218,24 @@ class FiLM(Composer):
     c = image.shape[-1]
     x1 = nn.relu(self.conv(c, 1, c, name="conv1")(image))
     y = self.conv(c, 3, c, name="conv2")(x1)
-    y = nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_scale=False,
-                     use_bias=False, axis_name=self.bn_axis_name,
-                     dtype=self.dtype, name="bn")(
-                         y, use_running_average=not train)
+    y = nn.BatchNorm(
+        momentum=0.9,
+        epsilon=1e-5,
+        use_scale=False,
+        use_bias=False,
+        axis_name=self.bn_axis_name,
+        dtype=self.dtype,
+        name="bn",
+    )(y, use_running_average=not train)
     # Identity modulation at the start (gamma 1, beta 0): the model's choice.
-    film = self.dense(2 * c, text.shape[-1], name="film",
-                      bias_init=lambda key, shape, dtype=jnp.float32:
-                      jnp.concatenate([jnp.ones((c,)), jnp.zeros((c,))]
-                                      ).astype(dtype))(text)
+    film = self.dense(
+        2 * c,
+        text.shape[-1],
+        name="film",
+        bias_init=lambda key, shape, dtype=jnp.float32: jnp.concatenate(
+            [jnp.ones((c,)), jnp.zeros((c,))]
+        ).astype(dtype),
+    )(text)
     gamma, beta = film[:, None, None, :c], film[:, None, None, c:]
     y = nn.relu(gamma * y.astype(jnp.float32) + beta)
     return (x1 + y).astype(image.dtype)

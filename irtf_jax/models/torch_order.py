@@ -31,12 +31,26 @@ import jax
 Path = tuple[str, ...]
 
 # Within a layer: PyTorch's order of a layer's tensors.
-_LEAF_RANK = {"kernel": 0, "scale": 0, "embedding": 0, "a": 0,
-              "kernel_ih": 0, "kernel_hh": 1, "bias_ih": 2, "bias_hh": 3,
-              "bias": 1}
+_LEAF_RANK = {
+    "kernel": 0,
+    "scale": 0,
+    "embedding": 0,
+    "a": 0,
+    "kernel_ih": 0,
+    "kernel_hh": 1,
+    "bias_ih": 2,
+    "bias_hh": 3,
+    "bias": 1,
+}
 # torchvision's BasicBlock registration order.
-_BLOCK_ORDER = ("conv1", "bn1", "conv2", "bn2", "downsample_conv",
-                "downsample_bn")
+_BLOCK_ORDER = (
+    "conv1",
+    "bn1",
+    "conv2",
+    "bn2",
+    "downsample_conv",
+    "downsample_bn",
+)
 _TEXT_ENCODER_ORDER = ("embedding", "lstm", "output")
 
 
@@ -52,11 +66,17 @@ def _resnet_key(path: Path):
   """torchvision's order: conv1, bn1, layer1.0 ... layer4.1 (block order)."""
   match = re.fullmatch(r"layer(\d+)_(\d+)", path[0])
   if match is None:
-    return (0, ("conv1", "bn1").index(path[0]) if path[0] in ("conv1", "bn1")
-            else 2, 0, 0, _sort_key(path))
+    return (
+        0,
+        ("conv1", "bn1").index(path[0]) if path[0] in ("conv1", "bn1") else 2,
+        0,
+        0,
+        _sort_key(path),
+    )
   inner = path[1] if len(path) > 2 else ""
-  rank = _BLOCK_ORDER.index(inner) if inner in _BLOCK_ORDER else len(
-      _BLOCK_ORDER)
+  rank = (
+      _BLOCK_ORDER.index(inner) if inner in _BLOCK_ORDER else len(_BLOCK_ORDER)
+  )
   return (1, int(match[1]), int(match[2]), rank, _sort_key(path))
 
 
@@ -66,7 +86,7 @@ def _take(paths: list[Path], prefixes: Sequence[str]) -> list[Path]:
   taken = []
   for prefix in prefixes:
     parts = tuple(prefix.split("/"))
-    group = [p for p in paths if p[:len(parts)] == parts]
+    group = [p for p in paths if p[: len(parts)] == parts]
     taken.extend(sorted(group, key=_sort_key))
     for p in group:
       paths.remove(p)
@@ -84,15 +104,23 @@ def official_order(paths: Sequence[Path], composer: type) -> list[Path]:
   text = groups.pop("text_encoder", [])
   text = _take(text, _TEXT_ENCODER_ORDER) + sorted(text, key=_sort_key)
   ordered = [("composer_module",) + p for p in own]
-  ordered += [("normalization",) + p for p in
-              sorted(groups.pop("normalization", []), key=_sort_key)]
-  ordered += [("image_encoder",) + p for p in
-              sorted(groups.pop("image_encoder", []), key=_resnet_key)]
-  ordered += [("image_projection",) + p for p in
-              sorted(groups.pop("image_projection", []), key=_sort_key)]
+  ordered += [
+      ("normalization",) + p
+      for p in sorted(groups.pop("normalization", []), key=_sort_key)
+  ]
+  ordered += [
+      ("image_encoder",) + p
+      for p in sorted(groups.pop("image_encoder", []), key=_resnet_key)
+  ]
+  ordered += [
+      ("image_projection",) + p
+      for p in sorted(groups.pop("image_projection", []), key=_sort_key)
+  ]
   ordered += [("text_encoder",) + p for p in text]
-  ordered += [("composer_module",) + p for p in
-              layers + sorted(composer_paths, key=_sort_key)]
+  ordered += [
+      ("composer_module",) + p
+      for p in layers + sorted(composer_paths, key=_sort_key)
+  ]
   for name in sorted(groups):
     ordered += [(name,) + p for p in sorted(groups[name], key=_sort_key)]
   return ordered
@@ -109,8 +137,9 @@ def official_parameter_positions(composer: type) -> Callable[[Any], Any]:
   def positions(params: Any) -> Any:
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [tuple(_key(k) for k in path) for path, _ in with_paths]
-    rank = {path: i + 1 for i, path in enumerate(official_order(paths,
-                                                                composer))}
+    rank = {
+        path: i + 1 for i, path in enumerate(official_order(paths, composer))
+    }
     return jax.tree.unflatten(treedef, [rank[p] for p in paths])
 
   return positions

@@ -29,11 +29,13 @@ def check_scale(value: Any, name: str, caller: str, example: str) -> Any:
   except (TypeError, ValueError) as e:
     raise ValueError(
         f"{caller}: {name} must be a number, got {value!r}; pass a float "
-        f"such as {example}.") from e
+        f"such as {example}."
+    ) from e
   if not math.isfinite(number) or number < 0:
     raise ValueError(
         f"{caller}: {name} must be finite and >= 0, got {value!r}; pass a "
-        f"float such as {example} (0 disables the term).")
+        f"float such as {example} (0 disables the term)."
+    )
   return number
 
 

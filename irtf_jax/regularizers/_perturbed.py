@@ -21,23 +21,29 @@ Selector = Callable[[Any], Any] | str | None
 def batch_size(leaves: Sequence[Any], caller: str, what: str) -> int:
   """The leading-axis size the leaves share, checked."""
   if not leaves:
-    raise ValueError(f"{caller}: {what} selects no array; point argnums/wrt "
-                     "at the batched input to perturb.")
+    raise ValueError(
+        f"{caller}: {what} selects no array; point argnums/wrt "
+        "at the batched input to perturb."
+    )
   for leaf in leaves:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
           f"{caller}: {what} selects a leaf of dtype {dtype}; the perturbed "
           "input must be floating point (select it with wrt=, e.g. "
-          "wrt=lambda batch: batch['image'], and leave token ids out).")
+          "wrt=lambda batch: batch['image'], and leave token ids out)."
+      )
     if jnp.ndim(leaf) < 1:
-      raise ValueError(f"{caller}: {what} selects a scalar; every perturbed "
-                       "leaf needs a leading batch axis.")
+      raise ValueError(
+          f"{caller}: {what} selects a scalar; every perturbed "
+          "leaf needs a leading batch axis."
+      )
   sizes = sorted({int(jnp.shape(leaf)[0]) for leaf in leaves})
   if len(sizes) != 1:
     raise ValueError(
         f"{caller}: the leaves {what} selects have different leading (batch) "
-        f"sizes {sizes}; give every perturbed leaf the same batch axis.")
+        f"sizes {sizes}; give every perturbed leaf the same batch axis."
+    )
   return sizes[0]
 
 
@@ -53,7 +59,9 @@ def selected_positions(arg: Any, wrt: Selector, caller: str) -> list[int]:
   leaves, treedef = jax.tree.flatten(arg)
   if wrt is None:
     return list(range(len(leaves)))
-  markers = jax.tree.unflatten(treedef, [_Marker(i) for i in range(len(leaves))])
+  markers = jax.tree.unflatten(
+      treedef, [_Marker(i) for i in range(len(leaves))]
+  )
   try:
     selected = markers[wrt] if isinstance(wrt, str) else wrt(markers)
   except (KeyError, TypeError, AttributeError, IndexError) as e:
@@ -61,13 +69,15 @@ def selected_positions(arg: Any, wrt: Selector, caller: str) -> list[int]:
         f"{caller}: wrt could not select from the perturbed argument "
         f"({type(e).__name__}: {e}); wrt must pick leaves of it by index or "
         "attribute access only, e.g. "
-        "wrt=lambda batch: batch['query_image'] or wrt='query_image'.") from e
+        "wrt=lambda batch: batch['query_image'] or wrt='query_image'."
+    ) from e
   picked = jax.tree.leaves(selected)
   if not all(isinstance(p, _Marker) for p in picked):
     raise ValueError(
         f"{caller}: wrt must return leaves of its argument (index or attribute "
         "access only, no arithmetic), got "
-        f"{[type(p).__name__ for p in picked if not isinstance(p, _Marker)]}.")
+        f"{[type(p).__name__ for p in picked if not isinstance(p, _Marker)]}."
+    )
   positions = [p.index for p in picked]
   if len(set(positions)) != len(positions):
     raise ValueError(f"{caller}: wrt selects the same leaf twice.")
@@ -80,7 +90,8 @@ def _check_argnums(argnums: int, args: tuple, caller: str) -> None:
         f"{caller}: argnums={argnums!r} but the loss was called with "
         f"{len(args)} positional arguments; set argnums to the position of "
         "the argument holding the input to perturb (keyword arguments cannot "
-        "be perturbed).")
+        "be perturbed)."
+    )
 
 
 def input_gradient(loss_fn, args, kwargs, argnums, wrt, has_aux, caller):
@@ -95,15 +106,18 @@ def input_gradient(loss_fn, args, kwargs, argnums, wrt, has_aux, caller):
   leaves, treedef = jax.tree.flatten(args[argnums])
   positions = selected_positions(args[argnums], wrt, caller)
   selected = [leaves[p] for p in positions]
-  batch_size(selected, caller,
-              f"argument {argnums}" + ("" if wrt is None else " through wrt"))
+  batch_size(
+      selected,
+      caller,
+      f"argument {argnums}" + ("" if wrt is None else " through wrt"),
+  )
 
   def loss_of(values):
     new_leaves = list(leaves)
     for position, value in zip(positions, values):
       new_leaves[position] = value
     new_arg = jax.tree.unflatten(treedef, new_leaves)
-    return loss_fn(*args[:argnums], new_arg, *args[argnums + 1:], **kwargs)
+    return loss_fn(*args[:argnums], new_arg, *args[argnums + 1 :], **kwargs)
 
   value, grads = jax.value_and_grad(loss_of, has_aux=has_aux)(selected)
   loss, aux = value if has_aux else (value, None)

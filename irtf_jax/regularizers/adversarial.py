@@ -45,6 +45,7 @@ class AdversarialTerms(NamedTuple):
     loss: the clean loss L (loss_fn's value).
     penalty: the adversarial gradient penalty P.
   """
+
   loss: jax.Array
   penalty: jax.Array
 
@@ -58,12 +59,14 @@ def _check_q(q: Any, caller: str) -> float:
   if value not in DUAL_NORM_ORDERS:
     raise ValueError(
         f"{caller}: q must be 1, 2 or inf, got {q!r}; pass q=1.0 (l-inf "
-        "perturbation), 2.0 (l2) or float('inf') (l1).")
+        "perturbation), 2.0 (l2) or float('inf') (l1)."
+    )
   return value
 
 
-def dual_norm_penalty(input_grad: Any, *, epsilon: Any,
-                      q: float = 1.0) -> jax.Array:
+def dual_norm_penalty(
+    input_grad: Any, *, epsilon: Any, q: float = 1.0
+) -> jax.Array:
   """The adversarial GA penalty from the gradient of a batch-mean loss.
 
   With `g_i = B * dL/dx_i` (example i of the batched pytree `input_grad`, its
@@ -83,8 +86,7 @@ def dual_norm_penalty(input_grad: Any, *, epsilon: Any,
   Returns:
     The scalar penalty P.
   """
-  epsilon = _checks.check_scale(epsilon, "epsilon", "dual_norm_penalty",
-                                "1e-6")
+  epsilon = _checks.check_scale(epsilon, "epsilon", "dual_norm_penalty", "1e-6")
   q = _check_q(q, "dual_norm_penalty")
   leaves = jax.tree.leaves(input_grad)
   batch = batch_size(leaves, "dual_norm_penalty", "input_grad")
@@ -98,15 +100,21 @@ def dual_norm_penalty(input_grad: Any, *, epsilon: Any,
     norms = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1)), 0)
   else:
     norms = functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(row), axis=1) for row in rows])
+        jnp.maximum, [jnp.max(jnp.abs(row), axis=1) for row in rows]
+    )
   scale = 0.5 * float(example_size) ** (1.0 - 1.0 / q)
   return epsilon * scale * jnp.mean(norms)
 
 
 def adversarial_gradient_penalty(
-    loss_fn: Callable[..., Any], *, epsilon: Any, q: float = 1.0,
-    argnums: int = 1, wrt: Selector = None,
-    has_aux: bool = False) -> Callable[..., tuple[jax.Array, Any]]:
+    loss_fn: Callable[..., Any],
+    *,
+    epsilon: Any,
+    q: float = 1.0,
+    argnums: int = 1,
+    wrt: Selector = None,
+    has_aux: bool = False,
+) -> Callable[..., tuple[jax.Array, Any]]:
   """Wraps a loss with the explicit adversarial GA penalty.
 
   The wrapped function takes loss_fn's arguments and returns
@@ -191,19 +199,26 @@ def adversarial_gradient_penalty(
       penalty = jnp.zeros_like(loss)
     else:
       loss, aux, grads, _, _ = input_gradient(
-          loss_fn, args, kwargs, argnums, wrt, has_aux, caller)
+          loss_fn, args, kwargs, argnums, wrt, has_aux, caller
+      )
       penalty = dual_norm_penalty(grads, epsilon=epsilon, q=q).astype(
-          jnp.result_type(loss))
+          jnp.result_type(loss)
+      )
     terms = AdversarialTerms(loss=loss, penalty=penalty)
     return loss + penalty, ((aux, terms) if has_aux else terms)
 
   return regularized_loss
 
 
-def adversarial_penalty(loss_fn: Callable[..., Any], *, epsilon: Any,
-                        q: float = 1.0, argnums: int = 1,
-                        wrt: Selector = None,
-                        has_aux: bool = False) -> Callable[..., jax.Array]:
+def adversarial_penalty(
+    loss_fn: Callable[..., Any],
+    *,
+    epsilon: Any,
+    q: float = 1.0,
+    argnums: int = 1,
+    wrt: Selector = None,
+    has_aux: bool = False,
+) -> Callable[..., jax.Array]:
   """The penalty P of `adversarial_gradient_penalty` alone.
 
   Same arguments; the returned function takes loss_fn's arguments and returns
@@ -211,7 +226,8 @@ def adversarial_penalty(loss_fn: Callable[..., Any], *, epsilon: Any,
   `adversarial_gradient_penalty`, which shares the forward pass).
   """
   wrapped = adversarial_gradient_penalty(
-      loss_fn, epsilon=epsilon, q=q, argnums=argnums, wrt=wrt, has_aux=has_aux)
+      loss_fn, epsilon=epsilon, q=q, argnums=argnums, wrt=wrt, has_aux=has_aux
+  )
 
   @functools.wraps(loss_fn)
   def penalty(*args, **kwargs):
@@ -221,9 +237,14 @@ def adversarial_penalty(loss_fn: Callable[..., Any], *, epsilon: Any,
   return penalty
 
 
-def fgsm_adversarial_loss(loss_fn: Callable[..., Any], *, epsilon: Any,
-                          argnums: int = 1, wrt: Selector = None,
-                          has_aux: bool = False) -> Callable[..., Any]:
+def fgsm_adversarial_loss(
+    loss_fn: Callable[..., Any],
+    *,
+    epsilon: Any,
+    argnums: int = 1,
+    wrt: Selector = None,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
   """Wraps a loss with FGSM adversarial training (Goodfellow, Shlens,
   Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015).
 
@@ -260,10 +281,12 @@ def fgsm_adversarial_loss(loss_fn: Callable[..., Any], *, epsilon: Any,
   @functools.wraps(loss_fn)
   def adversarial_loss(*args, **kwargs):
     loss, aux, grads, selected, loss_of = input_gradient(
-        loss_fn, args, kwargs, argnums, wrt, has_aux, caller)
+        loss_fn, args, kwargs, argnums, wrt, has_aux, caller
+    )
     perturbed = [
         x + jax.lax.stop_gradient(epsilon * jnp.sign(g)).astype(x.dtype)
-        for x, g in zip(selected, grads)]
+        for x, g in zip(selected, grads)
+    ]
     adversarial_value = loss_of(perturbed)
     adversarial = adversarial_value[0] if has_aux else adversarial_value
     total = (loss + adversarial) / 2

@@ -66,6 +66,7 @@ class IsotropicGradientAugmentationState(NamedTuple):
     noise_norm: l2 norm of the noise added by the last update (0 before the
       first), for logging.
   """
+
   key_data: jax.Array
   count: jax.Array
   noise_norm: jax.Array
@@ -77,26 +78,32 @@ def _positions_and_sizes(updates, registration_order) -> list[tuple[int, int]]:
         f'{_CALLER}: scaling="official" needs registration_order, a function '
         "of the gradient pytree giving each leaf's 1-based position in "
         "PyTorch's named_parameters() order of the same model (for irtf-jax "
-        "models: irtf_jax.models.official_parameter_positions).")
+        "models: irtf_jax.models.official_parameter_positions)."
+    )
   leaves = jax.tree.leaves(updates)
   positions = jax.tree.leaves(registration_order(updates))
   if sorted(positions) != list(range(1, len(leaves) + 1)):
     raise ValueError(
         f"{_CALLER}: registration_order must give the {len(leaves)} gradient "
-        f"leaves the positions 1..{len(leaves)} once each, got {positions}.")
+        f"leaves the positions 1..{len(leaves)} once each, got {positions}."
+    )
   return [(int(k), leaf.size) for k, leaf in zip(positions, leaves)]
 
 
-def leaf_weights(updates: Any, scaling: str | Callable[[Any], Any],
-                 registration_order: Callable[[Any], Any] | None = None
-                 ) -> list[float]:
+def leaf_weights(
+    updates: Any,
+    scaling: str | Callable[[Any], Any],
+    registration_order: Callable[[Any], Any] | None = None,
+) -> list[float]:
   """The weight w_k of each leaf of `updates` (in `jax.tree.leaves` order)."""
   leaves = jax.tree.leaves(updates)
   if callable(scaling):
     weights = [float(w) for w in jax.tree.leaves(scaling(updates))]
     if len(weights) != len(leaves):
-      raise ValueError(f"{_CALLER}: scaling(updates) gave {len(weights)} "
-                       f"weights for {len(leaves)} gradient leaves.")
+      raise ValueError(
+          f"{_CALLER}: scaling(updates) gave {len(weights)} "
+          f"weights for {len(leaves)} gradient leaves."
+      )
     return weights
   if scaling == "mean":
     return [1.0 / max(leaf.size, 1) for leaf in leaves]
@@ -104,10 +111,14 @@ def leaf_weights(updates: Any, scaling: str | Callable[[Any], Any],
     return [1.0] * len(leaves)
   if scaling == "official":
     count = len(leaves)
-    return [(count - k + 1) / max(n, 1)
-            for k, n in _positions_and_sizes(updates, registration_order)]
-  raise ValueError(f"{_CALLER}: scaling={scaling!r} is not one of {SCALINGS} "
-                   "or a callable returning per-leaf weights.")
+    return [
+        (count - k + 1) / max(n, 1)
+        for k, n in _positions_and_sizes(updates, registration_order)
+    ]
+  raise ValueError(
+      f"{_CALLER}: scaling={scaling!r} is not one of {SCALINGS} "
+      "or a callable returning per-leaf weights."
+  )
 
 
 def _check_floating(leaves) -> None:
@@ -116,7 +127,8 @@ def _check_floating(leaves) -> None:
       raise TypeError(
           f"{_CALLER}: gradient leaf of dtype {leaf.dtype}; only real floating "
           "gradients can be augmented (mask the others out with "
-          "optax.masked).")
+          "optax.masked)."
+      )
 
 
 def _draws(leaves, key, distribution, sampler):
@@ -136,14 +148,16 @@ def _draws(leaves, key, distribution, sampler):
   return [r * factor.astype(r.dtype) for r in raw]
 
 
-def _noise_and_squared_norm(updates, key, gamma, weights, drift,
-                            distribution, sampler):
+def _noise_and_squared_norm(
+    updates, key, gamma, weights, drift, distribution, sampler
+):
   leaves, treedef = jax.tree.flatten(updates)
   _check_floating(leaves)
   squared_norm = jnp.zeros([], jnp.float32)
   noise = []
-  for xi, leaf, weight in zip(_draws(leaves, key, distribution, sampler),
-                              leaves, weights):
+  for xi, leaf, weight in zip(
+      _draws(leaves, key, distribution, sampler), leaves, weights
+  ):
     scale = gamma * weight
     shifted = xi + drift if drift else xi
     noise.append(shifted * jnp.asarray(scale, leaf.dtype))
@@ -152,17 +166,22 @@ def _noise_and_squared_norm(updates, key, gamma, weights, drift,
       squared_norm += jnp.square(scale) * expected
     else:
       squared_norm += jnp.square(scale) * jnp.sum(
-          jnp.square(shifted.astype(jnp.float32)))
+          jnp.square(shifted.astype(jnp.float32))
+      )
   return jax.tree.unflatten(treedef, noise), squared_norm
 
 
 def _check_options(scaling, drift, distribution):
   if not callable(scaling) and scaling not in SCALINGS:
-    raise ValueError(f"{_CALLER}: scaling={scaling!r} is not one of "
-                     f"{SCALINGS} or a callable returning per-leaf weights.")
+    raise ValueError(
+        f"{_CALLER}: scaling={scaling!r} is not one of "
+        f"{SCALINGS} or a callable returning per-leaf weights."
+    )
   if distribution not in DISTRIBUTIONS:
-    raise ValueError(f"{_CALLER}: distribution={distribution!r} is not one "
-                     f"of {DISTRIBUTIONS}.")
+    raise ValueError(
+        f"{_CALLER}: distribution={distribution!r} is not one "
+        f"of {DISTRIBUTIONS}."
+    )
   if drift is None:
     return 1.0 if scaling == "official" else 0.0
   drift = float(drift)
@@ -171,12 +190,17 @@ def _check_options(scaling, drift, distribution):
   return drift
 
 
-def isotropic_noise(updates: Any, key: jax.Array, *, gamma: Any,
-                    scaling: str | Callable[[Any], Any] = "mean",
-                    registration_order: Callable[[Any], Any] | None = None,
-                    drift: float | None = None,
-                    distribution: str = "gaussian",
-                    sampler: str | sampling.Sampler = "auto") -> Any:
+def isotropic_noise(
+    updates: Any,
+    key: jax.Array,
+    *,
+    gamma: Any,
+    scaling: str | Callable[[Any], Any] = "mean",
+    registration_order: Callable[[Any], Any] | None = None,
+    drift: float | None = None,
+    distribution: str = "gaussian",
+    sampler: str | sampling.Sampler = "auto",
+) -> Any:
   """The noise `gamma * w_k * (xi_k + c)` for each leaf of `updates` (pure).
 
   Arguments as in `isotropic_gradient_augmentation`; `key` is a PRNG key, split
@@ -185,16 +209,20 @@ def isotropic_noise(updates: Any, key: jax.Array, *, gamma: Any,
   """
   drift = _check_options(scaling, drift, distribution)
   weights = leaf_weights(updates, scaling, registration_order)
-  return _noise_and_squared_norm(updates, key, gamma, weights, drift,
-                                 distribution, sampler)[0]
+  return _noise_and_squared_norm(
+      updates, key, gamma, weights, drift, distribution, sampler
+  )[0]
 
 
 def isotropic_gradient_augmentation(
-    gamma: float | optax.Schedule, *, seed: int = 0,
+    gamma: float | optax.Schedule,
+    *,
+    seed: int = 0,
     scaling: str | Callable[[Any], Any] = "mean",
     registration_order: Callable[[Any], Any] | None = None,
-    drift: float | None = None, distribution: str = "gaussian",
-    sampler: str | sampling.Sampler = "auto"
+    drift: float | None = None,
+    distribution: str = "gaussian",
+    sampler: str | sampling.Sampler = "auto",
 ) -> optax.GradientTransformation:
   """Isotropic gradient augmentation: `g_k += gamma * w_k * (xi_k + c)`.
 
@@ -257,7 +285,8 @@ def isotropic_gradient_augmentation(
     return IsotropicGradientAugmentationState(
         key_data=jax.random.key_data(jax.random.key(seed)),
         count=jnp.zeros([], jnp.int32),
-        noise_norm=jnp.zeros([], jnp.float32))
+        noise_norm=jnp.zeros([], jnp.float32),
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -265,14 +294,16 @@ def isotropic_gradient_augmentation(
     if constant_zero:
       return updates, state._replace(count=count)
     scale = gamma(state.count) if callable(gamma) else gamma
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data),
-                             state.count)
+    key = jax.random.fold_in(
+        jax.random.wrap_key_data(state.key_data), state.count
+    )
     weights = leaf_weights(updates, scaling, registration_order)
     noise, squared_norm = _noise_and_squared_norm(
-        updates, key, scale, weights, drift, distribution, sampler)
+        updates, key, scale, weights, drift, distribution, sampler
+    )
     updates = jax.tree.map(lambda g, n: g + n, updates, noise)
     return updates, IsotropicGradientAugmentationState(
-        key_data=state.key_data, count=count,
-        noise_norm=jnp.sqrt(squared_norm))
+        key_data=state.key_data, count=count, noise_norm=jnp.sqrt(squared_norm)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -31,12 +31,28 @@ _GOLDEN_RATIO_32 = 0x9E3779B1
 # Giles, "Approximating the erfinv function" (GPU Computing Gems, 2011):
 # single-precision coefficients of erfinv(x) / x as polynomials in
 # t = w - 2.5 (w < 5) and t = sqrt(w) - 3 (w >= 5), w = -log(1 - x^2).
-_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06,
-                   -4.39150654e-06, 0.00021858087, -0.00125372503,
-                   -0.00417768164, 0.246640727, 1.50140941)
-_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322,
-                -0.00367342844, 0.00573950773, -0.0076224613,
-                0.00943887047, 1.00167406, 2.83297682)
+_ERFINV_CENTRAL = (
+    2.81022636e-08,
+    3.43273939e-07,
+    -3.5233877e-06,
+    -4.39150654e-06,
+    0.00021858087,
+    -0.00125372503,
+    -0.00417768164,
+    0.246640727,
+    1.50140941,
+)
+_ERFINV_TAIL = (
+    -0.000200214257,
+    0.000100950558,
+    0.00134934322,
+    -0.00367342844,
+    0.00573950773,
+    -0.0076224613,
+    0.00943887047,
+    1.00167406,
+    2.83297682,
+)
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -62,7 +78,8 @@ def hashed_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   if size >= 2**32:
     raise ValueError(
         f"hashed_bits: an array of shape {shape} has {size} >= 2^32 elements; "
-        "the counter is 32-bit. Split the array into smaller leaves.")
+        "the counter is 32-bit. Split the array into smaller leaves."
+    )
   k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
   index = jax.lax.iota(jnp.uint32, size).reshape(shape)
   return _mix32((index ^ k0) * jnp.uint32(_GOLDEN_RATIO_32) + k1)
@@ -75,7 +92,8 @@ def symmetric_uniform(bits: jax.Array) -> jax.Array:
   after that is exact in float32.
   """
   one_to_two = jax.lax.bitcast_convert_type(
-      (bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+      (bits >> 9) | jnp.uint32(0x3F800000), jnp.float32
+  )
   return one_to_two * 2.0 - 3.0 + jnp.float32(2.0**-23)
 
 
@@ -95,8 +113,9 @@ def erfinv(x: jax.Array) -> jax.Array:
   return p * x
 
 
-def hashed_normal(key: jax.Array, shape: tuple[int, ...],
-                  dtype=jnp.float32) -> jax.Array:
+def hashed_normal(
+    key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
+) -> jax.Array:
   """Standard normal samples from `hashed_bits` by inverse transform.
 
   x = sqrt(2) erfinv(u) for u uniform on the symmetric 23-bit grid of
@@ -106,29 +125,34 @@ def hashed_normal(key: jax.Array, shape: tuple[int, ...],
   return (jnp.float32(math.sqrt(2.0)) * erfinv(uniform)).astype(dtype)
 
 
-def hashed_uniform(key: jax.Array, shape: tuple[int, ...],
-                   dtype=jnp.float32) -> jax.Array:
+def hashed_uniform(
+    key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
+) -> jax.Array:
   """Uniform samples on (-1, 1) from `hashed_bits` (`symmetric_uniform`)."""
   return symmetric_uniform(hashed_bits(key, shape)).astype(dtype)
 
 
-def threefry_uniform(key: jax.Array, shape: tuple[int, ...],
-                     dtype=jnp.float32) -> jax.Array:
+def threefry_uniform(
+    key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
+) -> jax.Array:
   """`jax.random.uniform` on [-1, 1)."""
   return jax.random.uniform(key, shape, dtype, minval=-1.0, maxval=1.0)
 
 
 def _resolve(sampler: str, backend: str | None, caller: str) -> str:
   if sampler not in SAMPLERS:
-    raise ValueError(f"{caller}: sampler={sampler!r} is not one of "
-                     f"{SAMPLERS} or a callable (key, shape, dtype) -> array.")
+    raise ValueError(
+        f"{caller}: sampler={sampler!r} is not one of "
+        f"{SAMPLERS} or a callable (key, shape, dtype) -> array."
+    )
   if sampler != "auto":
     return sampler
   return "hashed" if (backend or jax.default_backend()) == "cpu" else "threefry"
 
 
-def normal_sampler(sampler: str | Sampler = "auto", *,
-                   backend: str | None = None) -> Sampler:
+def normal_sampler(
+    sampler: str | Sampler = "auto", *, backend: str | None = None
+) -> Sampler:
   """The standard normal sampler that `sampler` names.
 
   Args:
@@ -143,8 +167,9 @@ def normal_sampler(sampler: str | Sampler = "auto", *,
   return hashed_normal if kind == "hashed" else jax.random.normal
 
 
-def uniform_sampler(sampler: str | Sampler = "auto", *,
-                    backend: str | None = None) -> Sampler:
+def uniform_sampler(
+    sampler: str | Sampler = "auto", *, backend: str | None = None
+) -> Sampler:
   """Like `normal_sampler`, for uniform samples on (-1, 1)."""
   if callable(sampler):
     return sampler

@@ -55,6 +55,7 @@ class Variant:
     is_query: whether (parent, text, scene) is a query pair of the split.
     depth: number of chained modifications from the root.
   """
+
   scene: Scene
   parent: int = -1
   text: str = ""
@@ -62,9 +63,15 @@ class Variant:
   depth: int = 0
 
 
-def grow_family(rng: np.random.Generator, root: Scene, *,
-                mods_per_scene: int, tree_depth: int, novel: bool,
-                taken: set[Scene]) -> list[Variant]:
+def grow_family(
+    rng: np.random.Generator,
+    root: Scene,
+    *,
+    mods_per_scene: int,
+    tree_depth: int,
+    novel: bool,
+    taken: set[Scene],
+) -> list[Variant]:
   """The family of `root` (see module doc), root first.
 
   Args:
@@ -87,21 +94,23 @@ def grow_family(rng: np.random.Generator, root: Scene, *,
       if mod is None or mod.target in taken or (mod.is_novel and not novel):
         continue
       taken.add(mod.target)
-      family.append(Variant(mod.target, spine, mod.text,
-                            mod.is_novel or not novel, depth))
+      family.append(
+          Variant(mod.target, spine, mod.text, mod.is_novel or not novel, depth)
+      )
     if len(family) == first:
       break  # The chain ends where a scene offers no new modification.
     spine = int(rng.integers(first, len(family)))
   return family
 
 
-def generate_families(seed: int, split: str, num_scenes: int,
-                      mods_per_scene: int,
-                      tree_depth: int) -> list[list[Variant]]:
+def generate_families(
+    seed: int, split: str, num_scenes: int, mods_per_scene: int, tree_depth: int
+) -> list[list[Variant]]:
   """The families of one split; a pure function of its arguments."""
   novel = split == "test"
   rng = np.random.default_rng(
-      np.random.SeedSequence([seed, ("train", "test").index(split)]))
+      np.random.SeedSequence([seed, ("train", "test").index(split)])
+  )
   taken: set[Scene] = set()
   families = []
   for _ in range(num_scenes):
@@ -109,15 +118,22 @@ def generate_families(seed: int, split: str, num_scenes: int,
     while root in taken:
       root = scenes_lib.sample_scene(rng, ROOT_OBJECTS, allow_novel=novel)
     taken.add(root)
-    families.append(grow_family(rng, root, mods_per_scene=mods_per_scene,
-                                tree_depth=tree_depth, novel=novel,
-                                taken=taken))
+    families.append(
+        grow_family(
+            rng,
+            root,
+            mods_per_scene=mods_per_scene,
+            tree_depth=tree_depth,
+            novel=novel,
+            taken=taken,
+        )
+    )
   return families
 
 
-def generate_split(seed: int, split: str, num_scenes: int,
-                   mods_per_scene: int,
-                   tree_depth: int) -> tuple[list[Scene], list[Mod]]:
+def generate_split(
+    seed: int, split: str, num_scenes: int, mods_per_scene: int, tree_depth: int
+) -> tuple[list[Scene], list[Mod]]:
   """The scenes (gallery order) and mods of one split (see module doc).
 
   Mods are listed in the order their texts first occur, and their pairs in
@@ -125,14 +141,18 @@ def generate_split(seed: int, split: str, num_scenes: int,
   """
   scenes: list[Scene] = []
   pairs: dict[str, list[tuple[int, int]]] = {}
-  for family in generate_families(seed, split, num_scenes, mods_per_scene,
-                                  tree_depth):
+  for family in generate_families(
+      seed, split, num_scenes, mods_per_scene, tree_depth
+  ):
     offset = len(scenes)
     for i, variant in enumerate(family):
       if variant.is_query:
         pairs.setdefault(variant.text, []).append(
-            (offset + variant.parent, offset + i))
+            (offset + variant.parent, offset + i)
+        )
     scenes.extend(variant.scene for variant in family)
-  mods = [Mod(text, tuple(f for f, _ in p), tuple(t for _, t in p))
-          for text, p in pairs.items()]
+  mods = [
+      Mod(text, tuple(f for f, _ in p), tuple(t for _, t in p))
+      for text, p in pairs.items()
+  ]
   return scenes, mods

@@ -21,7 +21,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from irtf_jax.data.css.scenes import COLORS, SHAPES, SIZES
+from irtf_jax.data.css.scenes import COLORS
+from irtf_jax.data.css.scenes import SHAPES
+from irtf_jax.data.css.scenes import SIZES
 
 # CSS's 2D renderer colors.
 COLOR_RGB = {
@@ -39,8 +41,9 @@ HALF_SIZES = {"small": 4.0, "large": 8.0}
 
 
 @functools.lru_cache(maxsize=4096)
-def _shape_cells(shape: str, half: float, y: float, x: float,
-                 image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _shape_cells(
+    shape: str, half: float, y: float, x: float, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Row and column indices that `shape` covers (CSS's rules, see module)."""
   spans = []  # (row, first column, end column)
   if shape == "rectangle":
@@ -67,8 +70,9 @@ def _shape_cells(shape: str, half: float, y: float, x: float,
   return np.asarray(rows, np.int64), np.asarray(columns, np.int64)
 
 
-def render_scene(objects: Sequence[Mapping[str, Any]],
-                 image_size: int = 64) -> np.ndarray:
+def render_scene(
+    objects: Sequence[Mapping[str, Any]], image_size: int = 64
+) -> np.ndarray:
   """Draws a scene the way CSS's 2D renderer does.
 
   Args:
@@ -87,8 +91,10 @@ def render_scene(objects: Sequence[Mapping[str, Any]],
       color = COLOR_RGB[obj["color"]]
       half = HALF_SIZES[obj["size"]] * image_size / 64
     except KeyError as e:
-      raise ValueError(f"object {dict(obj)!r}: unknown {e}; colors are "
-                       f"{COLORS}, sizes {SIZES}") from None
+      raise ValueError(
+          f"object {dict(obj)!r}: unknown {e}; colors are "
+          f"{COLORS}, sizes {SIZES}"
+      ) from None
     y = float(obj["pos"][0]) * image_size
     x = float(obj["pos"][1]) * image_size
     rows, columns = _shape_cells(obj["shape"], half, y, x, image_size)

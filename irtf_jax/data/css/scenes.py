@@ -47,12 +47,17 @@ POSITIONS = tuple(f"{row}-{column}" for row in ROWS for column in COLUMNS)
 GRID_FRACTIONS = (0.2, 0.5, 0.8)
 POSITION_COORDS = {
     f"{row}-{column}": (GRID_FRACTIONS[i], GRID_FRACTIONS[j])
-    for i, row in enumerate(ROWS) for j, column in enumerate(COLUMNS)}
+    for i, row in enumerate(ROWS)
+    for j, column in enumerate(COLUMNS)
+}
 # (shape, color) pairs held out of every training query (see module doc).
 NOVEL_SHAPE_COLORS = frozenset({
-    ("rectangle", "gray"), ("rectangle", "brown"),
-    ("circle", "red"), ("circle", "purple"),
-    ("triangle", "blue"), ("triangle", "cyan"),
+    ("rectangle", "gray"),
+    ("rectangle", "brown"),
+    ("circle", "red"),
+    ("circle", "purple"),
+    ("triangle", "blue"),
+    ("triangle", "cyan"),
 })
 _REFERRING_ATTRIBUTES = ("pos", "size", "color", "shape")
 
@@ -60,6 +65,7 @@ _REFERRING_ATTRIBUTES = ("pos", "size", "color", "shape")
 @dataclasses.dataclass(frozen=True, order=True)
 class SceneObject:
   """One object of a scene (`position` is a `POSITIONS` name)."""
+
   position: str
   size: str
   color: str
@@ -67,8 +73,12 @@ class SceneObject:
 
   def as_css_dict(self) -> dict[str, Any]:
     """The object in the CSS `objects_img` format."""
-    return {"shape": self.shape, "color": self.color, "size": self.size,
-            "pos": POSITION_COORDS[self.position]}
+    return {
+        "shape": self.shape,
+        "color": self.color,
+        "size": self.size,
+        "pos": POSITION_COORDS[self.position],
+    }
 
   def describe(self) -> str:
     return f"{self.position} {self.size} {self.color} {self.shape}"
@@ -105,33 +115,43 @@ def _referring_expression(obj: SceneObject, attributes: Sequence[str]) -> str:
 
 def _matching_attributes(obj: SceneObject, other: SceneObject) -> int:
   """Bit i is set where `other` shares `_REFERRING_ATTRIBUTES[i]` with `obj`."""
-  return ((obj.position == other.position) | (obj.size == other.size) << 1
-          | (obj.color == other.color) << 2 | (obj.shape == other.shape) << 3)
+  return (
+      (obj.position == other.position)
+      | (obj.size == other.size) << 1
+      | (obj.color == other.color) << 2
+      | (obj.shape == other.shape) << 3
+  )
 
 
 # Every non-empty subset of `_REFERRING_ATTRIBUTES`, as (attributes, bitmask).
 _ATTRIBUTE_SUBSETS = tuple(
     (subset, sum(1 << _REFERRING_ATTRIBUTES.index(a) for a in subset))
     for n in range(1, 5)
-    for subset in itertools.combinations(_REFERRING_ATTRIBUTES, n))
+    for subset in itertools.combinations(_REFERRING_ATTRIBUTES, n)
+)
 
 
-def _sample_reference(rng: np.random.Generator, scene: Scene,
-                      obj: SceneObject) -> str:
+def _sample_reference(
+    rng: np.random.Generator, scene: Scene, obj: SceneObject
+) -> str:
   """A referring expression that picks out exactly `obj` in `scene`.
 
   Drawn uniformly among the attribute subsets that no other object of the
   scene shares entirely (the cell alone always qualifies).
   """
   others = [_matching_attributes(obj, o) for o in scene if o != obj]
-  unique = [subset for subset, bits in _ATTRIBUTE_SUBSETS
-            if all(m & bits != bits for m in others)]
+  unique = [
+      subset
+      for subset, bits in _ATTRIBUTE_SUBSETS
+      if all(m & bits != bits for m in others)
+  ]
   return _referring_expression(obj, unique[rng.integers(len(unique))])
 
 
 @dataclasses.dataclass(frozen=True)
 class Modification:
   """A modification text and the scene it makes of its source scene."""
+
   text: str
   target: Scene
   changed: tuple  # the objects added, removed or changed (before and after).
@@ -142,8 +162,9 @@ class Modification:
     return any(o.is_novel for o in self.changed)
 
 
-def sample_modification(rng: np.random.Generator,
-                        scene: Scene) -> Modification | None:
+def sample_modification(
+    rng: np.random.Generator, scene: Scene
+) -> Modification | None:
   """One random add / remove / make modification of `scene` (None: n/a).
 
   The kind is uniform over add / remove / make; None where it does not apply
@@ -154,13 +175,17 @@ def sample_modification(rng: np.random.Generator,
     free = [p for p in POSITIONS if p not in {o.position for o in scene}]
     if not free:
       return None
-    new = SceneObject(free[rng.integers(len(free))],
-                      SIZES[rng.integers(len(SIZES))],
-                      COLORS[rng.integers(len(COLORS))],
-                      SHAPES[rng.integers(len(SHAPES))])
+    new = SceneObject(
+        free[rng.integers(len(free))],
+        SIZES[rng.integers(len(SIZES))],
+        COLORS[rng.integers(len(COLORS))],
+        SHAPES[rng.integers(len(SHAPES))],
+    )
     return Modification(
         f"add {new.size} {new.color} {new.shape} to {new.position}",
-        canonical_scene(scene + (new,)), (new,))
+        canonical_scene(scene + (new,)),
+        (new,),
+    )
   if kind == "remove" and len(scene) < 2:
     return None
   obj = scene[rng.integers(len(scene))]
@@ -169,16 +194,21 @@ def sample_modification(rng: np.random.Generator,
   if kind == "remove":
     return Modification(f"remove {reference}", rest, (obj,))
   attribute = ("size", "color", "shape")[rng.integers(3)]
-  values = [v for v in {"size": SIZES, "color": COLORS, "shape": SHAPES}[
-      attribute] if v != getattr(obj, attribute)]
+  values = [
+      v
+      for v in {"size": SIZES, "color": COLORS, "shape": SHAPES}[attribute]
+      if v != getattr(obj, attribute)
+  ]
   value = values[rng.integers(len(values))]
   new = dataclasses.replace(obj, **{attribute: value})
-  return Modification(f"make {reference} {value}",
-                      canonical_scene(rest + (new,)), (obj, new))
+  return Modification(
+      f"make {reference} {value}", canonical_scene(rest + (new,)), (obj, new)
+  )
 
 
-def sample_scene(rng: np.random.Generator, num_objects: tuple[int, int],
-                 allow_novel: bool) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, num_objects: tuple[int, int], allow_novel: bool
+) -> Scene:
   """A scene of a uniform count in [min, max] of `num_objects` objects.
 
   Each object takes a distinct random cell, a random size and a uniform
@@ -187,11 +217,16 @@ def sample_scene(rng: np.random.Generator, num_objects: tuple[int, int],
   """
   count = int(rng.integers(num_objects[0], num_objects[1] + 1))
   cells = rng.choice(len(POSITIONS), size=count, replace=False)
-  combos = [(s, c) for s in SHAPES for c in COLORS
-            if allow_novel or (s, c) not in NOVEL_SHAPE_COLORS]
+  combos = [
+      (s, c)
+      for s in SHAPES
+      for c in COLORS
+      if allow_novel or (s, c) not in NOVEL_SHAPE_COLORS
+  ]
   objects = []
   for cell in cells:
     shape, color = combos[rng.integers(len(combos))]
-    objects.append(SceneObject(POSITIONS[cell], SIZES[rng.integers(2)],
-                               color, shape))
+    objects.append(
+        SceneObject(POSITIONS[cell], SIZES[rng.integers(2)], color, shape)
+    )
   return canonical_scene(objects)

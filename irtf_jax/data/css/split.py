@@ -31,6 +31,7 @@ from irtf_jax.data.css.render import render_scene
 @dataclasses.dataclass(frozen=True)
 class Mod:
   """One modification text with every (from, to) image pair it applies to."""
+
   text: str
   sources: tuple[int, ...]
   targets: tuple[int, ...]
@@ -46,15 +47,26 @@ class CSSSplit(storage.RecordSplit):
     mods: the split's `Mod`s (a text with all its (from, to) pairs).
   """
 
-  def __init__(self, source, *, name: str, split: str, captions,
-               objects, mods: Sequence[Mod], images: np.ndarray):
+  def __init__(
+      self,
+      source,
+      *,
+      name: str,
+      split: str,
+      captions,
+      objects,
+      mods: Sequence[Mod],
+      images: np.ndarray,
+  ):
     super().__init__(source, name=name, split=split, captions=captions)
     self._images = np.asarray(images, np.uint8)
     self.objects = list(objects)
     self.mods = list(mods)
     self.queries = [
         Query(f, mod.text, self.captions[t], t)
-        for mod in self.mods for f, t in zip(mod.sources, mod.targets)]
+        for mod in self.mods
+        for f, t in zip(mod.sources, mod.targets)
+    ]
     # source -> [(mod id, pair index)]: TIRG's second-query table.
     self._pairs_of_source: dict[int, list[tuple[int, int]]] = {}
     for m, mod in enumerate(self.mods):
@@ -63,8 +75,11 @@ class CSSSplit(storage.RecordSplit):
     # First queries are drawn among pairs whose source has another mod.
     self._first_pairs = []
     for m, mod in enumerate(self.mods):
-      eligible = [k for k, f in enumerate(mod.sources)
-                  if any(m2 != m for m2, _ in self._pairs_of_source[f])]
+      eligible = [
+          k
+          for k, f in enumerate(mod.sources)
+          if any(m2 != m for m2, _ in self._pairs_of_source[f])
+      ]
       if eligible:
         self._first_pairs.append((m, np.asarray(eligible)))
 
@@ -80,8 +95,9 @@ class CSSSplit(storage.RecordSplit):
     target = mod.targets[k]
     return Query(mod.sources[k], mod.text, self.captions[target], target)
 
-  def sample_training_queries(self, seed: int, step: int,
-                              batch_size: int) -> list[Query]:
+  def sample_training_queries(
+      self, seed: int, step: int, batch_size: int
+  ) -> list[Query]:
     """TIRG's CSS sampling, a pure function of (seed, step, batch_size).
 
     Queries 2i and 2i+1 share their source image: the first is a random mod
@@ -90,9 +106,11 @@ class CSSSplit(storage.RecordSplit):
     with a single mod are never drawn first (TIRG would loop on them).
     """
     if not self._first_pairs:
-      raise ValueError(f"{self.name}/{self.split}: no source image has two "
-                       "different modifications; cannot sample TIRG's "
-                       "query pairs")
+      raise ValueError(
+          f"{self.name}/{self.split}: no source image has two "
+          "different modifications; cannot sample TIRG's "
+          "query pairs"
+      )
     rng = base.step_rng(seed, step)
     batch = []
     while len(batch) < batch_size:
@@ -100,8 +118,11 @@ class CSSSplit(storage.RecordSplit):
       k = int(eligible[rng.integers(len(eligible))])
       batch.append(self._query(m, k))
       if len(batch) < batch_size:
-        others = [(m2, k2) for m2, k2 in
-                  self._pairs_of_source[self.mods[m].sources[k]] if m2 != m]
+        others = [
+            (m2, k2)
+            for m2, k2 in self._pairs_of_source[self.mods[m].sources[k]]
+            if m2 != m
+        ]
         batch.append(self._query(*others[rng.integers(len(others))]))
     return batch
 
@@ -127,19 +148,25 @@ def css_examples(images, captions, objects, mods: Sequence[Mod]):
     for k, (f, t) in enumerate(zip(mod.sources, mod.targets)):
       outgoing.setdefault(f, []).append([m, k, mod.text, t])
   for i, (image, caption, objs) in enumerate(zip(images, captions, objects)):
-    metadata = {"index": i, "caption": caption, "objects": objs,
-                "mods": outgoing.get(i, [])}
+    metadata = {
+        "index": i,
+        "caption": caption,
+        "objects": objs,
+        "mods": outgoing.get(i, []),
+    }
     yield i, {"image": image, "metadata": json.dumps(metadata)}
 
 
 def _read_records(source, chunk: int = 1024):
   for start in range(0, len(source), chunk):
     yield from source.__getitems__(
-        list(range(start, min(start + chunk, len(source)))))
+        list(range(start, min(start + chunk, len(source))))
+    )
 
 
-def read_css_split(source, *, name: str, split: str,
-                   render_size: int | None = None) -> CSSSplit:
+def read_css_split(
+    source, *, name: str, split: str, render_size: int | None = None
+) -> CSSSplit:
   """Rebuilds a `CSSSplit` from a data source written by `css_examples`.
 
   Args:
@@ -154,22 +181,40 @@ def read_css_split(source, *, name: str, split: str,
   for i, record in enumerate(_read_records(source)):
     metadata = json.loads(record["metadata"])
     if metadata["index"] != i:
-      raise ValueError(f"{name}/{split}: prepared data is out of order "
-                       f"(record {i} holds image {metadata['index']}); "
-                       "delete the prepared folder in data_dir and reload")
+      raise ValueError(
+          f"{name}/{split}: prepared data is out of order "
+          f"(record {i} holds image {metadata['index']}); "
+          "delete the prepared folder in data_dir and reload"
+      )
     captions.append(metadata["caption"])
     objects.append(metadata["objects"])
     entries.extend((i, *entry) for entry in metadata["mods"])
     images.append(
-        render_scene(metadata["objects"], render_size) if render_size else
-        storage.decode_image(record["image"], source=f"{name}/{split}[{i}]"))
+        render_scene(metadata["objects"], render_size)
+        if render_size
+        else storage.decode_image(
+            record["image"], source=f"{name}/{split}[{i}]"
+        )
+    )
   pairs: dict[int, dict[int, tuple[int, int]]] = {}
   texts: dict[int, str] = {}
   for f, m, k, text, t in entries:
     pairs.setdefault(m, {})[k] = (f, t)
     texts[m] = text
-  mods = [Mod(texts[m], tuple(pairs[m][k][0] for k in sorted(pairs[m])),
-              tuple(pairs[m][k][1] for k in sorted(pairs[m])))
-          for m in sorted(pairs)]
-  return CSSSplit(source, name=name, split=split, captions=captions,
-                  objects=objects, mods=mods, images=np.stack(images))
+  mods = [
+      Mod(
+          texts[m],
+          tuple(pairs[m][k][0] for k in sorted(pairs[m])),
+          tuple(pairs[m][k][1] for k in sorted(pairs[m])),
+      )
+      for m in sorted(pairs)
+  ]
+  return CSSSplit(
+      source,
+      name=name,
+      split=split,
+      captions=captions,
+      objects=objects,
+      mods=mods,
+      images=np.stack(images),
+  )
