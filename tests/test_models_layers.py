@@ -237,91 +237,39 @@ def test_conv_module_auto_equals_lax_on_a_resnet_sized_stack():
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_resolve_conv_implementation_per_backend_and_shape():
+# (kernel, stride, output size, input channels, backend) -> formulation.
+RESOLUTIONS = [
+    (3, 1, 8, None, "cpu", "lax_dw_im2col"),
+    (7, 2, 112, 3, "cpu", "space_to_depth"),
+    (3, 2, 28, 64, "cpu", "im2col"),
+    (1, 2, 28, 3, "cpu", "im2col"),
+    (3, 2, 16, None, "cpu", "im2col"),
+    (3, 1, 4, None, "cpu", "im2col"),
+    (1, 1, 32, None, "cpu", "im2col"),
+    (3, 2, 2, None, "gpu", "lax"),
+]
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, size, in_channels, backend, expected", RESOLUTIONS
+)
+def test_resolve_conv_implementation_per_backend_and_shape(
+    kernel, stride, size, in_channels, backend, expected
+):
+  options = {} if in_channels is None else {"in_channels": in_channels}
+  resolved = layers.resolve_conv_implementation(
+      "auto",
+      kernel_size=(kernel, kernel),
+      strides=(stride, stride),
+      output_hw=(size, size),
+      backend=backend,
+      **options,
+  )
+  assert resolved == expected
+
+
+def test_resolve_conv_implementation_explicit_and_unknown():
   resolve = layers.resolve_conv_implementation
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(3, 3),
-          strides=(1, 1),
-          output_hw=(8, 8),
-          backend="cpu",
-      )
-      == "lax_dw_im2col"
-  )
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(7, 7),
-          strides=(2, 2),
-          output_hw=(112, 112),
-          in_channels=3,
-          backend="cpu",
-      )
-      == "space_to_depth"
-  )
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(3, 3),
-          strides=(2, 2),
-          output_hw=(28, 28),
-          in_channels=64,
-          backend="cpu",
-      )
-      == "im2col"
-  )
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(1, 1),
-          strides=(2, 2),
-          output_hw=(28, 28),
-          in_channels=3,
-          backend="cpu",
-      )
-      == "im2col"
-  )
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(3, 3),
-          strides=(2, 2),
-          output_hw=(16, 16),
-          backend="cpu",
-      )
-      == "im2col"
-  )
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(3, 3),
-          strides=(1, 1),
-          output_hw=(4, 4),
-          backend="cpu",
-      )
-      == "im2col"
-  )
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(1, 1),
-          strides=(1, 1),
-          output_hw=(32, 32),
-          backend="cpu",
-      )
-      == "im2col"
-  )
-  assert (
-      resolve(
-          "auto",
-          kernel_size=(3, 3),
-          strides=(2, 2),
-          output_hw=(2, 2),
-          backend="gpu",
-      )
-      == "lax"
-  )
   assert resolve("im2col", backend="gpu") == "im2col"
   with pytest.raises(ValueError, match="config.model.conv_implementation"):
     resolve("winograd")
