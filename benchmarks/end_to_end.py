@@ -13,7 +13,7 @@ train
             `train.Trainer` on configs/mit.py (224 px, batch 32, ResNet-18 +
             LSTM + TIRG-LastConv, the paper's adversarial and isotropic GA),
             the prepared TFDS copy, `config.data.workers` grain workers
-            decoding and resizing, `train.prefetched_batches` placing batches,
+            decoding and resizing, `data.pipeline.prefetched_batches` placing batches,
             the compiled step (`parallel.compile_step`).
   torch     a `torch.utils.data.Dataset` that opens each JPEG with PIL,
             resizes the shorter side to 224 and centre-crops (TIRG's
@@ -153,6 +153,7 @@ def run_jax(args) -> dict:
   from irtf_jax import evaluate  # pylint: disable=g-import-not-at-top
   from irtf_jax import train  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step  # pylint: disable=g-import-not-at-top
+  from irtf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   config = mit_config(args)
   start = time.perf_counter()
@@ -175,7 +176,7 @@ def run_jax(args) -> dict:
 
   total = args.warmup_steps + args.steps
   timing = _time_steps(
-      train.prefetched_batches(
+      pipeline.prefetched_batches(
           trainer.make_batch,
           range(total),
           put=parallel.shard_batch,

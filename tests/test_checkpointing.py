@@ -180,6 +180,9 @@ def test_a_full_disk_while_writing_metrics_names_the_file(
 
 
 def test_first_signal_requests_a_stop_second_interrupts():
+  # What was installed before (Python's default_int_handler, or SIG_IGN when
+  # the test process was started in the background by a shell).
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   with checkpointing.PreemptionWatch() as watch:
     assert not watch.stop_requested()
     os.kill(os.getpid(), signal.SIGTERM)
@@ -187,4 +190,7 @@ def test_first_signal_requests_a_stop_second_interrupts():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   # The previous handlers are back.
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert (
+      signal.getsignal(signal.SIGINT),
+      signal.getsignal(signal.SIGTERM),
+  ) == before
