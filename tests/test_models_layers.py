@@ -1,177 +1,47 @@
-"""Every convolution formulation against lax.conv_general_dilated, and the
-slice max-pool against flax's, values and gradients.
-
-Two kinds of check: random normal data against the native convolution at
-HIGHEST precision (the original float tolerances), and small-integer data on
-which every formulation must give exactly the native result, first and second
-derivatives included: products and sums of small integers are exact in
-float32 (checked below), so any summation order gives the same bits and no
-tolerance is needed."""
+"""layers: the per-backend, per-shape choice of convolution formulation, the
+Conv module built on it, and the slice max-pool against flax's, values and
+gradients. The formulations themselves are checked in test_models_conv.py."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from irtf_jax.models import conv
 from irtf_jax.models import layers
-
-HIGHEST = lax.Precision.HIGHEST
-
-
-def reference_conv(x, kernel, strides, padding):
-  return lax.conv_general_dilated(
-      x,
-      kernel,
-      window_strides=strides,
-      padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=HIGHEST,
-  )
-
-
-CASES = [  # (N, H, W, C, O, k, stride, padding)
-    (2, 7, 9, 3, 4, 1, 2, ((0, 0), (0, 0))),
-    (2, 7, 9, 5, 4, 3, 1, ((1, 1), (1, 1))),
-    (2, 7, 9, 5, 4, 3, 2, ((1, 1), (1, 1))),
-    (2, 11, 13, 3, 6, 7, 2, ((3, 3), (3, 3))),
-    (1, 5, 6, 4, 3, 3, 2, "SAME"),
-    # Uneven paddings at both ends of [0, k - 1]; stride 3; few channels and
-    # many output channels (the other branch of kernel_gradient_im2col).
-    (2, 6, 5, 2, 3, 3, 1, ((0, 2), (2, 0))),
-    (1, 8, 7, 12, 16, 4, 1, ((0, 0), (0, 0))),
-    (2, 10, 9, 3, 4, 3, 3, ((1, 2), (0, 1))),
-]
-
-
-FORMULATIONS = ("lax", "im2col", "lax_dw_im2col", "space_to_depth")
-
-
-def case_id(case):
-  return f"{case[1]}x{case[2]}k{case[5]}s{case[6]}"
-
-
-def covers(implementation, case) -> bool:
-  """lax_dw_im2col is a stride-1 formulation, space_to_depth a strided one;
-  the others cover every case."""
-  stride = case[6]
-  if implementation == "lax_dw_im2col":
-    return stride == 1
-  if implementation == "space_to_depth":
-    return stride != 1
-  return True
-
-
-# Every (formulation, case) pair the formulation covers.
-FORMULATION_CASES = [
-    pytest.param(implementation, case, id=f"{implementation}-{case_id(case)}")
-    for case in CASES
-    for implementation in FORMULATIONS
-    if covers(implementation, case)
-]
-
-
-def formulation(implementation, case):
-  """`(x, kernel) -> y` of `implementation` for `case`."""
-  _, h, w, c, _, k, s, padding = case
-  return layers.conv_function(
-      implementation,
-      kernel_size=(k, k),
-      strides=(s, s),
-      padding=padding,
-      input_hw=(h, w),
-      in_channels=c,
-  )
-
-
-@pytest.mark.parametrize("implementation, case", FORMULATION_CASES)
-def test_conv_matches_lax_values_and_gradients(implementation, case):
-  n, h, w, c, o, k, s, padding = case
-  kx, kw, kc = jax.random.split(jax.random.key(k * 10 + s), 3)
-  x = jax.random.normal(kx, (n, h, w, c))
-  kernel = jax.random.normal(kw, (k, k, c, o))
-  explicit = layers._pad_pairs(padding, (k, k))
-  conv = formulation(implementation, case)
-  with jax.default_matmul_precision("highest"):
-    y, vjp = jax.vjp(conv, x, kernel)
-  y_ref, vjp_ref = jax.vjp(
-      lambda x, w: reference_conv(x, w, (s, s), explicit), x, kernel
-  )
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  cotangent = jax.random.normal(kc, y_ref.shape)
-  with jax.default_matmul_precision("highest"):
-    dx, dw = vjp(cotangent)
-  dx_ref, dw_ref = vjp_ref(cotangent)
-  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
-
-
-def integer_problem(case, seed):
-  """Sparse {-1, 0, 1} input, kernel and output weights for `case`."""
-  n, h, w, c, o, k, _, _ = case
-  rng = np.random.default_rng(seed)
-  draw = lambda shape: jnp.asarray(
-      rng.choice([-1.0, 0.0, 0.0, 1.0], size=shape).astype(np.float32)
-  )
-  return draw((n, h, w, c)), draw((k, k, c, o))
-
-
-def assert_exact_and_equal(value, reference):
-  """Equal bits, on values that are exact integers in float32."""
-  reference = np.asarray(reference)
-  assert np.all(np.abs(reference) < 2.0**24), "float32 no longer exact"
-  np.testing.assert_array_equal(np.asarray(value), reference)
-
-
-@pytest.mark.parametrize("implementation, case", FORMULATION_CASES)
-def test_conv_equals_lax_exactly_to_second_order_on_integers(
-    implementation, case
-):
-  """Value, gradient and the double backprop of an input-gradient penalty
-  (adversarial GA's shape: d/dw of |dL/dx|^2) equal the native ones."""
-  _, _, _, _, _, k, s, padding = case
-  x, kernel = integer_problem(case, seed=k * 10 + s)
-  conv = formulation(implementation, case)
-  native = lambda x, w: layers.conv_lax(x, w, (s, s), padding)
-
-  def derivatives(conv):
-    loss = lambda x, w: 0.5 * jnp.sum(conv(x, w) ** 2)
-    penalty = lambda x, w: 0.5 * jnp.sum(jax.grad(loss)(x, w) ** 2)
-    with jax.default_matmul_precision("highest"):
-      return (
-          conv(x, kernel),
-          jax.grad(loss, argnums=(0, 1))(x, kernel),
-          jax.grad(penalty, argnums=(0, 1))(x, kernel),
-      )
-
-  for value, reference in zip(
-      jax.tree.leaves(derivatives(conv)), jax.tree.leaves(derivatives(native))
-  ):
-    assert_exact_and_equal(value, reference)
 
 
 @pytest.mark.parametrize(
-    "channels", [(5, 4), (2, 16)], ids=["shift_both", "shift_input"]
+    "implementation, formulation, strides",
+    [
+        ("lax", conv.conv_lax, (2, 2)),
+        ("im2col", conv.conv_im2col, (2, 2)),
+        ("lax_dw_im2col", conv.conv_lax_dw_im2col, (1, 1)),
+        ("space_to_depth", conv.conv_space_to_depth, (2, 2)),
+    ],
 )
-def test_kernel_gradient_im2col_equals_the_native_kernel_gradient(channels):
-  """Both placements of the shifts (split between input and cotangent, or all
-  on the input when it has few channels) against lax's transpose rule."""
-  c, o = channels
-  rng = np.random.default_rng(c)
-  x = jnp.asarray(rng.integers(-2, 3, (2, 6, 7, c)).astype(np.float32))
-  padding = ((1, 0), (2, 1))
-  y, vjp = jax.vjp(
-      lambda w: layers.conv_lax(x, w, (1, 1), padding), jnp.zeros((3, 3, c, o))
+def test_conv_function_computes_the_formulation_it_names(
+    implementation, formulation, strides
+):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  pads = ((1, 1), (1, 1))
+  chosen = layers.conv_function(
+      implementation,
+      kernel_size=(3, 3),
+      strides=strides,
+      padding=pads,
+      input_hw=(9, 7),
+      in_channels=3,
   )
-  cotangent = jnp.asarray(rng.integers(-2, 3, y.shape).astype(np.float32))
-  with jax.default_matmul_precision("highest"):
-    assert_exact_and_equal(
-        layers.kernel_gradient_im2col(x, cotangent, (3, 3), padding),
-        vjp(cotangent)[0],
-    )
+  if implementation == "lax_dw_im2col":
+    expected = formulation(x, kernel, pads)
+  else:
+    expected = formulation(x, kernel, strides, pads)
+  np.testing.assert_array_equal(chosen(x, kernel), expected)
 
 
 def test_conv_function_rejects_what_a_formulation_cannot_compute():

@@ -1,0 +1,311 @@
+"""Convolution formulations: one NHWC/HWIO convolution, computed four ways.
+
+Each function computes `lax.conv_general_dilated(x, kernel, strides,
+padding)` with NHWC/HWIO/NHWC dimensions and float32 accumulation:
+
+  `conv_lax`            XLA's native convolution and its native derivatives;
+  `conv_im2col`         slice-im2col: pad, take the k*k strided slices,
+                        concatenate on the channel axis, one matmul; its
+                        gradient is pads, slices and matmuls;
+  `conv_lax_dw_im2col`  (stride 1) native convolution and input gradient,
+                        kernel gradient as shifted copies + one matmul
+                        (`kernel_gradient_im2col`);
+  `conv_space_to_depth` (strided) native convolution, derivatives through
+                        s x s blocks stacked on channels and a stride-1
+                        `conv_lax_dw_im2col` convolution.
+
+They take the same kernel and give equal values and derivatives (any order)
+up to float rounding. Which one a `layers.Conv` uses is chosen per backend and
+shape by `layers.resolve_conv_implementation`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+
+def padding_pairs(padding, kernel_size):
+  """The explicit (before, after) padding of each spatial axis.
+
+  "SAME" gives ((k - 1) // 2, k // 2) for each kernel size k (whatever the
+  stride), an int p gives (p, p), and explicit pairs come back as tuples.
+  """
+  if isinstance(padding, str):
+    if padding != "SAME":
+      raise ValueError(f"padding {padding!r}: only 'SAME' or explicit pairs")
+    return [((k - 1) // 2, k // 2) for k in kernel_size]
+  if isinstance(padding, int):
+    return [(padding, padding)] * len(kernel_size)
+  return [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in padding]
+
+
+def conv_im2col(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
+) -> jax.Array:
+  """2D convolution as strided slices + one matmul.
+
+  y[n, i, j, o] = sum_{a, b, c} xpad[n, s_h*i + a, s_w*j + b, c] * w[a, b, c, o]
+
+  Args:
+    x: (N, H, W, C) input.
+    kernel: (kh, kw, C, O) weights (HWIO, as flax.linen.Conv).
+    strides: (s_h, s_w).
+    padding: "SAME" or ((top, bottom), (left, right)).
+
+  Returns:
+    (N, H', W', O), equal to lax.conv_general_dilated with the same arguments.
+  """
+  kh, kw, c, o = kernel.shape
+  sh, sw = strides
+  (pt, pb), (pl, pr) = padding_pairs(padding, (kh, kw))
+  n, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  out_h = (h + pt + pb - kh) // sh + 1
+  out_w = (w + pl + pr - kw) // sw + 1
+  if kh == kw == 1:
+    patches = xp[:, : (out_h - 1) * sh + 1 : sh, : (out_w - 1) * sw + 1 : sw, :]
+  else:
+    patches = jnp.concatenate(
+        [
+            lax.slice(
+                xp,
+                (0, a, b, 0),
+                (n, a + (out_h - 1) * sh + 1, b + (out_w - 1) * sw + 1, c),
+                (1, sh, sw, 1),
+            )
+            for a in range(kh)
+            for b in range(kw)
+        ],
+        axis=-1,
+    )
+  return jnp.dot(
+      patches,
+      kernel.reshape(kh * kw * c, o),
+      preferred_element_type=jnp.float32,
+  ).astype(x.dtype)
+
+
+def conv_lax(x, kernel, strides, padding):
+  return lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=tuple(strides),
+      padding=padding_pairs(padding, kernel.shape[:2]),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=jnp.float32,
+  ).astype(x.dtype)
+
+
+def kernel_gradient_im2col(
+    x: jax.Array, cotangent: jax.Array, kernel_size: Sequence[int], padding
+) -> jax.Array:
+  """Gradient w.r.t. the kernel of a stride-1 convolution, as one matmul.
+
+    dw[a, b, c, o] = sum_{n, i, j} xpad[n, i + a, j + b, c] * ct[n, i, j, o]
+
+  XLA:CPU computes this natively as a convolution whose window is the whole
+  output map, several times slower than the forward convolution at 56x56 or
+  28x28. Here xpad and ct (padded with zeros to xpad's spatial size) are
+  flattened to the rows q of one padded grid of W' columns, where tap (a, b)
+  pairs ct row q with xpad row q + a W' + b. Splitting the shift between the
+  two sides, dw[a, b] = sum_q ct[q - a W'] xpad[q + b]: ct shifted by the kh
+  row offsets is stacked on channels (R, kh O), xpad shifted by the kw column
+  offsets likewise (R, kw C), and one matmul contracting the R rows gives
+  every tap: kh + kw shifted copies instead of im2col's kh kw, and no
+  transposed copy (XLA:CPU's transposes and concatenations of transposed
+  data are slow). When that copies more than shifting xpad by all kh kw taps
+  (few input channels, as in a space-to-depth stem), all shifts go on xpad.
+  Rows of ct beyond the output map are zero, so shifts that wrap into the
+  next image row or image contribute nothing.
+
+  Args:
+    x: (N, H, W, C) input of the convolution.
+    cotangent: (N, H', W', O) cotangent of its output.
+    kernel_size: (kh, kw).
+    padding: "SAME" or ((top, bottom), (left, right)), each at most k - 1.
+
+  Returns:
+    (kh, kw, C, O) float32.
+  """
+  kh, kw = kernel_size
+  (pt, pb), (pl, pr) = padding_pairs(padding, (kh, kw))
+  n, _, _, c = x.shape
+  o = cotangent.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  hp, wp = xp.shape[1:3]
+  out_h, out_w = cotangent.shape[1:3]
+  ctp = jnp.pad(cotangent, ((0, 0), (0, hp - out_h), (0, wp - out_w), (0, 0)))
+  total = n * hp * wp
+  flat_x = xp.reshape(total, c)
+  flat_ct = ctp.reshape(total, o)
+  if kh * o + kw * c <= kh * kw * c + o:
+    # Row shifts on ct, column shifts on x: kh + kw copies.
+    rows = total - (kw - 1)  # xpad[q + b] must exist for b < kw
+    x_shifted = jnp.concatenate(
+        [flat_x[b : b + rows] for b in range(kw)], axis=1
+    )  # (R, kw C)
+    # ct[q - a W'] for q < R: a W' zero rows, then the first R - a W' rows
+    # of ct; its last kh - 1 grid rows are zero, so nothing nonzero is cut.
+    ct_shifted = jnp.concatenate(
+        [
+            jnp.pad(flat_ct[: rows - a * wp], ((a * wp, 0), (0, 0)))
+            for a in range(kh)
+        ],
+        axis=1,
+    )  # (R, kh O)
+    dw = lax.dot_general(
+        ct_shifted,
+        x_shifted,
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )  # (kh O, kw C)
+    return dw.reshape(kh, o, kw, c).transpose(0, 2, 3, 1)
+  # Few input channels (a space-to-depth stem): every shift on x is cheaper.
+  rows = total - ((kh - 1) * wp + kw - 1)
+  x_shifted = jnp.concatenate(
+      [
+          flat_x[a * wp + b : a * wp + b + rows]
+          for a in range(kh)
+          for b in range(kw)
+      ],
+      axis=1,
+  )  # (R, kh kw C)
+  dw = lax.dot_general(
+      x_shifted,
+      flat_ct[:rows],
+      (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+  )  # (kh kw C, O)
+  return dw.reshape(kh, kw, c, o)
+
+
+def _space_to_depth_conv(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
+) -> jax.Array:
+  """A strided convolution as a stride-1 one on space-to-depth blocks.
+
+  With strides (s_h, s_w), the padded input is cut into s_h x s_w blocks
+  stacked on channels, xs[n, u, v, (p, q, c)] = xpad[n, s_h u + p, s_w v + q,
+  c], and the kernel, zero-padded to multiples of the strides, likewise:
+  ws[a', b', (p, q, c), o] = w[s_h a' + p, s_w b' + q, c, o]. Then
+
+    y[n, i, j, o] = sum_{a', b', (p, q, c)} xs[n, i + a', j + b', (p, q, c)]
+                                            * ws[a', b', (p, q, c), o],
+
+  a stride-1 "VALID" convolution (`conv_lax_dw_im2col`).
+  """
+  kh, kw, c, o = kernel.shape
+  sh, sw = strides
+  (pt, pb), (pl, pr) = padding_pairs(padding, (kh, kw))
+  n, h, w, _ = x.shape
+  out_h = (h + pt + pb - kh) // sh + 1
+  out_w = (w + pl + pr - kw) // sw + 1
+  blocks_h, blocks_w = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
+  rows, cols = out_h + blocks_h - 1, out_w + blocks_w - 1  # input blocks
+  # Pad (or crop: rows past the last window are never read) to whole blocks.
+  xp = lax.pad(
+      x,
+      jnp.zeros((), x.dtype),
+      (
+          (0, 0, 0),
+          (pt, sh * rows - h - pt, 0),
+          (pl, sw * cols - w - pl, 0),
+          (0, 0, 0),
+      ),
+  )
+  xs = xp.reshape(n, rows, sh, cols, sw, c).transpose(0, 1, 3, 2, 4, 5)
+  xs = xs.reshape(n, rows, cols, sh * sw * c)
+  ks = jnp.pad(
+      kernel, ((0, sh * blocks_h - kh), (0, sw * blocks_w - kw), (0, 0), (0, 0))
+  )
+  ks = ks.reshape(blocks_h, sh, blocks_w, sw, c, o).transpose(0, 2, 1, 3, 4, 5)
+  ks = ks.reshape(blocks_h, blocks_w, sh * sw * c, o)
+  return conv_lax_dw_im2col(xs, ks, ((0, 0), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_space_to_depth(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
+) -> jax.Array:
+  """Native strided convolution whose derivatives go through space-to-depth.
+
+  The value is XLA's native strided convolution (fast forward on CPU: the
+  7x7/s2 stem at 224 px, batch 32, in about a fifth of im2col's time), but
+  its native input gradient is a dilated convolution, pathologically slow on
+  XLA:CPU, and its kernel gradient a whole-map window. The derivatives are
+  instead those of the same convolution written on space-to-depth blocks
+  (`_space_to_depth_conv`): stride-1 native convolutions for the input and
+  shifted copies + one matmul for the kernel, at the cost of the kernel's
+  zero taps (7x7/s2 -> 4x4 on 12 channels: 1.31x the multiply-adds). They are
+  themselves differentiable the same way, so adversarial GA's double
+  backprop stays on the fast paths. Suits the 3-channel stem, where im2col's
+  49 strided 3-channel slices are slow to gather.
+
+  Args and result as `conv_im2col`; `strides` and `padding` hashable (tuples).
+  """
+  return conv_lax(x, kernel, strides, padding)
+
+
+def _conv_space_to_depth_fwd(x, kernel, strides, padding):
+  return conv_space_to_depth(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_space_to_depth_bwd(strides, padding, residuals, cotangent):
+  x, kernel = residuals
+  # Only the derivatives of the blocked form are used; its forward value is
+  # dead code that XLA removes.
+  _, vjp = jax.vjp(
+      lambda x, kernel: _space_to_depth_conv(x, kernel, strides, padding),
+      x,
+      kernel,
+  )
+  return vjp(cotangent.astype(x.dtype))
+
+
+conv_space_to_depth.defvjp(_conv_space_to_depth_fwd, _conv_space_to_depth_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_lax_dw_im2col(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  """Stride-1 native convolution whose kernel gradient is im2col + matmul.
+
+  Value and input gradient are XLA's native convolution (fast on CPU for
+  stride 1 on maps of 8x8 and more); the kernel gradient is
+  `kernel_gradient_im2col`. The input gradient is itself this function on the
+  cotangent (flipped, transposed kernel), so a second derivative (adversarial
+  GA's double backprop) again takes the fast paths. Equal to
+  `conv_lax(x, kernel, (1, 1), padding)` in value and derivatives.
+
+  Args:
+    x: (N, H, W, C).
+    kernel: (kh, kw, C, O).
+    padding: ((top, bottom), (left, right)), each in [0, k - 1] (hashable:
+      tuples).
+  """
+  return conv_lax(x, kernel, (1, 1), padding)
+
+
+def _conv_lax_dw_im2col_fwd(x, kernel, padding):
+  return conv_lax_dw_im2col(x, kernel, padding), (x, kernel)
+
+
+def _conv_lax_dw_im2col_bwd(padding, residuals, cotangent):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = conv_lax_dw_im2col(
+      cotangent.astype(x.dtype),
+      flipped,
+      ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
+  )
+  dw = kernel_gradient_im2col(x, cotangent.astype(x.dtype), (kh, kw), padding)
+  return dx, dw.astype(kernel.dtype)
+
+
+conv_lax_dw_im2col.defvjp(_conv_lax_dw_im2col_fwd, _conv_lax_dw_im2col_bwd)
