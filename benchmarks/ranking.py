@@ -10,7 +10,7 @@ Q queries, each a noisy copy of one gallery image (unit norm), with its source
 image excluded and the target's caption as its label. Recall@K is computed
 for K in {1, 5, 10, 50, 100}.
 
-- project: `irtf_jax.evaluate.top_k_neighbours` (query chunks scored and
+- project: `irtf_jax.ranking.top_k_neighbours` (query chunks scored and
   reduced by `lax.top_k` on the default JAX device) then `recall_from_neighbours`;
   the reported time is the fastest of --repeats compiled runs (the first,
   compiling run is reported too).
@@ -100,20 +100,20 @@ def run_project(
   """
   import jax  # pylint: disable=import-outside-toplevel
 
-  from irtf_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from irtf_jax import ranking  # pylint: disable=import-outside-toplevel
 
   problem = make_problem(**problem_args)
   inputs_peak_rss_mb = peak_rss_mb()
 
   def rank():
-    _, indices = evaluate.top_k_neighbours(
+    _, indices = ranking.top_k_neighbours(
         problem["query_features"],
         problem["gallery_features"],
         max(KS),
         exclude=problem["source_index"],
         chunk_size=chunk_size,
     )
-    return indices, evaluate.recall_from_neighbours(
+    return indices, ranking.recall_from_neighbours(
         indices, problem["query_target_ids"], problem["gallery_ids"], KS
     )
 
@@ -126,7 +126,7 @@ def run_project(
     indices, recall = rank()
     timings.append(time.perf_counter() - start)
   seconds = min(timings)
-  subset_recall = evaluate.recall_from_neighbours(
+  subset_recall = ranking.recall_from_neighbours(
       indices[:subset],
       problem["query_target_ids"][:subset],
       problem["gallery_ids"],

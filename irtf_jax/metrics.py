@@ -10,7 +10,7 @@ Ranking order and ties: gallery column `a` ranks before column `b` when
 `scores[a] > scores[b]`, or when `scores[a] == scores[b]` and `a < b` (the
 lower gallery index first). This is the order of `jax.lax.top_k` and of a
 stable descending sort, and every ranking function of the project follows it,
-so the host metric here and the on-device ranking of `irtf_jax.evaluate`
+so the host metric here and the on-device ranking of `irtf_jax.ranking`
 agree exactly, ties included.
 """
 
@@ -55,6 +55,28 @@ def check_ks(ks: Iterable[int], gallery_size: int) -> tuple[int, ...]:
           "gallery."
       )
   return tuple(int(k) for k in ks)
+
+
+def check_query_matrix(array, name: str, expected: str) -> np.ndarray:
+  """Validates a matrix with one row per query (scores, neighbour indices).
+
+  Args:
+    array: the (Q, M) matrix.
+    name: its argument name, for the error message.
+    expected: what to pass instead, for the error message.
+
+  Returns:
+    `array` as a numpy array.
+
+  Raises:
+    ValueError: when it is not 2-D or has no rows (recall needs a query).
+  """
+  array = np.asarray(array)
+  if array.ndim != 2:
+    raise ValueError(f"{name} has shape {array.shape}: pass {expected}.")
+  if array.shape[0] == 0:
+    raise ValueError(f"{name} has no rows: recall needs at least one query.")
+  return array
 
 
 def check_exclude(exclude, num_queries: int, gallery_size: int) -> np.ndarray:
@@ -220,15 +242,10 @@ def recall_at_k(
     ValueError: on mismatched shapes, K outside [1, N], bad `exclude` entries,
       NaN scores or an empty query set.
   """
-  scores = np.asarray(scores)
-  if scores.ndim != 2:
-    raise ValueError(
-        f"scores has shape {scores.shape}: pass a (Q, N) matrix of "
-        "query-by-gallery scores."
-    )
+  scores = check_query_matrix(
+      scores, "scores", "a (Q, N) matrix of query-by-gallery scores"
+  )
   num_queries, gallery_size = scores.shape
-  if num_queries == 0:
-    raise ValueError("scores has no rows: recall needs at least one query.")
   query_target_ids, gallery_ids = check_labels(
       query_target_ids, gallery_ids, num_queries, gallery_size
   )

@@ -1,4 +1,4 @@
-"""Tests of the chunked on-device ranking of irtf_jax.evaluate."""
+"""Tests of the chunked on-device ranking of irtf_jax.ranking."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from irtf_jax import evaluate
 from irtf_jax import metrics
+from irtf_jax import ranking
 
 
 def integer_features(rng, rows, dim):
@@ -39,7 +39,7 @@ def test_top_k_matches_stable_argsort(chunk_size):
   rng = np.random.default_rng(0)
   queries, gallery = integer_features(rng, 30, 6), integer_features(rng, 45, 6)
   exclude = rng.integers(-1, 45, size=30)
-  scores, indices = evaluate.top_k_neighbours(
+  scores, indices = ranking.top_k_neighbours(
       queries, gallery, 12, exclude=exclude, chunk_size=chunk_size
   )
   expected_scores, expected_indices = numpy_top_k(queries, gallery, 12, exclude)
@@ -54,12 +54,12 @@ def test_two_stage_top_k_matches_stable_argsort(gallery_size):
   columns, a ragged last block at 500 and 1029), with ties everywhere: integer
   features in {-1, 0, 1}^4 take few distinct scores."""
   k = 12
-  assert evaluate.candidate_block_size(gallery_size, k) >= 8
+  assert ranking.candidate_block_size(gallery_size, k) >= 8
   rng = np.random.default_rng(gallery_size)
   queries = integer_features(rng, 40, 4)
   gallery = integer_features(rng, gallery_size, 4)
   exclude = rng.integers(-1, gallery_size, size=40)
-  scores, indices = evaluate.top_k_neighbours(
+  scores, indices = ranking.top_k_neighbours(
       queries, gallery, k, exclude=exclude, chunk_size=16
   )
   expected_scores, expected_indices = numpy_top_k(queries, gallery, k, exclude)
@@ -69,12 +69,12 @@ def test_two_stage_top_k_matches_stable_argsort(gallery_size):
 
 def test_candidate_block_size():
   # k blocks of b columns hold at most a quarter of the gallery; b >= 8.
-  assert evaluate.candidate_block_size(383, 12) == 0
-  assert evaluate.candidate_block_size(384, 12) == 8
-  assert evaluate.candidate_block_size(30000, 100) == 64
-  assert evaluate.candidate_block_size(100000, 100) == 128
+  assert ranking.candidate_block_size(383, 12) == 0
+  assert ranking.candidate_block_size(384, 12) == 8
+  assert ranking.candidate_block_size(30000, 100) == 64
+  assert ranking.candidate_block_size(100000, 100) == 128
   for size, k in ((30000, 100), (100000, 100), (1000, 3)):
-    block = evaluate.candidate_block_size(size, k)
+    block = ranking.candidate_block_size(size, k)
     assert 4 * k * block <= size < 4 * k * 2 * block
 
 
@@ -82,7 +82,7 @@ def test_top_k_of_the_whole_gallery_marks_the_excluded_slot():
   rng = np.random.default_rng(1)
   queries, gallery = integer_features(rng, 9, 4), integer_features(rng, 8, 4)
   exclude = np.array([-1, 0, 7, 3, -1, 5, 1, 2, 6])
-  scores, indices = evaluate.top_k_neighbours(
+  scores, indices = ranking.top_k_neighbours(
       queries, gallery, 8, exclude=exclude, chunk_size=4
   )
   expected_scores, expected_indices = numpy_top_k(queries, gallery, 8, exclude)
@@ -98,11 +98,11 @@ def test_chunks_compile_once():
   queries, gallery = integer_features(rng, 23, 11), integer_features(
       rng, 19, 11
   )
-  before = evaluate._top_k_chunk._cache_size()
-  evaluate.top_k_neighbours(
+  before = ranking._top_k_chunk._cache_size()
+  ranking.top_k_neighbours(
       queries, gallery, 5, chunk_size=5
   )  # 5 chunks, the last padded
-  assert evaluate._top_k_chunk._cache_size() == before + 1
+  assert ranking._top_k_chunk._cache_size() == before + 1
 
 
 @pytest.mark.parametrize("chunk_size", [4, 9, 50])
@@ -123,7 +123,7 @@ def test_recall_from_neighbours_matches_recall_at_k(chunk_size, features):
       np.maximum(exclude[::3], 0)
   ]  # excluded column often a hit
   ks = (1, 3, 5, 10, 20)
-  _, indices = evaluate.top_k_neighbours(
+  _, indices = ranking.top_k_neighbours(
       queries, gallery, max(ks), exclude=exclude, chunk_size=chunk_size
   )
   scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
@@ -131,7 +131,7 @@ def test_recall_from_neighbours_matches_recall_at_k(chunk_size, features):
       scores, targets, gallery_ids, ks, exclude=exclude
   )
   assert (
-      evaluate.recall_from_neighbours(indices, targets, gallery_ids, ks)
+      ranking.recall_from_neighbours(indices, targets, gallery_ids, ks)
       == expected
   )
 
@@ -145,7 +145,7 @@ def test_one_ranking_serves_several_labelings():
   target_captions = rng.integers(0, 12, size=20)
   exclude = rng.integers(0, 30, size=20)
   ks = (1, 5, 10)
-  _, indices = evaluate.top_k_neighbours(
+  _, indices = ranking.top_k_neighbours(
       jnp.asarray(queries),
       jnp.asarray(gallery),
       10,
@@ -158,7 +158,7 @@ def test_one_ranking_serves_several_labelings():
         scores, view(target_captions), view(captions), ks, exclude=exclude
     )
     assert (
-        evaluate.recall_from_neighbours(
+        ranking.recall_from_neighbours(
             indices, view(target_captions), view(captions), ks
         )
         == expected
@@ -169,12 +169,12 @@ def test_recall_from_neighbours_by_hand():
   indices = np.array([[2, 0, -1], [1, 2, 0]])
   gallery_ids = np.array([5, 6, 5])
   # Query 0 (target 5): neighbour 2 is a hit at K=1. Query 1 (target 5): first hit at slot 1.
-  recall = evaluate.recall_from_neighbours(
+  recall = ranking.recall_from_neighbours(
       indices, [5, 5], gallery_ids, ks=(1, 2)
   )
   assert recall == {1: 0.5, 2: 1.0}
   # An empty slot (-1) is never a hit, whatever gallery_ids[-1] is.
-  assert evaluate.recall_from_neighbours(
+  assert ranking.recall_from_neighbours(
       indices[:1, 2:], [5], gallery_ids, ks=(1,)
   ) == {1: 0.0}
 
@@ -183,49 +183,49 @@ def test_recall_from_neighbours_by_hand():
     "call, message",
     [
         (
-            lambda: evaluate.top_k_neighbours(
+            lambda: ranking.top_k_neighbours(
                 np.zeros((3, 4)), np.zeros((5, 4)), 6
             ),
             "K=6",
         ),
         (
-            lambda: evaluate.top_k_neighbours(
+            lambda: ranking.top_k_neighbours(
                 np.zeros((3, 4)), np.zeros((5, 2)), 2
             ),
             "D=4",
         ),
         (
-            lambda: evaluate.top_k_neighbours(
+            lambda: ranking.top_k_neighbours(
                 np.zeros((3, 4)), np.zeros((5, 4)), 2, chunk_size=0
             ),
             "chunk_size",
         ),
         (
-            lambda: evaluate.top_k_neighbours(
+            lambda: ranking.top_k_neighbours(
                 np.zeros((3, 4)), np.zeros((5, 4)), 2, exclude=[0, 1]
             ),
             "exclude has shape",
         ),
         (
-            lambda: evaluate.top_k_neighbours(
+            lambda: ranking.top_k_neighbours(
                 np.zeros((3, 4)), np.zeros((5, 4)), 2, exclude=[0, 1, 5]
             ),
             r"exclude\[2\] = 5",
         ),
         (
-            lambda: evaluate.recall_from_neighbours(
+            lambda: ranking.recall_from_neighbours(
                 np.zeros((2, 3), int), [0, 0], [0, 1], ks=(4,)
             ),
             "k >= max",
         ),
         (
-            lambda: evaluate.recall_from_neighbours(
+            lambda: ranking.recall_from_neighbours(
                 np.zeros((2, 3), int), [0], [0, 1], ks=(1,)
             ),
             "query_target_ids",
         ),
         (
-            lambda: evaluate.recall_from_neighbours(
+            lambda: ranking.recall_from_neighbours(
                 np.full((2, 3), 2), [0, 0], [0, 1], ks=(1,)
             ),
             "outside",
@@ -241,9 +241,9 @@ def test_ranking_benchmark_runs_and_agrees(tmp_path, capsys, monkeypatch):
   monkeypatch.syspath_prepend(
       str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
   )
-  ranking = importlib.import_module("ranking")
+  benchmark = importlib.import_module("ranking")
   json_out = tmp_path / "ranking.json"
-  status = ranking.main([
+  status = benchmark.main([
       "--queries=40",
       "--gallery=150",
       "--dim=8",
