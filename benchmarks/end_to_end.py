@@ -10,7 +10,7 @@ other, with the same worker count, batch, model and loss:
 
 train
   irtf_jax  the trainer's own pieces, as `train.train_and_evaluate` wires them:
-            `train.Trainer` on configs/mit.py (224 px, batch 32, ResNet-18 +
+            `trainer.Trainer` on configs/mit.py (224 px, batch 32, ResNet-18 +
             LSTM + TIRG-LastConv, the paper's adversarial and isotropic GA),
             the prepared TFDS copy, `config.data.workers` grain workers
             decoding and resizing, `data.pipeline.prefetched_batches` placing batches,
@@ -151,13 +151,13 @@ def run_jax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   from irtf_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from irtf_jax import train  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step  # pylint: disable=g-import-not-at-top
+  from irtf_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from irtf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   config = mit_config(args)
   start = time.perf_counter()
-  trainer = train.Trainer(config, os.path.join(args.workdir, "jax"))
+  trainer = trainer_lib.Trainer(config, os.path.join(args.workdir, "jax"))
   prepare_seconds = time.perf_counter() - start
   parallel = trainer.parallel
   state = parallel.replicate(trainer.initial_state())

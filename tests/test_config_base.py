@@ -17,7 +17,7 @@ import pytest
 
 from irtf_jax import config_base
 from irtf_jax import main
-from irtf_jax import train
+from irtf_jax import trainer
 from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
   node[leaf] = value
   workdir = tmp_path / "bad"
   with pytest.raises(config_base.ConfigError, match=message):
-    train.Trainer(config, str(workdir))
+    trainer.Trainer(config, str(workdir))
   assert not workdir.exists()  # nothing written, nothing loaded
 
 

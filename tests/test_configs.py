@@ -18,6 +18,7 @@ import pytest
 
 from irtf_jax import config_base
 from irtf_jax import train
+from irtf_jax import trainer
 from irtf_jax.data import css3d
 from irtf_jax.data import fashion200k
 from irtf_jax.data import fixtures
@@ -110,11 +111,11 @@ def test_manual_dir_gives_the_data_the_smoke_run_trained_on(
       dataset, str(tmp_path / "download")
   )
   config.data.data_dir = str(tmp_path / "prepared")
-  splits = train.load_splits(config, str(tmp_path / "work"))
+  splits = trainer.load_splits(config, str(tmp_path / "work"))
   assert os.path.isdir(tmp_path / "prepared" / dataset)
   assert not os.path.exists(tmp_path / "work" / "fixture")
   workdir, _ = fixture_runs(file_name)
-  trained_on = train.load_splits(get_config(file_name, "smoke"), workdir)
+  trained_on = trainer.load_splits(get_config(file_name, "smoke"), workdir)
   for split, reference in zip(splits, trained_on):
     assert list(split.captions) == list(reference.captions)
     assert list(split.queries) == list(reference.queries)
