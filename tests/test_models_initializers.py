@@ -25,6 +25,7 @@ import torch
 from irtf_jax import config_base
 from irtf_jax import models
 from irtf_jax.data.fixtures import random_batch
+from irtf_jax.models import bert
 from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models.composers import COMPOSERS
@@ -283,7 +284,7 @@ def test_torch_init_of_the_pretrained_text_encoders_projection(encoder):
   lengths = jnp.full((BATCH,), 3, jnp.int32)
   if encoder == "sentence_transformer":
     module = sentence_encoder.SentenceTransformerEncoder(
-        sentence_encoder.BertConfig(
+        bert.BertConfig(
             vocab_size=12,
             hidden_size=40,
             num_hidden_layers=1,

@@ -23,6 +23,7 @@ from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
 from irtf_jax.models import tirg_baselines  # registers TIRG's baselines
 from irtf_jax.models import torch_order
+from irtf_jax.models.bert import bert_config_from_checkpoint
 from irtf_jax.models.composers import COMPOSERS
 from irtf_jax.models.composers import register
 from irtf_jax.models.image_encoders import RESNET_DEPTHS
@@ -128,7 +129,7 @@ def build_model(
   extra = {}
   if encoder == "sentence_transformer":
     folder = _required_path(model_config, "pretrained", encoder)
-    bert = sentence_encoder.bert_config_from_checkpoint(folder)
+    bert = bert_config_from_checkpoint(folder)
     extra = dict(bert=bert)
     vocab_size, word_embed_dim = bert.vocab_size, bert.hidden_size
   elif encoder == "precomputed":

@@ -15,6 +15,8 @@ import flax
 import jax.numpy as jnp
 
 from irtf_jax.models import sentence_encoder
+from irtf_jax.models.bert import bert_config_from_checkpoint
+from irtf_jax.models.bert import bert_params_from_checkpoint
 from irtf_jax.models.image_encoders import resnet_variables_from_torch
 
 
@@ -55,10 +57,10 @@ def load_pretrained(variables: Any, model_config) -> dict:
       )
   text_params = variables["params"]["text_encoder"]
   if kind == "sentence_transformer" and text_path:
-    bert = sentence_encoder.bert_config_from_checkpoint(text_path)
+    bert = bert_config_from_checkpoint(text_path)
     text_params["encoder"] = _replace(
         text_params["encoder"],
-        sentence_encoder.bert_params_from_checkpoint(text_path, bert),
+        bert_params_from_checkpoint(text_path, bert),
         text_path,
     )
   if kind == "precomputed" and text_path:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from irtf_jax.models import initializers
 from irtf_jax.models import sentence_encoder
+from irtf_jax.models.bert import BertConfig
 from irtf_jax.models.composers import COMPOSERS
 from irtf_jax.models.image_encoders import FEATURE_DIM
 from irtf_jax.models.image_encoders import ResNet
@@ -83,7 +84,7 @@ class RetrievalModel(nn.Module):
   dtype: jnp.dtype = jnp.float32
   composer_options: tuple = ()
   text_encoder_kind: str = "lstm"
-  bert: sentence_encoder.BertConfig | None = None
+  bert: BertConfig | None = None
   num_texts: int = 0
   text_feature_dim: int = 0
   initialization: str = "flax"
