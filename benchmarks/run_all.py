@@ -35,6 +35,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 
 import report  # benchmarks/report.py, beside this script
 
@@ -184,7 +185,10 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as folder:
     for name, arguments in runs.items():
       print(f"run_all: {name}", file=sys.stderr, flush=True)
+      started = time.perf_counter()
       results[name] = run_one(arguments, folder, args.timeout)
+      # The whole process: start-up, compilation and every repeat.
+      results[name]["wall_seconds"] = time.perf_counter() - started
   report.emit(
       {
           "device": device,
