@@ -176,9 +176,9 @@ class CssSynth(tfds.core.GeneratorBasedBuilder):
 def load(
     split: str,
     *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    **options,
+    data_dir: str | None,
+    manual_dir: str | None,
+    options: Mapping[str, Any],
 ) -> CSSSplit:
   """Loads split "train" or "test" of `css_synth`, generating it once.
 
@@ -186,13 +186,12 @@ def load(
     split: "train" or "test".
     data_dir: where the prepared array_record files are kept.
     manual_dir: unused (nothing to download).
-    **options: num_train_scenes (default 250), num_test_scenes (100),
-      mods_per_scene (30), tree_depth (3), seed (0), image_size (64); see
-      the module doc. A split of n families holds up to
+    options: resolved by `check_options`: num_train_scenes (default 250),
+      num_test_scenes (100), mods_per_scene (30), tree_depth (3), seed (0),
+      image_size (64); see the module doc. A split of n families holds up to
       n * (1 + mods_per_scene * tree_depth) images.
   """
   del manual_dir
-  options = check_options(options)
   config = CssSynthConfig(**options)
   if config.name in CssSynth.builder_configs:  # TFDS wants predefined by name.
     config = config.name
