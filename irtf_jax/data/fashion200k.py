@@ -192,18 +192,12 @@ class Fashion200k(image_files.ImageFilesBuilder, skip_registration=True):
   name = NAME
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  def _split_generators(self, dl_manager):
-    root = image_files.manual_root(
-        dl_manager, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS
-    )
+  def _read_entries(self, root: str) -> dict[str, list[tuple[str, str]]]:
     splits = {split: read_labels(root, split) for split in ("train", "test")}
     self.info.metadata["test_queries"] = read_test_queries(
         root, {relative for relative, _ in splits["test"]}
     )
-    return {
-        split: self._generate_examples(root, split, entries)
-        for split, entries in splits.items()
-    }
+    return splits
 
 
 class Fashion200kSplit(image_split.ImageFileSplit):

@@ -185,14 +185,8 @@ class MitStates(image_files.ImageFilesBuilder, skip_registration=True):
   name = NAME
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  def _split_generators(self, dl_manager):
-    root = image_files.manual_root(
-        dl_manager, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS
-    )
-    return {
-        split: self._generate_examples(root, split, entries)
-        for split, entries in list_images(root).items()
-    }
+  def _read_entries(self, root: str) -> dict[str, list[tuple[str, str]]]:
+    return list_images(root)
 
 
 class MitStatesSplit(image_split.ImageFileSplit):
