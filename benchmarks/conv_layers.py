@@ -47,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=wrong-import-position  # benchmarks/cli.py
 import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
@@ -297,17 +298,13 @@ def main(argv=None):
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--json-out", default="")
   args = parser.parse_args(argv)
-  implementations = [i for i in args.implementations.split(",") if i]
-  for impl in implementations:
-    if impl not in layers.CONV_IMPLEMENTATIONS:
-      parser.error(
-          f"--implementations: unknown {impl!r}; allowed: "
-          f"{', '.join(layers.CONV_IMPLEMENTATIONS)}"
-      )
-  passes = [p for p in args.passes.split(",") if p]
-  for name in passes:
-    if name not in PASSES:
-      parser.error(f"--passes: unknown {name!r}; allowed: {', '.join(PASSES)}")
+  implementations = cli.comma_list(
+      parser,
+      "--implementations",
+      args.implementations,
+      layers.CONV_IMPLEMENTATIONS,
+  )
+  passes = cli.comma_list(parser, "--passes", args.passes, PASSES)
   with_torch = not args.no_torch
   if with_torch:
     import torch  # pylint: disable=g-import-not-at-top
