@@ -61,14 +61,22 @@ def random_batch(seed: int, batch_size: int, image_size: int) -> dict:
   )
 
 
-def _time_steps(run_steps, steps: int, repeats: int) -> float:
-  """Median seconds per step over `repeats` timings of `steps` steps."""
+def _seconds_per_step(run_steps, args, framework: str, variant: str) -> float:
+  """Median seconds per step over `args.repeats` timings of `args.steps`
+  steps, after `args.warmup` untimed steps; logged as ms/step on stderr."""
+  run_steps(args.warmup)
   per_step = []
-  for _ in range(repeats):
+  for _ in range(args.repeats):
     start = time.perf_counter()
-    run_steps(steps)
-    per_step.append((time.perf_counter() - start) / steps)
-  return statistics.median(per_step)
+    run_steps(args.steps)
+    per_step.append((time.perf_counter() - start) / args.steps)
+  seconds = statistics.median(per_step)
+  print(
+      f"{framework} {variant}: {1e3 * seconds:.0f} ms/step",
+      file=sys.stderr,
+      flush=True,
+  )
+  return seconds
 
 
 def jax_config(variant: str, conv_implementation: str = "auto"):
@@ -118,13 +126,7 @@ def run_jax(args) -> dict:
         s, _ = step(s, batch, rng)
       holder[0] = jax.block_until_ready(s)
 
-    run_steps(args.warmup)
-    seconds[variant] = _time_steps(run_steps, args.steps, args.repeats)
-    print(
-        f"jax {variant}: {1e3 * seconds[variant]:.0f} ms/step",
-        file=sys.stderr,
-        flush=True,
-    )
+    seconds[variant] = _seconds_per_step(run_steps, args, "jax", variant)
   return {
       "seconds_per_step": seconds,
       "threads": os.cpu_count(),
@@ -166,13 +168,7 @@ def run_torch(args) -> dict:
       for _ in range(n):
         trainer.step(batch)
 
-    run_steps(args.warmup)
-    seconds[variant] = _time_steps(run_steps, args.steps, args.repeats)
-    print(
-        f"torch {variant}: {1e3 * seconds[variant]:.0f} ms/step",
-        file=sys.stderr,
-        flush=True,
-    )
+    seconds[variant] = _seconds_per_step(run_steps, args, "torch", variant)
   return {
       "seconds_per_step": seconds,
       "threads": torch.get_num_threads(),
