@@ -72,28 +72,17 @@ __all__ = [
     "scene_objects",
 ]
 
-# The default options; the module doc gives the sizes and why.
-DEFAULTS = dict(
-    num_train_scenes=250,
-    num_test_scenes=100,
-    mods_per_scene=30,
-    tree_depth=3,
-    seed=0,
-    image_size=64,
-)
-# Every option is an integer; the smallest value each allows.
-_MINIMUM = dict(
-    num_train_scenes=1,
-    num_test_scenes=1,
-    mods_per_scene=1,
-    tree_depth=1,
-    seed=0,
-    image_size=16,
-)
+# Every option is an integer: its default (the module doc gives the sizes and
+# why) and the smallest value it allows.
 OPTIONS = {
-    name: options_lib.integer(default, _MINIMUM[name])
-    for name, default in DEFAULTS.items()
+    "num_train_scenes": options_lib.integer(250, 1),
+    "num_test_scenes": options_lib.integer(100, 1),
+    "mods_per_scene": options_lib.integer(30, 1),
+    "tree_depth": options_lib.integer(3, 1),
+    "seed": options_lib.integer(0, 0),
+    "image_size": options_lib.integer(64, 16),
 }
+DEFAULTS = {name: option.default for name, option in OPTIONS.items()}
 
 
 def config_name(
