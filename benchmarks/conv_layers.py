@@ -47,12 +47,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=wrong-import-position  # benchmarks/cli.py
 import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
 from irtf_jax.models import layers
 
 PASSES = ("fwd", "grad", "double")
+
+
+def conv_row(name: str, h, c, o, k, s, p, count: int, **extra) -> dict:
+  """One convolution: h x h x c input, o outputs, k x k kernel, stride s,
+  symmetric padding p, run `count` times a train step."""
+  return dict(name=name, h=h, c=c, o=o, k=k, s=s, p=p, count=count, **extra)
 
 
 def model_convolutions(image_size: int) -> list[dict]:
@@ -65,104 +72,28 @@ def model_convolutions(image_size: int) -> list[dict]:
     backprop runs).
   """
   side = lambda h, k, s, p: (h + 2 * p - k) // s + 1
-  convs = [
-      dict(
-          name="conv1",
-          h=image_size,
-          c=3,
-          o=64,
-          k=7,
-          s=2,
-          p=3,
-          count=2,
-          stem=True,
-      )
-  ]
+  convs = [conv_row("conv1", image_size, 3, 64, 7, 2, 3, count=2, stem=True)]
   h = side(side(image_size, 7, 2, 3), 3, 2, 1)  # stem conv, then max-pool
   c = 64
   for stage, width in enumerate((64, 128, 256, 512)):
-    s = 1 if stage == 0 else 2
-    if s == 2:
-      convs.append(
-          dict(
-              name=f"layer{stage + 1}_0/conv1",
-              h=h,
-              c=c,
-              o=width,
-              k=3,
-              s=2,
-              p=1,
-              count=2,
-          )
-      )
-      convs.append(
-          dict(
-              name=f"layer{stage + 1}_0/downsample",
-              h=h,
-              c=c,
-              o=width,
-              k=1,
-              s=2,
-              p=0,
-              count=2,
-          )
-      )
+    name = f"layer{stage + 1}"
+    if stage == 0:  # stride 1 throughout
+      convs.append(conv_row(f"{name}_*/conv (4 of 4)", h, c, width, 3, 1, 1, 8))
+    else:
+      convs.append(conv_row(f"{name}_0/conv1", h, c, width, 3, 2, 1, 2))
+      convs.append(conv_row(f"{name}_0/downsample", h, c, width, 1, 2, 0, 2))
       h = side(h, 3, 2, 1)
       # The remaining three 3x3 convolutions of the stage are stride 1.
       convs.append(
-          dict(
-              name=f"layer{stage + 1}_*/conv (3 of 4)",
-              h=h,
-              c=width,
-              o=width,
-              k=3,
-              s=1,
-              p=1,
-              count=6,
-          )
-      )
-    else:
-      convs.append(
-          dict(
-              name="layer1_*/conv (4 of 4)",
-              h=h,
-              c=c,
-              o=width,
-              k=3,
-              s=1,
-              p=1,
-              count=8,
-          )
+          conv_row(f"{name}_*/conv (3 of 4)", h, width, width, 3, 1, 1, 6)
       )
     c = width
   for conv in convs:  # the ResNet runs on the query and the target image
     conv["query_count"] = conv["count"] // 2
-  convs.append(
-      dict(
-          name="composer/*_conv1 (gate, res)",
-          h=h,
-          c=2 * c,
-          o=2 * c,
-          k=3,
-          s=1,
-          p=1,
-          count=2,
-          query_count=2,
-      )
-  )
-  convs.append(
-      dict(
-          name="composer/*_conv2 (gate, res)",
-          h=h,
-          c=2 * c,
-          o=c,
-          k=3,
-          s=1,
-          p=1,
-          count=2,
-          query_count=2,
-      )
-  )
+  # TIRG-LastConv's gate and residual branches, on the query side only.
+  for i, outputs in ((1, 2 * c), (2, c)):
+    name = f"composer/*_conv{i} (gate, res)"
+    convs.append(conv_row(name, h, 2 * c, outputs, 3, 1, 1, 2, query_count=2))
   return convs
 
 
@@ -367,17 +298,13 @@ def main(argv=None):
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--json-out", default="")
   args = parser.parse_args(argv)
-  implementations = [i for i in args.implementations.split(",") if i]
-  for impl in implementations:
-    if impl not in layers.CONV_IMPLEMENTATIONS:
-      parser.error(
-          f"--implementations: unknown {impl!r}; allowed: "
-          f"{', '.join(layers.CONV_IMPLEMENTATIONS)}"
-      )
-  passes = [p for p in args.passes.split(",") if p]
-  for name in passes:
-    if name not in PASSES:
-      parser.error(f"--passes: unknown {name!r}; allowed: {', '.join(PASSES)}")
+  implementations = cli.comma_list(
+      parser,
+      "--implementations",
+      args.implementations,
+      layers.CONV_IMPLEMENTATIONS,
+  )
+  passes = cli.comma_list(parser, "--passes", args.passes, PASSES)
   with_torch = not args.no_torch
   if with_torch:
     import torch  # pylint: disable=g-import-not-at-top

@@ -40,10 +40,8 @@ torch/jax}, "device": ...} and details; ratios > 1 mean irtf-jax is faster.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +52,7 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCHMARKS)
 sys.path.insert(0, REPO)
 sys.path.insert(0, BENCHMARKS)
+import cli  # noqa: E402  # benchmarks/cli.py
 import input_pipeline  # noqa: E402  (after the path set-up above)
 import report  # noqa: E402  # benchmarks/report.py
 
@@ -382,26 +381,18 @@ def tirg_test_retrieval(
   return recall
 
 
-def _run_child(side: str, args) -> dict:
-  command = [
-      sys.executable,
-      os.path.abspath(__file__),
-      f"--child={side}",
-      f"--fixture={args.fixture}",
-      f"--workdir={args.workdir}",
-      f"--workers={args.workers}",
-      f"--steps={args.steps}",
-      f"--warmup-steps={args.warmup_steps}",
-      f"--seconds={args.seconds}",
-      f"--variant={args.variant}",
-      f"--batch-size={args.batch_size}",
-  ] + (["--smoke"] if args.smoke else [])
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  out = subprocess.run(
-      command, env=env, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+# The options a side's child process gets from the parent.
+CHILD_OPTIONS = (
+    "fixture",
+    "workdir",
+    "workers",
+    "steps",
+    "warmup_steps",
+    "seconds",
+    "variant",
+    "batch_size",
+    "smoke",
+)
 
 
 def parse_args(argv=None):
@@ -453,7 +444,7 @@ def parse_args(argv=None):
   parser.add_argument("--images-per-class", type=int, default=12)
   parser.add_argument("--test-images-per-class", type=int, default=10)
   parser.add_argument("--json-out", default="")
-  parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  cli.add_side_flag(parser)
   parser.add_argument("--fixture", default="", help=argparse.SUPPRESS)
   parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -465,9 +456,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.child:
-    result = run_jax(args) if args.child == "jax" else run_torch(args)
-    print(json.dumps(result))
+  if cli.answer_side(args, {"jax": run_jax, "torch": run_torch}):
     return
   load_before = list(os.getloadavg())
   with tempfile.TemporaryDirectory() as folder:
@@ -476,8 +465,10 @@ def main(argv=None):
     images = write_mit_states(
         args.fixture, args.images_per_class, args.test_images_per_class
     )
-    jax_result = _run_child("jax", args)  # prepares the TFDS copy first
-    torch_result = _run_child("torch", args)
+    flags = cli.flags(args, CHILD_OPTIONS)
+    # JAX first: it prepares the TFDS copy.
+    jax_result = cli.run_side(__file__, "jax", flags)
+    torch_result = cli.run_side(__file__, "torch", flags)
   report.emit(
       {
           "train": {

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 
+import cli  # benchmarks/cli.py, beside this script
 import report  # benchmarks/report.py, beside this script
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
@@ -174,13 +175,8 @@ def main(argv=None) -> int:
   device = device_description()
   runs = plan(args.smoke, accelerator=device["platform"] != "cpu")
   if args.only:
-    unknown = set(args.only.split(",")) - set(runs)
-    if unknown:
-      parser.error(
-          f"--only: unknown {', '.join(sorted(unknown))}; "
-          f"allowed: {', '.join(runs)}"
-      )
-    runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
+    only = cli.comma_list(parser, "--only", args.only, list(runs))
+    runs = {k: v for k, v in runs.items() if k in only}
   results = {}
   with tempfile.TemporaryDirectory() as folder:
     for name, arguments in runs.items():

@@ -26,14 +26,13 @@ variant and JAX variant/JAX base, and the thread counts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
+import cli  # benchmarks/cli.py
 import report  # benchmarks/report.py
 
 from irtf_jax.data import fixtures
@@ -62,14 +61,22 @@ def random_batch(seed: int, batch_size: int, image_size: int) -> dict:
   )
 
 
-def _time_steps(run_steps, steps: int, repeats: int) -> float:
-  """Median seconds per step over `repeats` timings of `steps` steps."""
+def _seconds_per_step(run_steps, args, framework: str, variant: str) -> float:
+  """Median seconds per step over `args.repeats` timings of `args.steps`
+  steps, after `args.warmup` untimed steps; logged as ms/step on stderr."""
+  run_steps(args.warmup)
   per_step = []
-  for _ in range(repeats):
+  for _ in range(args.repeats):
     start = time.perf_counter()
-    run_steps(steps)
-    per_step.append((time.perf_counter() - start) / steps)
-  return statistics.median(per_step)
+    run_steps(args.steps)
+    per_step.append((time.perf_counter() - start) / args.steps)
+  seconds = statistics.median(per_step)
+  print(
+      f"{framework} {variant}: {1e3 * seconds:.0f} ms/step",
+      file=sys.stderr,
+      flush=True,
+  )
+  return seconds
 
 
 def jax_config(variant: str, conv_implementation: str = "auto"):
@@ -119,13 +126,7 @@ def run_jax(args) -> dict:
         s, _ = step(s, batch, rng)
       holder[0] = jax.block_until_ready(s)
 
-    run_steps(args.warmup)
-    seconds[variant] = _time_steps(run_steps, args.steps, args.repeats)
-    print(
-        f"jax {variant}: {1e3 * seconds[variant]:.0f} ms/step",
-        file=sys.stderr,
-        flush=True,
-    )
+    seconds[variant] = _seconds_per_step(run_steps, args, "jax", variant)
   return {
       "seconds_per_step": seconds,
       "threads": os.cpu_count(),
@@ -167,13 +168,7 @@ def run_torch(args) -> dict:
       for _ in range(n):
         trainer.step(batch)
 
-    run_steps(args.warmup)
-    seconds[variant] = _time_steps(run_steps, args.steps, args.repeats)
-    print(
-        f"torch {variant}: {1e3 * seconds[variant]:.0f} ms/step",
-        file=sys.stderr,
-        flush=True,
-    )
+    seconds[variant] = _seconds_per_step(run_steps, args, "torch", variant)
   return {
       "seconds_per_step": seconds,
       "threads": torch.get_num_threads(),
@@ -182,38 +177,28 @@ def run_torch(args) -> dict:
   }
 
 
-def _worker_env(framework: str, threads: int) -> dict:
-  env = dict(os.environ)
-  env["OMP_NUM_THREADS"] = str(threads)
-  env["MKL_NUM_THREADS"] = str(threads)
-  # XLA:CPU sizes its intra-op pool to the machine's cores; PyTorch is told
-  # the same count (torch.set_num_threads), so both use all cores alone.
-  return env
+# The options a framework's worker process gets from the parent.
+WORKER_OPTIONS = (
+    "image_size",
+    "batch_size",
+    "steps",
+    "repeats",
+    "warmup",
+    "threads",
+    "variants",
+    "precision",
+    "conv_implementation",
+)
 
 
 def _run_worker(framework: str, args) -> dict:
   """Runs one framework in a fresh process (its own threads, no sharing)."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  command = [
-      sys.executable,
-      os.path.abspath(__file__),
-      f"--worker={framework}",
-      f"--image-size={args.image_size}",
-      f"--batch-size={args.batch_size}",
-      f"--steps={args.steps}",
-      f"--repeats={args.repeats}",
-      f"--warmup={args.warmup}",
-      f"--threads={args.threads}",
-      f"--variants={','.join(args.variants)}",
-      f"--precision={args.precision}",
-      f"--conv-implementation={args.conv_implementation}",
-  ]
-  env = _worker_env(framework, args.threads)
-  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  out = subprocess.run(
-      command, env=env, check=True, stdout=subprocess.PIPE, text=True, cwd=repo
-  )
-  return json.loads(out.stdout)
+  flags = cli.flags(args, WORKER_OPTIONS)
+  # XLA:CPU sizes its intra-op pool to the machine's cores; PyTorch is told
+  # the same count (torch.set_num_threads), so both use all cores alone.
+  threads = str(args.threads)
+  env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+  return cli.run_side(__file__, framework, flags, env)
 
 
 def _load_average() -> list[float] | None:
@@ -295,26 +280,18 @@ def parse_args(argv=None):
       "--conv-implementation", default="auto", choices=("auto", "lax", "im2col")
   )
   parser.add_argument("--json-out", default="")
-  parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  cli.add_side_flag(parser)
   args = parser.parse_args(argv)
-  args.variants = [v for v in args.variants.split(",") if v]
-  args.frameworks = [f for f in args.frameworks.split(",") if f]
-  for v in args.variants:
-    if v not in VARIANTS:
-      parser.error(f"--variants: unknown {v!r}; allowed: {', '.join(VARIANTS)}")
-  for f in args.frameworks:
-    if f not in FRAMEWORKS:
-      parser.error(
-          f"--frameworks: unknown {f!r}; allowed: {', '.join(FRAMEWORKS)}"
-      )
+  args.variants = cli.comma_list(parser, "--variants", args.variants, VARIANTS)
+  args.frameworks = cli.comma_list(
+      parser, "--frameworks", args.frameworks, FRAMEWORKS
+  )
   return args
 
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.worker:
-    result = run_jax(args) if args.worker == "jax" else run_torch(args)
-    print(json.dumps(result))
+  if cli.answer_side(args, {"jax": run_jax, "torch": run_torch}):
     return
   args.load_before = _load_average()
   results = {f: _run_worker(f, args) for f in args.frameworks}

@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -48,36 +49,35 @@ METRICS = {"mt": "test/recall@1", "ms": "train/recall@1", "whm": "whm"}
 LABELS = {"mt": "test R@1 (Mt)", "ms": "train R@1 (Ms)", "whm": "WHM"}
 
 
-def run_name(
-    arm: str,
-    seed: int,
-    epsilon: float | None = None,
-    gamma: float | None = None,
-) -> str:
-  """The run's name: arm, the scanned value if any, and the seed."""
-  if epsilon is not None:
-    arm = f"{arm}_eps{epsilon:g}"
-  if gamma is not None:
-    arm = f"{arm}_gamma{gamma:g}"
-  return f"{arm}_seed{seed}"
+class Run(NamedTuple):
+  """One run: an arm, a seed, and the scanned epsilon or gamma if any."""
+
+  arm: str
+  seed: int
+  epsilon: float | None = None
+  gamma: float | None = None
+
+  @property
+  def name(self) -> str:
+    """The run's name: arm, the scanned value if any, and the seed."""
+    name = self.arm
+    if self.epsilon is not None:
+      name = f"{name}_eps{self.epsilon:g}"
+    if self.gamma is not None:
+      name = f"{name}_gamma{self.gamma:g}"
+    return f"{name}_seed{self.seed}"
 
 
-def run_command(
-    args,
-    arm: str,
-    seed: int,
-    epsilon: float | None = None,
-    gamma: float | None = None,
-) -> tuple[str, list[str]]:
+def run_command(args, spec: Run) -> tuple[str, list[str]]:
   """(workdir, command line) of one run."""
-  workdir = os.path.join(args.workdir, run_name(arm, seed, epsilon, gamma))
-  eps = args.epsilon if epsilon is None else epsilon
-  gam = args.gamma if gamma is None else gamma
+  workdir = os.path.join(args.workdir, spec.name)
+  eps = args.epsilon if spec.epsilon is None else spec.epsilon
+  gam = args.gamma if spec.gamma is None else spec.gamma
   overrides = {
       k: v.format(eps=eps, gamma=gam, fgsm=args.fgsm_epsilon)
-      for k, v in ARMS[arm][1].items()
+      for k, v in ARMS[spec.arm][1].items()
   }
-  overrides["seed"] = str(seed)
+  overrides["seed"] = str(spec.seed)
   overrides.update(dict(kv.split("=", 1) for kv in args.override))
   return workdir, [
       sys.executable,
@@ -99,20 +99,14 @@ def read_evaluations(workdir: str) -> list[dict]:
   ]
 
 
-def run(
-    args,
-    arm: str,
-    seed: int,
-    epsilon: float | None = None,
-    gamma: float | None = None,
-) -> dict:
+def run(args, spec: Run) -> dict:
   """Trains one run, or reads its `result.json` if it finished before.
 
   The run's console output goes to `run.log` in its workdir. A run that
   stops on a non-finite loss (a regularizer too strong) is a result, kept
   with `diverged` set and no metrics; any other failure raises.
   """
-  workdir, command = run_command(args, arm, seed, epsilon, gamma)
+  workdir, command = run_command(args, spec)
   done = os.path.join(workdir, "result.json")
   if os.path.exists(done):
     with open(done) as f:
@@ -135,11 +129,8 @@ def run(
   evaluations = [] if diverged else read_evaluations(workdir)
   final = evaluations[-1] if evaluations else {}
   result = {
-      "name": os.path.basename(workdir),
-      "arm": arm,
-      "seed": seed,
-      "epsilon": epsilon,
-      "gamma": gamma,
+      "name": spec.name,
+      **spec._asdict(),
       "seconds": time.time() - start,
       "load": [load_before, os.getloadavg()[0]],
       **{k: final.get(k) for k in METRICS},
@@ -429,22 +420,22 @@ def figures(results: list[dict], args, out: str) -> list[str]:
   return paths
 
 
-def planned_runs(args) -> list[tuple]:
-  """(arm, seed, epsilon, gamma) of every run, main arms first, seed-major
-  (so a partial experiment has complete pairs)."""
+def planned_runs(args) -> list[Run]:
+  """Every run, main arms first, seed-major (so a partial experiment has
+  complete pairs)."""
   seeds = [int(s) for s in args.seeds.split(",")]
-  runs = [
-      (arm, seed, None, None) for seed in seeds for arm in args.arms.split(",")
-  ]
+  runs = [Run(arm, seed) for seed in seeds for arm in args.arms.split(",")]
   scan_seeds = [int(s) for s in args.scan_seeds.split(",") if s]
   for seed in scan_seeds:
     runs += [
-        ("adversarial", seed, e, None)
+        Run("adversarial", seed, epsilon=e)
         for e in args.epsilon_scan
         if e != args.epsilon
     ]
     runs += [
-        ("isotropic", seed, None, g) for g in args.gamma_scan if g != args.gamma
+        Run("isotropic", seed, gamma=g)
+        for g in args.gamma_scan
+        if g != args.gamma
     ]
   return runs
 
@@ -536,8 +527,8 @@ def main(argv=None):
   os.makedirs(args.workdir, exist_ok=True)
   start = time.time()
   results = []
-  for arm, seed, epsilon, gamma in planned_runs(args):
-    results.append(run(args, arm, seed, epsilon, gamma))
+  for spec in planned_runs(args):
+    results.append(run(args, spec))
     print(
         json.dumps({k: v for k, v in results[-1].items() if k != "curve"}),
         flush=True,

@@ -1,4 +1,5 @@
-"""Small builders shared by tests: tiny configs, models and random batches."""
+"""Small builders shared by tests: tiny configs, models, random batches and
+datasets prepared from fixtures."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import importlib.util
 import os
 import types
 
+import pytest
+
+from irtf_jax import data
 from irtf_jax.config_base import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,3 +40,49 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def prepared_dataset(tmp_path_factory, name: str, write_fixture) -> dict:
+  """Dataset `name` from a fixture, prepared once for a test module.
+
+  Returns:
+    "root" (the folder `write_fixture(root)` wrote), "written" (what it
+    returned), "load" (split, **options -> the split, 16 px images unless
+    image_size is given), and both splits, "train" and "test".
+  """
+  root = tmp_path_factory.mktemp(name)
+  written = write_fixture(root)
+  data_dir = str(tmp_path_factory.mktemp("data"))
+
+  def load(split, **options):
+    options.setdefault("image_size", 16)
+    return data.load(
+        name, split, data_dir=data_dir, manual_dir=str(root), **options
+    )
+
+  return {
+      "root": root,
+      "written": written,
+      "load": load,
+      "train": load("train"),
+      "test": load("test"),
+  }
+
+
+def load_from(name: str, tmp_path, root, split="test", **options):
+  """Split `split` of dataset `name` read from `root`, prepared into
+  `tmp_path / "d"`."""
+  return data.load(
+      name,
+      split,
+      data_dir=str(tmp_path / "d"),
+      manual_dir=str(root),
+      **options,
+  )
+
+
+def load_error(name: str, tmp_path, root, error=ValueError, **options) -> str:
+  """The message of the `error` that `load_from`'s test split raises."""
+  with pytest.raises(error) as info:
+    load_from(name, tmp_path, root, **options)
+  return str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 import pytest
@@ -265,12 +266,12 @@ def test_test_sized_train_recall_ranks_whole_families(splits):
   families of the train split, as many images as the test gallery, and as
   many queries as the test evaluation ranks."""
   train, test = splits["train"], splits["test"]
-  view, num_queries = evaluate.train_recall_split(
-      train,
-      test,
-      train_gallery="test_size",
-      max_train_queries=7,
-      max_test_queries=0,
+  # 7 train queries; how many the test evaluation ranks (0: all) varies.
+  recall_split = functools.partial(
+      evaluate.train_recall_split, train, test, max_train_queries=7
+  )
+  view, num_queries = recall_split(
+      train_gallery="test_size", max_test_queries=0
   )
   assert num_queries == len(test.queries)
   generated = generate.generate_families(
@@ -292,25 +293,11 @@ def test_test_sized_train_recall_ranks_whole_families(splits):
   np.testing.assert_array_equal(
       view.excluded_columns(), [q.source_index for q in view.queries]
   )
-  _, limited = evaluate.train_recall_split(
-      train,
-      test,
-      train_gallery="test_size",
-      max_train_queries=7,
-      max_test_queries=5,
-  )
+  _, limited = recall_split(train_gallery="test_size", max_test_queries=5)
   assert limited == 5
-  assert evaluate.train_recall_split(
-      train, test, train_gallery="all", max_train_queries=7, max_test_queries=5
-  ) == (train, 7)
+  assert recall_split(train_gallery="all", max_test_queries=5) == (train, 7)
   with pytest.raises(ValueError, match="config.eval.train_gallery: unknown"):
-    evaluate.train_recall_split(
-        train,
-        test,
-        train_gallery="half",
-        max_train_queries=7,
-        max_test_queries=5,
-    )
+    recall_split(train_gallery="half", max_test_queries=5)
 
 
 # ------------------------------------------------- raw pixels cannot answer

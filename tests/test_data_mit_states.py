@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import pickle
@@ -13,10 +14,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from irtf_jax import data
 from irtf_jax.data import fixtures
 from irtf_jax.data import image_files
 from irtf_jax.data import mit_states
+from tests import helpers
 
 # (adjective, noun) folders and image counts. fish, tomato and wool are among
 # TIRG's 49 test nouns; apple, car and bag are not. bag and wool have a single
@@ -69,23 +70,11 @@ def write_fixture(root):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-  root = tmp_path_factory.mktemp("mit_states")
-  written = write_fixture(root)
-  data_dir = str(tmp_path_factory.mktemp("data"))
+  return helpers.prepared_dataset(tmp_path_factory, "mit_states", write_fixture)
 
-  def load(split, **options):
-    options.setdefault("image_size", 16)
-    return data.load(
-        "mit_states", split, data_dir=data_dir, manual_dir=str(root), **options
-    )
 
-  return {
-      "root": root,
-      "written": written,
-      "load": load,
-      "train": load("train"),
-      "test": load("test"),
-  }
+load_from = functools.partial(helpers.load_from, "mit_states")
+load_error = functools.partial(helpers.load_error, "mit_states")
 
 
 def test_tirg_test_nouns_are_49_and_include_known_ones():
@@ -272,26 +261,18 @@ def test_image_size_option(dataset):
 
 def test_missing_dataset_folder_prints_instructions(tmp_path):
   missing = tmp_path / "nowhere"
-  with pytest.raises(
-      FileNotFoundError, match=rf"mit_states: missing dataset folder {missing}"
-  ):
-    data.load(
-        "mit_states",
-        "test",
-        data_dir=str(tmp_path / "d"),
-        manual_dir=str(missing),
-    )
+  assert re.search(
+      rf"mit_states: missing dataset folder {missing}",
+      load_error(tmp_path, missing, FileNotFoundError),
+  )
   root = tmp_path / "no_images"
   root.mkdir()
   (root / "README").write_text("x")
-  with pytest.raises(FileNotFoundError) as info:
-    data.load(
-        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
-    )
-  assert str(info.value).startswith(
+  message = load_error(tmp_path, root, FileNotFoundError)
+  assert message.startswith(
       f"mit_states: missing folder {root / 'images'}. Pass the folder"
   )
-  assert mit_states.MANUAL_DOWNLOAD_INSTRUCTIONS in str(info.value)
+  assert mit_states.MANUAL_DOWNLOAD_INSTRUCTIONS in message
 
 
 def small_root(tmp_path):
@@ -306,24 +287,14 @@ def test_truncated_image_error_or_skip(tmp_path, caplog):
   root = small_root(tmp_path)
   bad = os.path.join(root, "images", "raw fish", "broken.jpg")
   fixtures.write_truncated_jpeg(bad)
-  with pytest.raises(image_files.BadImageError) as info:
-    data.load(
-        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
-    )
-  message = str(info.value)
+  message = load_error(tmp_path, root, image_files.BadImageError)
   assert message.startswith(f"{bad}: unreadable or truncated image (")
   assert message.endswith(
       "; stopping (on_bad_image='error'; pass "
       "on_bad_image='skip' to leave bad images out)"
   )
   with caplog.at_level(logging.WARNING):
-    split = data.load(
-        "mit_states",
-        "test",
-        data_dir=str(tmp_path / "d"),
-        manual_dir=str(root),
-        on_bad_image="skip",
-    )
+    split = load_from(tmp_path, root, on_bad_image="skip")
   assert sorted(split.captions) == ["dried fish", "raw fish"]
   assert any(
       r.getMessage().startswith(f"{bad}: unreadable or truncated")
@@ -332,9 +303,7 @@ def test_truncated_image_error_or_skip(tmp_path, caplog):
   )
   # a strict load never reuses the build that skipped the bad image
   with pytest.raises(image_files.BadImageError):
-    data.load(
-        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
-    )
+    load_from(tmp_path, root)
 
 
 def test_symlinks_out_of_the_dataset_are_refused(tmp_path):
@@ -342,26 +311,16 @@ def test_symlinks_out_of_the_dataset_are_refused(tmp_path):
   fixtures.write_jpeg(str(outside / "x.jpg"), (1, 2, 3))
   root = small_root(tmp_path)
   os.symlink(outside, root / "images" / "wet fish")
-  with pytest.raises(ValueError) as info:
-    data.load(
-        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
-    )
-  assert str(info.value) == (
+  assert load_error(tmp_path, root) == (
       f"{root / 'images'}: image path 'images/wet fish' escapes the dataset "
       f"folder {root} (through '..' or a symlink); refused"
   )
   os.remove(root / "images" / "wet fish")
   os.symlink(outside / "x.jpg", root / "images" / "raw fish" / "y.jpg")
-  with pytest.raises(
-      ValueError,
-      match=re.escape(
-          f"{root / 'images' / 'raw fish'}: image path 'images/raw fish/y.jpg' "
-          "escapes the dataset folder"
-      ),
-  ):
-    data.load(
-        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
-    )
+  assert (
+      f"{root / 'images' / 'raw fish'}: image path 'images/raw fish/y.jpg' "
+      "escapes the dataset folder"
+  ) in load_error(tmp_path, root)
 
 
 def test_bad_folder_name_and_options(tmp_path):
@@ -369,71 +328,30 @@ def test_bad_folder_name_and_options(tmp_path):
   fixtures.write_jpeg(
       str(root / "images" / "very old car" / "a.jpg"), (1, 2, 3)
   )
-  with pytest.raises(
-      ValueError,
-      match=re.escape(
-          f"{root / 'images' / 'very old car'}: a class folder must be named "
-          "'<adjective> <noun>'"
-      ),
-  ):
-    data.load(
-        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
-    )
+  assert (
+      f"{root / 'images' / 'very old car'}: a class folder must be named "
+      "'<adjective> <noun>'"
+  ) in load_error(tmp_path, root)
   os.rename(root / "images" / "very old car", root / "images" / "gold car")
   (root / "images" / "gold car" / "notes.txt").write_text("x")
-  with pytest.raises(
-      ValueError,
-      match=re.escape(
-          f"{root / 'images' / 'gold car' / 'notes.txt'}: not a .jpg file"
-      ),
-  ):
-    data.load(
-        "mit_states", "test", data_dir=str(tmp_path / "d"), manual_dir=str(root)
-    )
-  with pytest.raises(ValueError, match="on_bad_image: got 'ignore'"):
-    data.load(
-        "mit_states",
-        "test",
-        data_dir=str(tmp_path / "d"),
-        manual_dir=str(root),
-        on_bad_image="ignore",
-    )
-  with pytest.raises(ValueError, match="image_size: got 0"):
-    data.load(
-        "mit_states",
-        "test",
-        data_dir=str(tmp_path / "d"),
-        manual_dir=str(root),
-        image_size=0,
-    )
+  assert (
+      f"{root / 'images' / 'gold car' / 'notes.txt'}: not a .jpg file"
+  ) in load_error(tmp_path, root)
+  assert "on_bad_image: got 'ignore'" in load_error(
+      tmp_path, root, on_bad_image="ignore"
+  )
+  assert "image_size: got 0" in load_error(tmp_path, root, image_size=0)
 
 
 def test_prepared_data_needs_no_dataset_folder(tmp_path):
   root = small_root(tmp_path)
-  first = data.load(
-      "mit_states",
-      "test",
-      data_dir=str(tmp_path / "d"),
-      manual_dir=str(root),
-      image_size=8,
-  )
+  first = load_from(tmp_path, root, image_size=8)
   pixels = first.images(np.arange(2))
   shutil.rmtree(root)
-  again = data.load(
-      "mit_states",
-      "test",
-      data_dir=str(tmp_path / "d"),
-      manual_dir=str(root),
-      image_size=8,
-  )
+  again = load_from(tmp_path, root, image_size=8)
   assert again.captions == first.captions and again.paths == first.paths
   np.testing.assert_array_equal(again.images(np.arange(2)), pixels)
   # crops larger than the stored 256 need a larger stored copy: a new build
-  with pytest.raises(FileNotFoundError, match="mit_states: missing dataset"):
-    data.load(
-        "mit_states",
-        "test",
-        data_dir=str(tmp_path / "d"),
-        manual_dir=str(root),
-        image_size=300,
-    )
+  assert "mit_states: missing dataset" in load_error(
+      tmp_path, root, FileNotFoundError, image_size=300
+  )

@@ -129,106 +129,40 @@ def test_infinite_scores_follow_the_same_order():
   assert recall == {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0}
 
 
+# A valid call (2 queries, 3 gallery columns); each case changes it.
+_VALID_RECALL_INPUT = dict(
+    scores=np.zeros((2, 3)),
+    query_target_ids=[0, 1],
+    gallery_ids=[0, 1, 2],
+    ks=(1,),
+)
+
+
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "changes, message",
     [
-        (
-            dict(
-                scores=np.zeros((2, 3)),
-                query_target_ids=[0],
-                gallery_ids=[0, 1, 2],
-                ks=(1,),
-            ),
-            "query_target_ids",
-        ),
-        (
-            dict(
-                scores=np.zeros((2, 3)),
-                query_target_ids=[0, 1],
-                gallery_ids=[0, 1],
-                ks=(1,),
-            ),
-            "gallery_ids",
-        ),
-        (
-            dict(
-                scores=np.zeros(3),
-                query_target_ids=[0],
-                gallery_ids=[0, 1, 2],
-                ks=(1,),
-            ),
-            r"\(Q, N\)",
-        ),
-        (
-            dict(
-                scores=np.zeros((2, 3)),
-                query_target_ids=[0, 1],
-                gallery_ids=[0, 1, 2],
-                ks=(4,),
-            ),
-            "K=4",
-        ),
-        (
-            dict(
-                scores=np.zeros((2, 3)),
-                query_target_ids=[0, 1],
-                gallery_ids=[0, 1, 2],
-                ks=(0,),
-            ),
-            "K=0",
-        ),
-        (
-            dict(
-                scores=np.zeros((2, 3)),
-                query_target_ids=[0, 1],
-                gallery_ids=[0, 1, 2],
-                ks=(),
-            ),
-            "empty",
-        ),
-        (
-            dict(
-                scores=np.zeros((2, 3)),
-                query_target_ids=[0, 1],
-                gallery_ids=[0, 1, 2],
-                exclude=[0, 3],
-                ks=(1,),
-            ),
-            r"exclude\[1\] = 3",
-        ),
-        (
-            dict(
-                scores=np.zeros((2, 3)),
-                query_target_ids=[0, 1],
-                gallery_ids=[0, 1, 2],
-                exclude=[0],
-                ks=(1,),
-            ),
-            "exclude has shape",
-        ),
+        (dict(query_target_ids=[0]), "query_target_ids"),
+        (dict(gallery_ids=[0, 1]), "gallery_ids"),
+        (dict(scores=np.zeros(3), query_target_ids=[0]), r"\(Q, N\)"),
+        (dict(ks=(4,)), "K=4"),
+        (dict(ks=(0,)), "K=0"),
+        (dict(ks=()), "empty"),
+        (dict(exclude=[0, 3]), r"exclude\[1\] = 3"),
+        (dict(exclude=[0]), "exclude has shape"),
         (
             dict(
                 scores=np.array([[0.0, np.nan]]),
                 query_target_ids=[0],
                 gallery_ids=[0, 1],
-                ks=(1,),
             ),
             "row 0",
         ),
-        (
-            dict(
-                scores=np.zeros((0, 3)),
-                query_target_ids=[],
-                gallery_ids=[0, 1, 2],
-                ks=(1,),
-            ),
-            "no rows",
-        ),
+        (dict(scores=np.zeros((0, 3)), query_target_ids=[]), "no rows"),
     ],
 )
-def test_recall_at_k_rejects_bad_input(kwargs, message):
+def test_recall_at_k_rejects_bad_input(changes, message):
   with pytest.raises(ValueError, match=message):
-    metrics.recall_at_k(**kwargs)
+    metrics.recall_at_k(**{**_VALID_RECALL_INPUT, **changes})
 
 
 def reference_whm(ms, mt, alpha):

@@ -15,29 +15,14 @@ from irtf_jax import models
 from irtf_jax.data.fixtures import random_batch
 from irtf_jax.models import image_encoders
 from irtf_jax.models import pretrained
+from tests.helpers import load_repo_module
 from tests.helpers import tiny_config
 
-
-class TorchBasicBlock(nn.Module):
-  """torchvision's BasicBlock, written from its definition."""
-
-  def __init__(self, inp, out, stride):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(out)
-    self.relu = nn.ReLU()
-    self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(out)
-    self.downsample = None
-    if stride != 1 or inp != out:
-      self.downsample = nn.Sequential(
-          nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
-      )
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    y = self.relu(self.bn1(self.conv1(x)))
-    return self.relu(self.bn2(self.conv2(y)) + identity)
+# torchvision's BasicBlock, written from its definition (torchvision is not a
+# dependency) for the PyTorch reference of the benchmarks.
+TorchBasicBlock = load_repo_module(
+    "benchmarks/torch_reference.py", "torch_reference"
+).BasicBlock
 
 
 class TorchResNet18(nn.Module):

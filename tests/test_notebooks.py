@@ -140,16 +140,32 @@ def test_readme_lists_notebook_with_colab_badge(name):
   assert f"`notebooks/{name}.ipynb`" in section
 
 
-@pytest.mark.slow
-def test_quickstart_trains_evaluates_and_shows_results(tmp_path):
+def _read_json(path: pathlib.Path):
+  return json.loads(path.read_text())
+
+
+def _run_quickstart(tmp_path, **parameters):
+  """Runs the quickstart notebook, its training run in tmp_path / "run".
+
+  Returns:
+    (the executed notebook, its text, the run's folder, its config.json).
+  """
   workdir = tmp_path / "run"
   notebook = execute(
-      "quickstart", tmp_path, WORKDIR=workdir, DATA_DIR=tmp_path / "data"
+      "quickstart",
+      tmp_path,
+      WORKDIR=workdir,
+      DATA_DIR=tmp_path / "data",
+      **parameters,
   )
-  text = _text(notebook)
+  return notebook, _text(notebook), workdir, _read_json(workdir / "config.json")
+
+
+@pytest.mark.slow
+def test_quickstart_trains_evaluates_and_shows_results(tmp_path):
+  notebook, text, workdir, config = _run_quickstart(tmp_path)
   # CPU: the default strategy, over the 8 devices of one program.
   assert "strategy: jit over 8 devices, precision float32" in text
-  config = json.loads((workdir / "config.json").read_text())
   assert config["parallel"]["strategy"] == "jit"
   pictures = sorted(workdir.glob("retrievals_step*.png"))
   assert pictures
@@ -161,18 +177,9 @@ def test_quickstart_trains_evaluates_and_shows_results(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_tpu_branch_runs_pmap_over_all_8_devices(tmp_path):
-  workdir = tmp_path / "run"
-  notebook = execute(
-      "quickstart",
-      tmp_path,
-      WORKDIR=workdir,
-      DATA_DIR=tmp_path / "data",
-      FORCE_PMAP=True,
-  )
-  text = _text(notebook)
+  notebook, text, workdir, config = _run_quickstart(tmp_path, FORCE_PMAP=True)
   assert "strategy: pmap over 8 devices, precision bfloat16" in text
   assert "trained with strategy pmap over 8 devices" in text
-  config = json.loads((workdir / "config.json").read_text())
   assert config["parallel"]["strategy"] == "pmap"
   assert config["precision"] == "bfloat16"
   evaluations = [
@@ -201,7 +208,7 @@ def test_results_runs_the_ga_experiment_and_plots_it(tmp_path):
   notebook = execute(
       "results", tmp_path, EXPERIMENT_DIR=experiment, DATA_DIR=tmp_path / "data"
   )
-  results = json.loads((experiment / "results" / "results.json").read_text())
+  results = _read_json(experiment / "results" / "results.json")
   assert {(r["arm"], r["seed"]) for r in results["runs"]} == {
       ("baseline", 0),
       ("baseline", 1),

@@ -46,6 +46,25 @@ def _flat_samples(noise):
   )
 
 
+# The statistical tests: STEPS jitted updates of `_zero_grads` with gamma GAMMA.
+GAMMA, STEPS = 0.5, 4000
+
+
+def _zero_grad_noise(**kwargs):
+  """The noise of STEPS updates of `_zero_grads` by
+  `isotropic_gradient_augmentation(GAMMA, **kwargs)` as a (STEPS, 7) matrix
+  (`_flat_samples`), and the logged noise norms."""
+  transform = ga.isotropic_gradient_augmentation(GAMMA, **kwargs)
+  noise, norms = _noise_sequence(transform, _zero_grads(), STEPS)
+  return _flat_samples(noise), norms
+
+
+def _per_element(b, w):
+  """A value per column of `_flat_samples(noise of _zero_grads)`: leaves in
+  sorted key order, "b" (n = 4 elements) then "w" (n = 3)."""
+  return np.array([b] * 4 + [w] * 3)
+
+
 def test_zero_gamma_is_an_exact_no_op():
   grads = {"w": jnp.linspace(-1.0, 1.0, 5), "b": jnp.ones((2, 2)) * 0.3}
   transform = ga.isotropic_gradient_augmentation(0.0)
@@ -57,13 +76,9 @@ def test_zero_gamma_is_an_exact_no_op():
 
 
 def test_gaussian_noise_is_unbiased_isotropic_with_std_gamma_over_n():
-  gamma, steps = 0.5, 4000
-  noise, norms = _noise_sequence(
-      ga.isotropic_gradient_augmentation(gamma, seed=1), _zero_grads(), steps
-  )
-  samples = _flat_samples(noise)
-  # Leaves in sorted key order: "b" (n = 4) then "w" (n = 3).
-  stds = np.array([gamma / 4] * 4 + [gamma / 3] * 3)
+  gamma, steps = GAMMA, STEPS
+  samples, norms = _zero_grad_noise(seed=1)
+  stds = _per_element(gamma / 4, gamma / 3)
   # Sample mean of N(0, s^2): standard error s / sqrt(T); 5 sigma per element.
   assert np.all(np.abs(samples.mean(0)) < 5 * stds / math.sqrt(steps))
   # Sample std: relative standard error about 1 / sqrt(2T).
@@ -90,14 +105,9 @@ def test_gaussian_noise_std_per_leaf_in_one_draw():
 
 
 def test_linf_noise_bounds_and_std():
-  gamma, steps = 0.5, 4000
-  noise, _ = _noise_sequence(
-      ga.isotropic_gradient_augmentation(gamma, distribution="linf"),
-      _zero_grads(),
-      steps,
-  )
-  samples = _flat_samples(noise)
-  bounds = np.array([gamma / 4] * 4 + [gamma / 3] * 3)
+  gamma, steps = GAMMA, STEPS
+  samples, _ = _zero_grad_noise(distribution="linf")
+  bounds = _per_element(gamma / 4, gamma / 3)
   stds = bounds / math.sqrt(3)  # Std of U[-1, 1] is 1 / sqrt(3).
   assert np.all(np.abs(samples) <= bounds * (1 + 1e-6))
   assert np.all(np.abs(samples).max(0) > 0.99 * bounds)
@@ -110,16 +120,10 @@ def test_linf_noise_bounds_and_std():
 
 
 def test_sphere_noise_norm_and_uniform_direction():
-  gamma, steps = 0.5, 4000
-  noise, norms = _noise_sequence(
-      ga.isotropic_gradient_augmentation(gamma, distribution="sphere"),
-      _zero_grads(),
-      steps,
-  )
-  samples = _flat_samples(noise)
-  # xi = sqrt(N) u over all N = 7 elements; "mean" weights gamma / n per leaf
-  # ("b": n = 4 first, then "w": n = 3).
-  weights = np.array([gamma / 4] * 4 + [gamma / 3] * 3)
+  gamma, steps = GAMMA, STEPS
+  samples, norms = _zero_grad_noise(distribution="sphere")
+  # xi = sqrt(N) u over all N = 7 elements; "mean" weights gamma / n per leaf.
+  weights = _per_element(gamma / 4, gamma / 3)
   xi = samples / weights
   dims = xi.shape[1]
   np.testing.assert_allclose(
@@ -328,16 +332,14 @@ def test_callable_weights_drift_and_schedule():
 
 def test_official_noise_statistics_with_the_drift():
   """Over steps: mean gamma * w and std gamma * w per element, w = (K-k+1)/n."""
-  gamma, steps = 0.5, 4000
-  transform = ga.isotropic_gradient_augmentation(
-      gamma,
+  gamma, steps = GAMMA, STEPS
+  samples, norms = _zero_grad_noise(
       scaling="official",
       seed=3,
       registration_order=lambda tree: {"b": 1, "w": 2},
   )
-  noise, norms = _noise_sequence(transform, _zero_grads(), steps)
-  samples = _flat_samples(noise)  # "b" (k = 1, n = 4), then "w" (k = 2, n = 3)
-  scales = np.array([gamma * 2 / 4] * 4 + [gamma * 1 / 3] * 3)
+  # "b" (k = 1, n = 4), then "w" (k = 2, n = 3)
+  scales = _per_element(gamma * 2 / 4, gamma * 1 / 3)
   assert np.all(
       np.abs(samples.mean(0) - scales) < 5 * scales / math.sqrt(steps)
   )

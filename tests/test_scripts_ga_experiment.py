@@ -74,9 +74,9 @@ def test_runs_pass_each_arms_overrides_and_resume(
   calls = []
   monkeypatch.setattr(script.subprocess, "run", fake_subprocess(calls))
   args = _args(script, tmp_path, "--override=num_train_steps=4")
-  both = script.run(args, "both", 2)
-  scan = script.run(args, "adversarial", 0, epsilon=1e-3)
-  gamma = script.run(args, "isotropic", 0, gamma=0.1)
+  both = script.run(args, script.Run("both", 2))
+  scan = script.run(args, script.Run("adversarial", 0, epsilon=1e-3))
+  gamma = script.run(args, script.Run("isotropic", 0, gamma=0.1))
   assert calls[0][:3] == [sys.executable, "-m", "irtf_jax.main"]
   assert "--config=configs/css_synth.py:ga" in calls[0]
   assert "--config.ga.adversarial.epsilon=1e-06" in calls[0]
@@ -97,7 +97,7 @@ def test_runs_pass_each_arms_overrides_and_resume(
   assert (scan["name"], scan["epsilon"]) == ("adversarial_eps0.001_seed0", 1e-3)
   assert gamma["name"] == "isotropic_gamma0.1_seed0"
   # A finished run is read back, not trained again.
-  assert script.run(args, "both", 2) == both
+  assert script.run(args, script.Run("both", 2)) == both
   assert len(calls) == 3
   assert both["diverged"] is None
 
@@ -117,14 +117,14 @@ def test_a_diverged_run_is_a_result_other_failures_raise(
           "finite at step 3; training stopped.\n",
       ),
   )
-  result = script.run(args, "isotropic", 0, gamma=10.0)
+  result = script.run(args, script.Run("isotropic", 0, gamma=10.0))
   assert result["diverged"].startswith("irtf_jax.train.NonFiniteLossError")
   assert result["mt"] is None and result["curve"] == []
   monkeypatch.setattr(
       script.subprocess, "run", fake_subprocess(calls, 1, "MemoryError\n")
   )
   with pytest.raises(subprocess.CalledProcessError):
-    script.run(args, "baseline", 0)
+    script.run(args, script.Run("baseline", 0))
   assert not os.path.exists(
       tmp_path / "runs" / "baseline_seed0" / "result.json"
   )

@@ -14,26 +14,30 @@ from irtf_jax.data import pipeline
 from irtf_jax.metric_writers import read_metrics
 from tests.helpers import tiny_config
 
+# A few steps on a tiny css_synth, every output written at least once.
+CSS_RUN = {
+    "data.name": "css_synth",
+    "data.options.num_train_scenes": 20,  # 180 images, 160 queries
+    "data.options.num_test_scenes": 20,
+    "data.options.mods_per_scene": 4,
+    "data.options.tree_depth": 2,
+    "data.options.image_size": 32,
+    "model.text_encoder.max_length": 10,
+    "num_train_steps": 4,
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "eval_every": 4,
+    "eval.batch_size": 32,
+    "eval.max_test_queries": 64,
+    "eval.max_train_queries": 64,
+    "eval.train_gallery": "test_size",
+    "eval.num_qualitative": 2,
+}
+
 
 def css_config(**overrides):
-  config = tiny_config(**overrides)
-  config.data.name = "css_synth"
-  config.data.options.num_train_scenes = 20  # 180 images, 160 queries
-  config.data.options.num_test_scenes = 20
-  config.data.options.mods_per_scene = 4
-  config.data.options.tree_depth = 2
-  config.data.options.image_size = 32
-  config.model.text_encoder.max_length = 10
-  config.num_train_steps = 4
-  config.log_every = 1
-  config.checkpoint_every = 2
-  config.eval_every = 4
-  config.eval.batch_size = 32
-  config.eval.max_test_queries = 64
-  config.eval.max_train_queries = 64
-  config.eval.train_gallery = "test_size"
-  config.eval.num_qualitative = 2
-  return config
+  """`tiny_config` with `CSS_RUN`, then `overrides` (dotted names)."""
+  return tiny_config(**{**CSS_RUN, **overrides})
 
 
 @pytest.fixture(scope="module")

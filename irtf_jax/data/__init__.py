@@ -4,8 +4,9 @@
   split.captions, split.queries, split.image(i)
 
 Each dataset module registers a loader `fn(split, *, data_dir, manual_dir,
-**options) -> Split` and the checker of its options with `register`;
-`check_options` runs that checker alone (no data is prepared or read), so a
+options) -> Split` and the checker of its options with `register`; `load`
+resolves the options with that checker and gives the loader the result, and
+`check_options` runs the checker alone (no data is prepared or read), so a
 bad `config.data.options` fails before a run starts.
 """
 
@@ -49,11 +50,12 @@ def register(
   Args:
     name: the dataset's name (a key of `_MODULES`).
     check_options: options -> resolved options, raising ValueError for a bad
-      one; the loader must check its options with it too, so that the two
-      never disagree.
+      one; `load` resolves the options with it before calling the loader, so
+      that the two never disagree.
 
   Returns:
-    A decorator registering `fn(split, *, data_dir, manual_dir, **options)`.
+    A decorator registering `fn(split, *, data_dir, manual_dir, options)`,
+    `options` resolved by `check_options`.
   """
 
   def wrap(fn):
@@ -111,12 +113,13 @@ def load(
     data_dir: where prepared (array_record) data is kept; TFDS's default when
       None.
     manual_dir: the user's copy of a dataset that cannot be downloaded.
-    **options: dataset-specific options (see each dataset module), checked
-      as `check_options` checks them before anything is prepared.
+    **options: dataset-specific options (see each dataset module), resolved
+      by `check_options` (a bad one raises before anything is prepared).
   """
   _import_dataset(name)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  options = _CHECKERS[name](options)
   return _LOADERS[name](
-      split, data_dir=data_dir, manual_dir=manual_dir, **options
+      split, data_dir=data_dir, manual_dir=manual_dir, options=options
   )

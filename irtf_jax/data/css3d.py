@@ -291,9 +291,9 @@ class Css3d(tfds.core.GeneratorBasedBuilder):
 def load(
     split: str,
     *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    **options,
+    data_dir: str | None,
+    manual_dir: str | None,
+    options: Mapping[str, Any],
 ) -> css_split.CSSSplit:
   """Loads split "train" or "test" of the CSS dataset, preparing it once.
 
@@ -305,12 +305,11 @@ def load(
     data_dir: where the prepared array_record files are kept.
     manual_dir: the folder with the `.npy` and `images/` (see
       `MANUAL_DOWNLOAD_INSTRUCTIONS`); needed to prepare, checked when given.
-    **options: renderer ("png", the default, reads the 3D renders; "2d" draws
-      with CSS's 2D renderer) and skip_unreadable_images (False, the
-      default, fails on an unreadable PNG; True leaves it out); see the
-      module doc and `OPTIONS`.
+    options: resolved by `check_options`: renderer ("png", the default,
+      reads the 3D renders; "2d" draws with CSS's 2D renderer) and
+      skip_unreadable_images (False, the default, fails on an unreadable PNG;
+      True leaves it out); see the module doc and `OPTIONS`.
   """
-  options = check_options(options)
   renderer = options["renderer"]
   if manual_dir is not None:
     check_manual_dir(manual_dir, renderer)

@@ -72,28 +72,17 @@ __all__ = [
     "scene_objects",
 ]
 
-# The default options; the module doc gives the sizes and why.
-DEFAULTS = dict(
-    num_train_scenes=250,
-    num_test_scenes=100,
-    mods_per_scene=30,
-    tree_depth=3,
-    seed=0,
-    image_size=64,
-)
-# Every option is an integer; the smallest value each allows.
-_MINIMUM = dict(
-    num_train_scenes=1,
-    num_test_scenes=1,
-    mods_per_scene=1,
-    tree_depth=1,
-    seed=0,
-    image_size=16,
-)
+# Every option is an integer: its default (the module doc gives the sizes and
+# why) and the smallest value it allows.
 OPTIONS = {
-    name: options_lib.integer(default, _MINIMUM[name])
-    for name, default in DEFAULTS.items()
+    "num_train_scenes": options_lib.integer(250, 1),
+    "num_test_scenes": options_lib.integer(100, 1),
+    "mods_per_scene": options_lib.integer(30, 1),
+    "tree_depth": options_lib.integer(3, 1),
+    "seed": options_lib.integer(0, 0),
+    "image_size": options_lib.integer(64, 16),
 }
+DEFAULTS = {name: option.default for name, option in OPTIONS.items()}
 
 
 def config_name(
@@ -176,9 +165,9 @@ class CssSynth(tfds.core.GeneratorBasedBuilder):
 def load(
     split: str,
     *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    **options,
+    data_dir: str | None,
+    manual_dir: str | None,
+    options: Mapping[str, Any],
 ) -> CSSSplit:
   """Loads split "train" or "test" of `css_synth`, generating it once.
 
@@ -186,13 +175,12 @@ def load(
     split: "train" or "test".
     data_dir: where the prepared array_record files are kept.
     manual_dir: unused (nothing to download).
-    **options: num_train_scenes (default 250), num_test_scenes (100),
-      mods_per_scene (30), tree_depth (3), seed (0), image_size (64); see
-      the module doc. A split of n families holds up to
+    options: resolved by `check_options`: num_train_scenes (default 250),
+      num_test_scenes (100), mods_per_scene (30), tree_depth (3), seed (0),
+      image_size (64); see the module doc. A split of n families holds up to
       n * (1 + mods_per_scene * tree_depth) images.
   """
   del manual_dir
-  options = check_options(options)
   config = CssSynthConfig(**options)
   if config.name in CssSynth.builder_configs:  # TFDS wants predefined by name.
     config = config.name

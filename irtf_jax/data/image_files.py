@@ -216,8 +216,7 @@ class ImageFilesBuilder(
   builder's metadata holds, per split, the "paths" and "captions" of the
   records in record order (`disable_shuffling`), so a split's captions load
   without reading any image. Subclasses set `name` and
-  `MANUAL_DOWNLOAD_INSTRUCTIONS` and implement `_split_generators` with
-  `_generate_examples(root, split, [(relative path, caption)])`.
+  `MANUAL_DOWNLOAD_INSTRUCTIONS` and implement `_read_entries`.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -234,6 +233,17 @@ class ImageFilesBuilder(
     )
 
   def _split_generators(self, dl_manager):
+    root = manual_root(dl_manager, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return {
+        split: self._generate_examples(root, split, entries)
+        for split, entries in self._read_entries(root).items()
+    }
+
+  def _read_entries(self, root: str) -> Mapping[str, list[tuple[str, str]]]:
+    """Reads the dataset folder `root`: split -> [(relative path, caption)].
+
+    May add dataset-specific entries to `self.info.metadata`.
+    """
     raise NotImplementedError
 
   def _generate_examples(self, root, split, entries):

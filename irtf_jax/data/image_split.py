@@ -1,8 +1,9 @@
 """The split and loader shared by image-file datasets: MIT-States, Fashion200k.
 
 What is the same for both (TIRG's protocol, Vo et al., CVPR 2019):
-- options (`OPTIONS`): image_size, on_bad_image, complete_text,
-  num_train_queries, train_query_seed; see `load_split`;
+- the loader (`register_loader`) and its options (`OPTIONS`): image_size,
+  on_bad_image, complete_text, num_train_queries, train_query_seed; see
+  `load_split`;
 - test split: the gallery is every image; each query's own image is removed
   from its ranking (`exclude_columns`);
 - train split: its `queries` (train-split recall, the Ms of WHM) are
@@ -24,6 +25,7 @@ folder and stored is `irtf_jax.data.image_files`'s.
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any, Callable, Mapping
 
@@ -32,6 +34,7 @@ from PIL import Image
 
 from irtf_jax.data import image_files
 from irtf_jax.data import options as options_lib
+from irtf_jax.data import register
 from irtf_jax.data.base import Query
 from irtf_jax.data.base import step_rng
 from irtf_jax.data.storage import RecordSplit
@@ -256,7 +259,7 @@ def load_split(
     manual_dir: str | None,
     options: Mapping[str, Any],
 ) -> ImageFileSplit:
-  """Checks `options`, prepares `builder_cls` once, returns `split_cls`'s split.
+  """Prepares `builder_cls` once, returns `split_cls`'s split.
 
   Args:
     split_cls: the dataset's `ImageFileSplit` subclass.
@@ -265,16 +268,11 @@ def load_split(
     split: "train" or "test".
     data_dir: where the prepared array_record files are kept.
     manual_dir: the dataset folder (only needed to prepare).
-    options: the loader options of `OPTIONS`: image_size (S of the S x S
-      images `images` returns), on_bad_image ("error" or "skip", see
-      `irtf_jax.data.image_files`), complete_text, num_train_queries,
-      train_query_seed (see `ImageFileSplit`).
-
-  Raises:
-    ValueError naming `config.data.options.<option>` for a bad option, before
-    anything is prepared.
+    options: the loader options of `OPTIONS`, resolved by `check_options`:
+      image_size (S of the S x S images `images` returns), on_bad_image
+      ("error" or "skip", see `irtf_jax.data.image_files`), complete_text,
+      num_train_queries, train_query_seed (see `ImageFileSplit`).
   """
-  options = check_options(builder_cls.name, options)
   sources, metadata = image_files.prepare_with_metadata(
       builder_cls,
       data_dir=data_dir,
@@ -291,4 +289,27 @@ def load_split(
       complete_text=options["complete_text"],
       num_train_queries=options["num_train_queries"],
       train_query_seed=options["train_query_seed"],
+  )
+
+
+def register_loader(
+    split_cls: type[ImageFileSplit], builder_cls
+) -> Callable[..., ImageFileSplit]:
+  """Registers `load_split` for an image-file dataset, `builder_cls.name`.
+
+  `data.load(name, split, data_dir=..., manual_dir=..., **options)` then
+  checks the options against `OPTIONS` and returns
+  `load_split(split_cls, builder_cls, split, ...)`.
+
+  Args:
+    split_cls: the dataset's `ImageFileSplit` subclass.
+    builder_cls: the dataset's `image_files.ImageFilesBuilder` subclass; its
+      `name` is the dataset's.
+
+  Returns:
+    The registered loader, `load(split, *, data_dir, manual_dir, options)`.
+  """
+  name = builder_cls.name
+  return register(name, check_options=functools.partial(check_options, name))(
+      functools.partial(load_split, split_cls, builder_cls)
   )

@@ -48,7 +48,6 @@ import numpy as np
 
 from irtf_jax.data import image_files
 from irtf_jax.data import image_split
-from irtf_jax.data import register
 from irtf_jax.data.base import Query
 
 NAME = "mit_states"
@@ -186,14 +185,8 @@ class MitStates(image_files.ImageFilesBuilder, skip_registration=True):
   name = NAME
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  def _split_generators(self, dl_manager):
-    root = image_files.manual_root(
-        dl_manager, NAME, MANUAL_DOWNLOAD_INSTRUCTIONS
-    )
-    return {
-        split: self._generate_examples(root, split, entries)
-        for split, entries in list_images(root).items()
-    }
+  def _read_entries(self, root: str) -> dict[str, list[tuple[str, str]]]:
+    return list_images(root)
 
 
 class MitStatesSplit(image_split.ImageFileSplit):
@@ -263,34 +256,5 @@ class MitStatesSplit(image_split.ImageFileSplit):
     )
 
 
-def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-  """The options of `load`, checked, defaults filled in (`image_split`)."""
-  return image_split.check_options(NAME, options)
-
-
-@register(NAME, check_options=check_options)
-def load(
-    split: str,
-    *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    **options,
-) -> MitStatesSplit:
-  """Loads split "train" or "test" of MIT-States, preparing it on first use.
-
-  Args:
-    split: "train" or "test".
-    data_dir: where the prepared array_record files are kept.
-    manual_dir: the folder holding `images/` (only needed to prepare).
-    **options: image_size (224), on_bad_image ("error"), complete_text
-      (False), num_train_queries (10,000), train_query_seed (0); see
-      `image_split.load_split`.
-  """
-  return image_split.load_split(
-      MitStatesSplit,
-      MitStates,
-      split,
-      data_dir=data_dir,
-      manual_dir=manual_dir,
-      options=options,
-  )
+# data.load("mit_states", ...) (see `image_split.register_loader`).
+load = image_split.register_loader(MitStatesSplit, MitStates)

@@ -1,10 +1,11 @@
 """Checks of a dataset's loader options (`config.data.options`), without data.
 
 Each dataset module declares its options once, as name -> `Option` (default
-and accepted values), and both its `check_options` and its `load` resolve
-options through `resolve`: a bad option is reported the same way whether it is
-checked ahead of a run (`irtf_jax.data.check_options`) or met by `load`, and
-before anything is prepared or read.
+and accepted values), and its `check_options` resolves options through
+`resolve`; `irtf_jax.data.load` resolves them with it before calling the
+loader, so a bad option is reported the same way whether it is checked ahead
+of a run (`irtf_jax.data.check_options`) or met by `load`, and before anything
+is prepared or read.
 
 Errors are one line naming the config field, the bad value and what is
 allowed, e.g.

@@ -136,6 +136,8 @@ class _ComplexProjection(nn.Module):
     return z, delta, re, im
 
 
+# Both official modules register these last, in this order.
+_SHARED_ORDER = ("conv_mapping", "conv", "image_decoder", "text_decoder")
 # The official ComplexProjectionModule registers its text branch first.
 _PROJECTION_ORDER = (
     "text_bn",
@@ -152,13 +154,16 @@ class _AutoencoderComposer(Composer):
   linear and a convolutional mapping, the two decoders and their losses.
 
   Subclasses implement `mappings(image, text, conjugate, train) ->
-  (theta_linear, theta_conv)`.
+  (theta_linear, theta_conv)` and list their own layers before
+  `_SHARED_ORDER` in `torch_order`.
   """
 
   uses_target = True
+  torch_own_parameters = ("a",)
   image_reconstruction_weight: float = 0.1
   text_reconstruction_weight: float = 0.1
   rotational_symmetry_weight: float = 0.01
+  conv_channels: int = 64
 
   def setup(self):
     self.weights = self.param("a", lambda _: jnp.array([1.0, 10.0, 1.0, 1.0]))
@@ -229,17 +234,12 @@ class ComposeAE(_AutoencoderComposer):
   loss (see the module docstring for the formulas)."""
 
   symmetric = True
-  torch_own_parameters = ("a",)
   torch_order = (
       *(f"linear_projection/{layer}" for layer in _PROJECTION_ORDER),
       "linear_mapping",
       *(f"conv_projection/{layer}" for layer in _PROJECTION_ORDER),
-      "conv_mapping",
-      "conv",
-      "image_decoder",
-      "text_decoder",
+      *_SHARED_ORDER,
   )
-  conv_channels: int = 64
   pooled_length: int = 16
 
   def build_mappings(self):
@@ -275,15 +275,7 @@ class RealSpaceConcatAE(_AutoencoderComposer):
   """
 
   symmetric = False
-  torch_own_parameters = ("a",)
-  torch_order = (
-      "linear_mapping",
-      "conv_mapping",
-      "conv",
-      "image_decoder",
-      "text_decoder",
-  )
-  conv_channels: int = 64
+  torch_order = ("linear_mapping", *_SHARED_ORDER)
   pooled_length: int = 20
 
   def build_mappings(self):

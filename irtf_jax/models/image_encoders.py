@@ -38,30 +38,23 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    residual = x
-    y = self.conv(
-        self.features,
-        (3, 3),
-        (self.strides, self.strides),
-        ((1, 1), (1, 1)),
-        name="conv1",
-    )(x)
-    y = nn.relu(self.norm(name="bn1")(y, use_running_average=not train))
-    y = self.conv(
-        self.features, (3, 3), (1, 1), ((1, 1), (1, 1)), name="conv2"
-    )(y)
-    y = self.norm(name="bn2")(y, use_running_average=not train)
-    if self.strides != 1 or x.shape[-1] != self.features:
-      residual = self.conv(
+    def conv_bn(y, kernel: int, strides: int, conv_name: str, bn_name: str):
+      """A k x k convolution (padding k // 2, no bias), then BatchNorm."""
+      pad = ((kernel // 2, kernel // 2),) * 2
+      y = self.conv(
           self.features,
-          (1, 1),
-          (self.strides, self.strides),
-          ((0, 0), (0, 0)),
-          name="downsample_conv",
-      )(x)
-      residual = self.norm(name="downsample_bn")(
-          residual, use_running_average=not train
-      )
+          (kernel, kernel),
+          (strides, strides),
+          pad,
+          name=conv_name,
+      )(y)
+      return self.norm(name=bn_name)(y, use_running_average=not train)
+
+    y = nn.relu(conv_bn(x, 3, self.strides, "conv1", "bn1"))
+    y = conv_bn(y, 3, 1, "conv2", "bn2")
+    residual = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = conv_bn(x, 1, self.strides, "downsample_conv", "downsample_bn")
     return nn.relu(y + residual)
 
 

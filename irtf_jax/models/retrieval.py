@@ -158,34 +158,34 @@ class RetrievalModel(nn.Module):
         self.pool_and_project(self.image_encoder(images, train))
     )
 
-  def _query_inputs(self, images, tokens, lengths, train, text_perturbation):
+  def _embed_query(
+      self, images, tokens, lengths, train, text_perturbation, target_images
+  ):
+    """(query features, target features before normalization or None).
+
+    With `target_images` (a composer that `uses_target`), the targets are
+    encoded after the query images (the order of BatchNorm updates) and given
+    to the composer with the normalization.
+    """
     text = self.text_encoder(
         tokens, lengths, train=train, embedding_perturbation=text_perturbation
     )
     image = self.image_encoder(images, train)
     if self.composer_module.operates_on != "map":
       image = self.pool_and_project(image)
-    return image, text
-
-  def _compose(
-      self,
-      image,
-      text,
-      tokens,
-      lengths,
-      train,
-      text_perturbation,
-      **training_inputs,
-  ):
-    extras = dict(training_inputs)
+    extras = {}
     if getattr(self.composer_module, "uses_tokens", False):
       extras.update(
           tokens=tokens, lengths=lengths, text_perturbation=text_perturbation
       )
+    target = None
+    if target_images is not None:
+      target = self.pool_and_project(self.image_encoder(target_images, train))
+      extras.update(target=target, normalize=self.normalization)
     query = self.composer_module(image, text, train=train, **extras)
     if query.ndim == 4:  # a map
       query = self.pool_and_project(query)
-    return self.normalization(query)
+    return self.normalization(query), target
 
   def embed_query(
       self, images, tokens, lengths, *, train: bool, text_perturbation=None
@@ -195,10 +195,10 @@ class RetrievalModel(nn.Module):
     `text_perturbation` (B, T, word_embed_dim), if given, is added to the word
     embeddings (the text-side input of the adversarial penalty).
     """
-    image, text = self._query_inputs(
-        images, tokens, lengths, train, text_perturbation
+    query, _ = self._embed_query(
+        images, tokens, lengths, train, text_perturbation, None
     )
-    return self._compose(image, text, tokens, lengths, train, text_perturbation)
+    return query
 
   def __call__(
       self,
@@ -210,29 +210,17 @@ class RetrievalModel(nn.Module):
       train: bool = True,
       text_perturbation=None,
   ):
-    """(query features, target features), as the training loss wants them."""
-    if not getattr(self.composer_module, "uses_target", False):
-      query = self.embed_query(
-          query_images,
-          tokens,
-          lengths,
-          train=train,
-          text_perturbation=text_perturbation,
+    """(query features, target features), as the training loss wants them.
+
+    BatchNorm sees the query images first, then the targets, whether or not
+    the composer uses the target.
+    """
+    if getattr(self.composer_module, "uses_target", False):
+      query, target = self._embed_query(
+          query_images, tokens, lengths, train, text_perturbation, target_images
       )
-      return query, self.embed_target(target_images, train=train)
-    # Same order of BatchNorm updates as above: query images, then targets.
-    image, text = self._query_inputs(
-        query_images, tokens, lengths, train, text_perturbation
+      return query, self.normalization(target)
+    query, _ = self._embed_query(
+        query_images, tokens, lengths, train, text_perturbation, None
     )
-    target = self.pool_and_project(self.image_encoder(target_images, train))
-    query = self._compose(
-        image,
-        text,
-        tokens,
-        lengths,
-        train,
-        text_perturbation,
-        target=target,
-        normalize=self.normalization,
-    )
-    return query, self.normalization(target)
+    return query, self.embed_target(target_images, train=train)

@@ -151,6 +151,30 @@ def last_valid(outputs: jax.Array, lengths: jax.Array) -> jax.Array:
   )[:, 0]
 
 
+def word_embeddings(
+    tokens, vocab_size: int, dim: int, initialization: str, perturbation=None
+):
+  """(B, T, dim) embeddings of `tokens` by the submodule "embedding" of the
+  calling compact module, plus `perturbation` if given (the text-side input
+  of the adversarial penalty)."""
+  x = nn.Embed(
+      vocab_size,
+      dim,
+      embedding_init=initializers.embedding(initialization),
+      name="embedding",
+  )(tokens)
+  return x if perturbation is None else x + perturbation
+
+
+def lstm_layer(hidden_dim: int, initialization: str) -> LSTM:
+  """The submodule "lstm" of the calling compact module: one LSTM layer."""
+  return LSTM(
+      hidden_dim,
+      name="lstm",
+      **initializers.lstm(initialization, hidden_dim),
+  )
+
+
 class LSTMTextEncoder(nn.Module):
   """TIRG's text model: word embedding, one-layer LSTM, last valid output,
   dropout, linear.
@@ -189,22 +213,15 @@ class LSTMTextEncoder(nn.Module):
     Returns:
       (B, output_dim) text features.
     """
-    x = nn.Embed(
+    x = word_embeddings(
+        tokens,
         self.vocab_size,
         self.word_embed_dim,
-        embedding_init=initializers.embedding(self.initialization),
-        name="embedding",
-    )(tokens)
-    if embedding_perturbation is not None:
-      x = x + embedding_perturbation
-    last = last_valid(
-        LSTM(
-            self.hidden_dim,
-            name="lstm",
-            **initializers.lstm(self.initialization, self.hidden_dim),
-        )(x),
-        lengths,
+        self.initialization,
+        embedding_perturbation,
     )
+    lstm = lstm_layer(self.hidden_dim, self.initialization)
+    last = last_valid(lstm(x), lengths)
     last = nn.Dropout(self.dropout_rate, deterministic=not train)(last)
     return nn.Dense(
         self.output_dim,

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from irtf_jax.models import initializers
 from irtf_jax.models.composers import Composer
 from irtf_jax.models.composers import register
-from irtf_jax.models.text_encoders import LSTM
 from irtf_jax.models.text_encoders import last_valid
+from irtf_jax.models.text_encoders import lstm_layer
+from irtf_jax.models.text_encoders import word_embeddings
 
 
 @register("show_and_tell")
@@ -46,23 +46,18 @@ class ShowAndTell(Composer):
       self, image, text, *, train, tokens, lengths, text_perturbation=None
   ):
     del text, train
-    words = nn.Embed(
+    words = word_embeddings(
+        tokens,
         self.vocab_size,
         self.word_embed_dim,
-        embedding_init=initializers.embedding(self.initialization),
-        name="embedding",
-    )(tokens)
-    if text_perturbation is not None:
-      words = words + text_perturbation
+        self.initialization,
+        text_perturbation,
+    )
     first = self.dense(
         self.word_embed_dim, image.shape[-1], name="image_input"
     )(image)
     sequence = jnp.concatenate([first[:, None, :], words], axis=1)
-    outputs = LSTM(
-        self.embed_dim,
-        name="lstm",
-        **initializers.lstm(self.initialization, self.embed_dim),
-    )(sequence)
+    outputs = lstm_layer(self.embed_dim, self.initialization)(sequence)
     last = last_valid(outputs, lengths + 1)
     return self.dense(self.embed_dim, last.shape[-1], name="output")(last)
 

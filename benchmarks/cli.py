@@ -1,0 +1,83 @@
+"""Command-line pieces the benchmarks here share.
+
+- `comma_list`: a comma-separated flag, each item checked against the
+  allowed ones;
+- `add_side_flag`, `run_side`, `flags` and `answer_side`: one side of a comparison (a
+  framework) run in a fresh process of the same script, started with the
+  hidden flag --side, which prints its result as one line of JSON for the
+  parent to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Mapping, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def comma_list(parser, flag: str, value: str, allowed: Sequence[str]):
+  """The items of a comma-separated flag; `parser.error` on an unknown one."""
+  items = [item for item in value.split(",") if item]
+  for item in items:
+    if item not in allowed:
+      parser.error(f"{flag}: unknown {item!r}; allowed: {', '.join(allowed)}")
+  return items
+
+
+def add_side_flag(parser: argparse.ArgumentParser) -> None:
+  """The hidden flag --side=NAME: this process is a child running side NAME."""
+  parser.add_argument("--side", default="", help=argparse.SUPPRESS)
+
+
+def flags(args, names: Sequence[str]) -> list[str]:
+  """The parsed options `names` (argparse dests) as flags again, for a child:
+  `--name=value`, a list comma-joined, a true switch bare, a false one left
+  out."""
+  result = []
+  for name in names:
+    value, flag = getattr(args, name), "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+      result += [flag] if value else []
+    elif isinstance(value, (list, tuple)):
+      result.append(f"{flag}={','.join(value)}")
+    else:
+      result.append(f"{flag}={value}")
+  return result
+
+
+def run_side(
+    script: str,
+    side: str,
+    flags: Sequence[str],
+    env: Mapping[str, str] | None = None,
+) -> dict:
+  """Runs `script --side=side flags` in a fresh process; returns its answer.
+
+  The child runs from the repository root with it on PYTHONPATH, in this
+  process's environment updated with `env`; it fails loudly (check=True).
+  """
+  child_env = {**os.environ, **(env or {})}
+  child_env["PYTHONPATH"] = REPO + os.pathsep + child_env.get("PYTHONPATH", "")
+  out = subprocess.run(
+      [sys.executable, os.path.abspath(script), f"--side={side}", *flags],
+      env=child_env,
+      check=True,
+      stdout=subprocess.PIPE,
+      text=True,
+      cwd=REPO,
+  )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def answer_side(args, sides: Mapping[str, Callable[..., dict]]) -> bool:
+  """In a child of `run_side`: prints `sides[args.side](args)` as one line of
+  JSON and returns True; in the parent (no --side) returns False."""
+  if not args.side:
+    return False
+  print(json.dumps(sides[args.side](args)))
+  return True
