@@ -101,7 +101,7 @@ def mit_config(args):
   """configs/mit.py on the fixture, as a user would run it."""
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import mit  # pylint: disable=g-import-not-at-top
-  # smoke: configs/mit.py:smoke's tiny model at 64 px (plumbing only; the
+  # smoke: configs/mit.py:smoke's tiny model at 32 px (plumbing only; the
   # PyTorch side keeps its ResNet-18).
   config = mit.get_config("smoke" if args.smoke else "")
   config.batch_size = args.batch_size or config.batch_size
@@ -438,7 +438,7 @@ def parse_args(argv=None):
       action="store_true",
       help=(
           "seconds on CPU: configs/mit.py:smoke's tiny "
-          "model at 64 px, 2 steps, a small fixture"
+          "model at 32 px, 2 steps, a small fixture"
       ),
   )
   parser.add_argument("--images-per-class", type=int, default=12)

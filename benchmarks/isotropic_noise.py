@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 import train_step as train_step_benchmark  # pylint: disable=wrong-import-position
 
+from irtf_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax.regularizers import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -54,9 +55,12 @@ def _samplers():
   }
 
 
-def default_model_parameters():
-  """Zero arrays shaped like the default model's parameters."""
+def default_model_parameters(smoke: bool = False):
+  """Zero arrays shaped like the default model's parameters (with `smoke`,
+  like the tiny model of the configs' `smoke` argument)."""
   config = train_step_benchmark.jax_config("base")
+  if smoke:
+    config_base.use_smoke_settings(config)
   model = models.build_model(config.model, train_step_benchmark.VOCAB_SIZE)
   batch = train_step_benchmark.random_batch(0, 2, 64)
   shapes = jax.eval_shape(
@@ -89,9 +93,12 @@ def make_update(sampler):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument(
+      "--smoke", action="store_true", help="the tiny smoke model (plumbing)"
+  )
   parser.add_argument("--json-out", default="")
   args = parser.parse_args(argv)
-  params = default_model_parameters()
+  params = default_model_parameters(args.smoke)
   grads = jax.tree.map(jnp.ones_like, params)
   key = jax.random.key(0)
   size = sum(x.size for x in jax.tree.leaves(params))

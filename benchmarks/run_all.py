@@ -92,7 +92,7 @@ def plan(smoke: bool, accelerator: bool) -> dict[str, list[str]]:
             "--precision=bfloat16",
             *step,
         ],
-        "isotropic_noise": ["isotropic_noise.py", "--repeats=1"],
+        "isotropic_noise": ["isotropic_noise.py", "--repeats=1", "--smoke"],
         "ranking_2k": [
             "ranking.py",
             "--queries=2000",

@@ -26,7 +26,7 @@ texts (the whole target caption): a different protocol, not comparable.
 
 The argument `smoke` trains a tiny model for a few steps on a small
 Fashion200k copy written in the published format into the workdir
-(`config.data.fixture`), at 64 x 64, then evaluates once.
+(`config.data.fixture`), at 32 x 32, then evaluates once.
 """
 
 from irtf_jax.config_base import paper_config
@@ -40,7 +40,7 @@ def get_config(arg: str = ""):
 
   if arg == "smoke":
     use_smoke_settings(config)
-    config.data.options.image_size = 64
+    config.data.options.image_size = 32
   elif arg:
     raise unknown_argument("configs/fashion200k.py", arg)
   return config

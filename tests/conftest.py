@@ -1,14 +1,26 @@
 """Test setup: 8 CPU devices, set before JAX starts, and fast compilation.
 
-Tests run tiny models whose time goes to XLA compilation, not execution: the
-backend optimization level 0 halves compile time, and the persistent
-compilation cache lets tests that build the same program several times (a
-run, then its resumption) compile it once.
+Tests run small models whose time goes to XLA compilation: the persistent
+compilation cache lets every test that builds a program someone already
+built (a run, then its resumption; this run, then the next) load it instead.
+The cache is set through the environment, so the subprocesses tests start
+(the command line, notebooks, benchmarks, multi-process workers) share it.
+
+In this process the backend optimization level is 0: most programs here
+compile in under the cache's 0.5 s threshold and run once, and level 0
+compiles them about twice as fast (measured: `-m "not slow"` 149 s at level
+0 against 203 s at the default, both with a warm cache). Subprocesses that
+run real training steps set their own XLA_FLAGS without it: with a warm
+cache the default level runs them two to three times faster.
 """
 
 import os
 import tempfile
 
+_CACHE = os.environ.get(
+    "IRTF_JAX_TEST_CACHE",
+    os.path.join(tempfile.gettempdir(), "irtf_jax_test_xla_cache"),
+)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
@@ -16,16 +28,7 @@ os.environ["XLA_FLAGS"] = (
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# One cache for every pytest worker process (and later runs).
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get(
-        "IRTF_JAX_TEST_CACHE",
-        os.path.join(tempfile.gettempdir(), "irtf_jax_test_xla_cache"),
-    ),
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["IRTF_JAX_COMPILATION_CACHE"] = _CACHE  # irtf_jax.main's own
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

@@ -25,6 +25,8 @@ def test_run_all_smoke_runs_every_benchmark(tmp_path):
       text=True,
       timeout=900,
       check=False,
+      # One device at the default optimization level (tests/conftest.py).
+      env={**os.environ, "XLA_FLAGS": ""},
   )
   assert out.exists(), finished.stderr[-3000:]
   result = json.loads(out.read_text())

@@ -109,7 +109,6 @@ def _run(tmp_path, workdir, hook="none", at=-1):
       os.environ,
       JAX_PLATFORMS="cpu",
       XLA_FLAGS="",
-      IRTF_JAX_COMPILATION_CACHE=str(tmp_path / "xla"),
       PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
   )
   done = subprocess.run(

@@ -12,7 +12,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 import nbformat
 import pytest
@@ -60,12 +59,11 @@ def execute(name, tmp_path, **parameters):
   the executed notebook."""
   output = tmp_path / f"{name}.out.ipynb"
   env = {
-      **os.environ,
+      **os.environ,  # with the suite's compilation cache (tests/conftest.py)
       # On an oversubscribed CPU one of the 8 device threads of a pmap
       # collective can arrive later than XLA's default 40 s.
       "XLA_FLAGS": (
           "--xla_force_host_platform_device_count=8"
-          " --xla_backend_optimization_level=0"
           " --xla_cpu_collective_call_terminate_timeout_seconds"
           "=600"
       ),
@@ -74,12 +72,6 @@ def execute(name, tmp_path, **parameters):
           [str(REPO)]
           + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
       ),
-      # The test suite's persistent compilation cache (tests/conftest.py).
-      "JAX_COMPILATION_CACHE_DIR": os.environ.get(
-          "IRTF_JAX_TEST_CACHE",
-          os.path.join(tempfile.gettempdir(), "irtf_jax_test_xla_cache"),
-      ),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
   }
   env.pop("MPLBACKEND", None)  # the inline backend makes the image outputs
   command = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from irtf_jax import models
 from irtf_jax import parallel as parallel_lib
@@ -38,6 +39,7 @@ def _setup(config):
   return parallel, model, parallel.replicate(jax.device_get(state)), step_fn
 
 
+@pytest.mark.slow  # adversarial GA steps on 8 devices
 def test_steady_state_steps_make_no_implicit_transfers():
   config = tiny_config(
       **{"ga.adversarial.epsilon": 1e-6, "ga.isotropic.gamma": 1e-2}
@@ -84,6 +86,7 @@ def test_shard_batch_passes_placed_arrays_through():
     assert a is b
 
 
+@pytest.mark.slow  # bfloat16 steps, emulated on CPU
 def test_bfloat16_step_is_finite_and_features_are_float32():
   config = tiny_config(precision="bfloat16")
   parallel, model, state, step_fn = _setup(config)
