@@ -12,7 +12,9 @@ TIRG-LastConv, 42M parameters), alone (the baseline) and with
   threefry_normal   `jax.random.normal`, one key per leaf
   hashed_uniform    the hash's uniform bits alone (the floor of any sampler)
 
-Prints JSON: median ms per update for each, and the cost over the baseline.
+Prints JSON: median ms per update for each, the cost over the baseline,
+and, unless --smoke, that cost as a fraction of the base train step (64 px,
+batch 32, `benchmarks/train_step.py`'s JAX side) timed in the same process.
 """
 
 from __future__ import annotations
@@ -90,12 +92,27 @@ def make_update(sampler):
   return jax.jit(update, donate_argnums=(0, 1))
 
 
+def base_step_milliseconds(image_size: int, batch_size: int) -> float:
+  """The default model's train step without GA, as train_step.py times it."""
+  args = train_step_benchmark.parse_args([
+      f"--image-size={image_size}",
+      f"--batch-size={batch_size}",
+      "--variants=base",
+      "--frameworks=jax",
+  ])
+  return 1e3 * train_step_benchmark.run_jax(args)["seconds_per_step"]["base"]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument(
-      "--smoke", action="store_true", help="the tiny smoke model (plumbing)"
+      "--smoke",
+      action="store_true",
+      help="the tiny smoke model, no base step (plumbing)",
   )
+  parser.add_argument("--image-size", type=int, default=64)
+  parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--json-out", default="")
   args = parser.parse_args(argv)
   params = default_model_parameters(args.smoke)
@@ -130,6 +147,16 @@ def main(argv=None):
           if k != "baseline"
       },
   }
+  if not args.smoke:
+    step = base_step_milliseconds(args.image_size, args.batch_size)
+    result["base_step"] = {
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "ms": step,
+    }
+    result["over_base_step"] = {
+        k: v / step for k, v in result["ms_over_baseline"].items()
+    }
   report.emit(result, args.json_out)
 
 

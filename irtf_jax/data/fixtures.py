@@ -6,7 +6,7 @@
 A fixture goes through exactly the loader a user's download goes through, so
 the smoke variants of `configs/css.py`, `configs/mit.py` and
 `configs/fashion200k.py` (`config.data.fixture = True`, see
-`irtf_jax.train.load_splits`) and the tests exercise the real code path
+`irtf_jax.trainer.load_splits`) and the tests exercise the real code path
 without the real data. Every fixture is a pure function of its arguments
 (same bytes on every call) and takes well under a second to write.
 
