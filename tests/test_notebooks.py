@@ -201,14 +201,14 @@ def test_results_runs_the_ga_experiment_and_plots_it(tmp_path):
       "results", tmp_path, EXPERIMENT_DIR=experiment, DATA_DIR=tmp_path / "data"
   )
   results = _read_json(experiment / "results" / "results.json")
+  # SMOKE: one seed of the two arms (the paired statistics over seeds are
+  # tested in tests/test_scripts_ga_experiment.py).
   assert {(r["arm"], r["seed"]) for r in results["runs"]} == {
       ("baseline", 0),
-      ("baseline", 1),
       ("isotropic", 0),
-      ("isotropic", 1),
   }
-  assert results["summary"]["isotropic"]["diff_mt"]["n"] == 2
+  assert results["summary"]["isotropic"]["diff_mt"]["n"] == 1
   text = _text(notebook)
-  assert "4 runs; GA experiment results:" in text
-  assert "| isotropic | 2 |" in text
+  assert "2 runs; GA experiment results:" in text
+  assert "| isotropic | 1 |" in text
   assert len(_images(notebook)) >= 4  # curves, recall@K, WHM, paired arms

@@ -21,7 +21,9 @@ def run_steps(config, strategy, devices, num_steps=1):
   tx = train_step_lib.make_optimizer(config)
   batches = [random_batch(s, config.batch_size) for s in range(num_steps)]
   initial = jax.device_get(
-      train_step_lib.init_state(model, tx, batches[0], jax.random.key(0))
+      jax.jit(train_step_lib.init_state, static_argnums=(0, 1))(
+          model, tx, batches[0], jax.random.key(0)
+      )
   )
   state = par.replicate(initial)
   step = par.compile_step(
