@@ -220,7 +220,11 @@ class RetrievalModel(nn.Module):
           query_images, tokens, lengths, train, text_perturbation, target_images
       )
       return query, self.normalization(target)
-    query, _ = self._embed_query(
-        query_images, tokens, lengths, train, text_perturbation, None
+    query = self.embed_query(
+        query_images,
+        tokens,
+        lengths,
+        train=train,
+        text_perturbation=text_perturbation,
     )
     return query, self.embed_target(target_images, train=train)

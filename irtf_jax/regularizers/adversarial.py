@@ -211,22 +211,23 @@ def adversarial_gradient_penalty(
 
 
 def adversarial_penalty(
-    loss_fn: Callable[..., Any], **options: Any
+    loss_fn: Callable[..., Any],
+    *,
+    epsilon: Any,
+    q: float = 1.0,
+    argnums: int = 1,
+    wrt: Selector = None,
+    has_aux: bool = False,
 ) -> Callable[..., jax.Array]:
   """The penalty P of `adversarial_gradient_penalty` alone.
 
-  Args:
-    loss_fn: as for `adversarial_gradient_penalty`.
-    **options: its keyword arguments (epsilon, q, argnums, wrt, has_aux), with
-      the same meanings and defaults.
-
-  Returns:
-    A function of loss_fn's arguments returning the scalar P (for logging or
-    evaluation; to train, use `adversarial_gradient_penalty`, which shares the
-    forward pass).
+  Same arguments; the returned function takes loss_fn's arguments and returns
+  the scalar P (for logging or evaluation; to train, use
+  `adversarial_gradient_penalty`, which shares the forward pass).
   """
-  wrapped = adversarial_gradient_penalty(loss_fn, **options)
-  has_aux = options.get("has_aux", False)
+  wrapped = adversarial_gradient_penalty(
+      loss_fn, epsilon=epsilon, q=q, argnums=argnums, wrt=wrt, has_aux=has_aux
+  )
 
   @functools.wraps(loss_fn)
   def penalty(*args, **kwargs):
