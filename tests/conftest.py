@@ -4,14 +4,16 @@ Tests run small models whose time goes to XLA compilation: the persistent
 compilation cache lets every test that builds a program someone already
 built (a run, then its resumption; this run, then the next) load it instead.
 The cache is set through the environment, so the subprocesses tests start
-(the command line, notebooks, benchmarks, multi-process workers) share it.
+(the command line, notebooks, benchmarks) share it; the two-process test's
+workers run without it (tests/test_parallel_multihost.py says why).
 
 In this process the backend optimization level is 0: most programs here
 compile in under the cache's 0.5 s threshold and run once, and level 0
 compiles them about twice as fast (measured: `-m "not slow"` 149 s at level
-0 against 203 s at the default, both with a warm cache). Subprocesses that
-run real training steps set their own XLA_FLAGS without it: with a warm
-cache the default level runs them two to three times faster.
+0 against 203 s at the default, both with a warm cache). The benchmark smoke
+run and the preempted command line set their own XLA_FLAGS without it: with
+a warm cache the default level runs their training steps two to three times
+faster. The notebooks keep level 0 (tests/test_notebooks.py says why).
 """
 
 import os
