@@ -19,16 +19,7 @@ CELL_OF_POS = {
     for c in COLUMN_FRACTION
 }
 SIZE_WORDS = ("small", "large")
-COLOR_WORDS = (
-    "gray",
-    "red",
-    "blue",
-    "green",
-    "brown",
-    "purple",
-    "cyan",
-    "yellow",
-)
+COLOR_WORDS = tuple("gray red blue green brown purple cyan yellow".split())
 SHAPE_WORDS = ("rectangle", "circle", "triangle")
 
 

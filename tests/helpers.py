@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -21,6 +23,34 @@ def load_repo_module(path: str, name: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def run_main(
+    args: list[str],
+    *,
+    program: tuple[str, ...] = ("-m", "irtf_jax.main"),
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+  """Runs the command line (or `program`, a driver wrapping it) from the
+  repository as a user would: one CPU device at the default optimization
+  level, with the suite's compilation cache (tests/conftest.py). Training
+  runs here, not in the test process, whose level 0 compiles fast but runs
+  convolutions 10 to 50 times slower."""
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="",
+      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  return subprocess.run(
+      [sys.executable, *program, *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
 
 
 def tiny_config(**overrides):

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from irtf_jax import checkpointing
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_main
 
 DRIVER = textwrap.dedent("""
     import errno, os, signal, sys
@@ -96,8 +93,6 @@ OVERRIDES = {
 
 def _run(tmp_path, workdir, hook="none", at=-1):
   args = [
-      sys.executable,
-      str(tmp_path / "driver.py"),
       hook,
       str(at),
       "--config=configs/css_synth.py:smoke",
@@ -105,15 +100,7 @@ def _run(tmp_path, workdir, hook="none", at=-1):
       f"--config.data.data_dir={tmp_path / 'tfds'}",
   ]
   args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="",
-      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  )
-  done = subprocess.run(
-      args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-  )
+  done = run_main(args, program=(str(tmp_path / "driver.py"),))
   return done.returncode, done.stderr
 
 

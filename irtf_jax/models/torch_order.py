@@ -43,13 +43,8 @@ _LEAF_RANK = {
     "bias": 1,
 }
 # torchvision's BasicBlock registration order.
-_BLOCK_ORDER = (
-    "conv1",
-    "bn1",
-    "conv2",
-    "bn2",
-    "downsample_conv",
-    "downsample_bn",
+_BLOCK_ORDER = tuple(
+    "conv1 bn1 conv2 bn2 downsample_conv downsample_bn".split()
 )
 _TEXT_ENCODER_ORDER = ("embedding", "lstm", "output")
 
