@@ -17,7 +17,6 @@ into any JAX/optax training loop.
 
 from irtf_jax.regularizers.adversarial import AdversarialTerms
 from irtf_jax.regularizers.adversarial import adversarial_gradient_penalty
-from irtf_jax.regularizers.adversarial import adversarial_penalty
 from irtf_jax.regularizers.adversarial import dual_norm_penalty
 from irtf_jax.regularizers.adversarial import fgsm_adversarial_loss
 from irtf_jax.regularizers.isotropic import IsotropicGradientAugmentationState
@@ -32,7 +31,6 @@ __all__ = [
     "AdversarialTerms",
     "IsotropicGradientAugmentationState",
     "adversarial_gradient_penalty",
-    "adversarial_penalty",
     "dual_norm_penalty",
     "fgsm_adversarial_loss",
     "hashed_bits",

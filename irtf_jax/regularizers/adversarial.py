@@ -210,33 +210,6 @@ def adversarial_gradient_penalty(
   return regularized_loss
 
 
-def adversarial_penalty(
-    loss_fn: Callable[..., Any],
-    *,
-    epsilon: Any,
-    q: float = 1.0,
-    argnums: int = 1,
-    wrt: Selector = None,
-    has_aux: bool = False,
-) -> Callable[..., jax.Array]:
-  """The penalty P of `adversarial_gradient_penalty` alone.
-
-  Same arguments; the returned function takes loss_fn's arguments and returns
-  the scalar P (for logging or evaluation; to train, use
-  `adversarial_gradient_penalty`, which shares the forward pass).
-  """
-  wrapped = adversarial_gradient_penalty(
-      loss_fn, epsilon=epsilon, q=q, argnums=argnums, wrt=wrt, has_aux=has_aux
-  )
-
-  @functools.wraps(loss_fn)
-  def penalty(*args, **kwargs):
-    _, extra = wrapped(*args, **kwargs)
-    return (extra[1] if has_aux else extra).penalty
-
-  return penalty
-
-
 def fgsm_adversarial_loss(
     loss_fn: Callable[..., Any],
     *,
