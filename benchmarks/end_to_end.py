@@ -120,18 +120,22 @@ def _time_steps(
 ) -> dict:
   """Runs `run_step(step, batch)` over `steps`; times those after warm-up.
 
-  `run_step` returns something to wait on (the new state), or None.
+  `run_step` returns something to wait on (the step's metrics), or None.
+  Before the time cap is checked the previous step is waited on: with
+  asynchronous dispatch the clock would otherwise see steps queued, not run
+  (a 180 s cap once ended after 687 s), while one step stays in flight.
   """
   start = None
   timed = 0
-  last = None
+  previous = last = None
   for count, (step, batch) in enumerate(steps):
-    last = run_step(step, batch)
+    previous, last = last, run_step(step, batch)
     if count + 1 == warmup:
       wait(last)
       start = time.perf_counter()
     elif count + 1 > warmup:
       timed += 1
+      wait(previous)
       if timed >= max_steps or time.perf_counter() - start >= max_seconds:
         break
   wait(last)
@@ -170,8 +174,8 @@ def run_jax(args) -> dict:
 
   def run_step(step, batch):
     del step
-    holder[0], _ = step_fn(holder[0], batch, rng)
-    return holder[0]
+    holder[0], metrics = step_fn(holder[0], batch, rng)
+    return metrics  # not donated to the next step, unlike the state
 
   total = args.warmup_steps + args.steps
   timing = _time_steps(
