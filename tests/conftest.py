@@ -10,10 +10,12 @@ workers run without it (tests/test_parallel_multihost.py says why).
 In this process the backend optimization level is 0: most programs here
 compile in under the cache's 0.5 s threshold and run once, and level 0
 compiles them about twice as fast (measured: `-m "not slow"` 149 s at level
-0 against 203 s at the default, both with a warm cache). The benchmark smoke
-run and the preempted command line set their own XLA_FLAGS without it: with
-a warm cache the default level runs their training steps two to three times
-faster. The notebooks keep level 0 (tests/test_notebooks.py says why).
+0 against 203 s at the default, both with a warm cache). Tests that train
+start the command line at the default level instead (tests/helpers.run_main:
+the config smoke runs, the preempted runs), as do the benchmark smoke run and
+the results notebook: with a warm cache that level runs their training steps
+several times faster. The other notebooks keep level 0 (tests/test_notebooks.py
+says why); the two-process test sets its own flags.
 """
 
 import os

@@ -35,7 +35,8 @@ def run_main(
   repository as a user would: one CPU device at the default optimization
   level, with the suite's compilation cache (tests/conftest.py). Training
   runs here, not in the test process, whose level 0 compiles fast but runs
-  convolutions 10 to 50 times slower."""
+  convolutions many times slower (the 4 steps of configs/css.py:smoke took
+  60 s there)."""
   env = dict(
       os.environ,
       JAX_PLATFORMS="cpu",

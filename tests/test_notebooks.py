@@ -203,8 +203,8 @@ def test_ga_in_your_optax_loop(tmp_path):
 @pytest.mark.slow
 def test_results_runs_the_ga_experiment_and_plots_it(tmp_path):
   experiment = tmp_path / "experiment"
-  # One device at the default level: its training runs are the command line's
-  # (tests/helpers.run_main), with no collective to wait on.
+  # One device at the default level: its training runs are command-line runs
+  # (started by scripts/ga_experiment.py), with no collective to wait on.
   notebook = execute(
       "results",
       tmp_path,
