@@ -65,6 +65,8 @@ def save_retrievals(
     title: figure title.
   """
   rows, cols = len(queries), top_k + 2
+  # Cell (rows, cols) would start just past the last one: its image corner,
+  # less its label line and frame, is the canvas's size with the margins.
   right, bottom = cell_box(rows, cols, title=title)
   canvas = Image.new(
       "RGB",

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import subprocess
-import sys
 
 import hypothesis
 from hypothesis import strategies as st
@@ -18,9 +15,9 @@ import pytest
 from irtf_jax import config_base
 from irtf_jax import main
 from irtf_jax import trainer
+from tests.helpers import run_main
 from tests.helpers import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/css_synth.py:smoke"
 
 
@@ -169,20 +166,13 @@ def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
 def test_the_command_line_prints_one_line_and_exits_2(
     tmp_path, override, message
 ):
-  done = subprocess.run(
+  done = run_main(
       [
-          sys.executable,
-          "-m",
-          "irtf_jax.main",
           f"--config={CONFIG}",
           f"--workdir={tmp_path / 'w'}",
           f"--config.{override}",
       ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
       timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
   )
   assert done.returncode == 2, done.stderr[-2000:]
   lines = done.stderr.strip().splitlines()
