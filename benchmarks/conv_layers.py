@@ -296,7 +296,7 @@ def main(argv=None):
   )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--json-out", default="")
+  report.add_json_out_flag(parser)
   args = parser.parse_args(argv)
   implementations = cli.comma_list(
       parser,

@@ -447,7 +447,7 @@ def parse_args(argv=None):
   )
   parser.add_argument("--images-per-class", type=int, default=12)
   parser.add_argument("--test-images-per-class", type=int, default=10)
-  parser.add_argument("--json-out", default="")
+  report.add_json_out_flag(parser)
   cli.add_side_flag(parser)
   parser.add_argument("--fixture", default="", help=argparse.SUPPRESS)
   parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)

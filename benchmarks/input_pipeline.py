@@ -76,7 +76,7 @@ def main():
   parser.add_argument("--images", type=int, default=256)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--json-out", default="")
+  report.add_json_out_flag(parser)
   args = parser.parse_args()
   workers = sorted({int(w) for w in args.workers.split(",")})
   with tempfile.TemporaryDirectory() as folder:

@@ -113,7 +113,7 @@ def main(argv=None):
   )
   parser.add_argument("--image-size", type=int, default=64)
   parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--json-out", default="")
+  report.add_json_out_flag(parser)
   args = parser.parse_args(argv)
   params = default_model_parameters(args.smoke)
   grads = jax.tree.map(jnp.ones_like, params)

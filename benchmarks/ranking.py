@@ -319,9 +319,7 @@ def main(argv=None) -> int:
       ),
   )
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument(
-      "--json-out", type=str, default="", help="also write the JSON here"
-  )
+  report.add_json_out_flag(parser)
   args = parser.parse_args(argv)
   if args.gallery < NAIVE_NEIGHBOURS or args.queries < 1 or args.repeats < 1:
     parser.error(

@@ -3,8 +3,16 @@ with --json-out, to a file."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
+
+
+def add_json_out_flag(parser: argparse.ArgumentParser) -> None:
+  """--json-out=F, the file `emit` also writes (args.json_out)."""
+  parser.add_argument(
+      "--json-out", default="", help="also write the JSON result here"
+  )
 
 
 def emit(result: dict, json_out: str = "") -> None:

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
       default=1800.0,
       help="seconds allowed per benchmark",
   )
-  parser.add_argument("--json-out", default="")
+  report.add_json_out_flag(parser)
   args = parser.parse_args(argv)
   device = device_description()
   runs = plan(args.smoke, accelerator=device["platform"] != "cpu")

@@ -279,7 +279,7 @@ def parse_args(argv=None):
   parser.add_argument(
       "--conv-implementation", default="auto", choices=("auto", "lax", "im2col")
   )
-  parser.add_argument("--json-out", default="")
+  report.add_json_out_flag(parser)
   cli.add_side_flag(parser)
   args = parser.parse_args(argv)
   args.variants = cli.comma_list(parser, "--variants", args.variants, VARIANTS)
