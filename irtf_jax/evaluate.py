@@ -1,7 +1,8 @@
 """Evaluating a model on a dataset split: Recall@K under TIRG's protocol.
 
 `FeatureExtractor` embeds the queries and the gallery of a split with a
-model, data-parallel, leaving the features on device; `evaluate_split` ranks
+model, data-parallel, encoding each distinct image once and leaving the
+features on device; `evaluate_split` ranks
 them with `irtf_jax.ranking.top_k_neighbours` and turns the neighbours into
 recall for each labeling of the gallery (the caption, and the split's
 `caption_views`); `train_recall_split` picks what train-split recall is
@@ -23,11 +24,6 @@ from irtf_jax.data import base as data_base
 from irtf_jax.models import normalize_images
 
 
-def _batches(n: int, batch_size: int):
-  for start in range(0, n, batch_size):
-    yield np.arange(start, min(start + batch_size, n))
-
-
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   if x.shape[0] == rows:
     return x
@@ -35,10 +31,17 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 class FeatureExtractor:
-  """Query and gallery features of a model, batch by batch, data-parallel.
+  """Gallery and query features of a model, data-parallel, on device.
 
-  Batches are padded to one shape (so each function compiles once), sharded
-  over the devices, and the features stay on device until ranking.
+  Each distinct image is decoded and encoded once (`encode_images`): its
+  target feature and what a query composes of it. The queries, sorted by
+  reference image, are composed right after their image's batch, so the
+  features of a batch of images are on device only while its queries need
+  them. Against encoding every query's image again (TIRG's
+  test_retrieval.py), this saves one image-encoder pass per query whose image
+  is also in the gallery or starts another query: most of them, since the
+  reference images of TIRG's protocol are gallery images. Batches are padded
+  to one shape, so each function compiles once.
   """
 
   def __init__(
@@ -54,81 +57,103 @@ class FeatureExtractor:
     self.show_progress = show_progress
     replicated, sharded = parallel.replicated, parallel.batch_sharding
 
-    def embed_target(variables, images):
+    def encode_images(variables, images):
       return model.apply(
           variables,
           normalize_images(images),
           train=False,
-          method=model.embed_target,
+          method=model.encode_images,
       )
 
-    def embed_query(variables, images, tokens, lengths):
+    def compose_queries(variables, composer_inputs, rows, tokens, lengths):
       return model.apply(
           variables,
-          normalize_images(images),
+          composer_inputs[rows],
           tokens,
           lengths,
           train=False,
-          method=model.embed_query,
+          method=model.compose_query,
       )
 
-    self._embed_target = jax.jit(
-        embed_target, in_shardings=(replicated, sharded), out_shardings=sharded
+    self._encode_images = jax.jit(
+        encode_images,
+        in_shardings=(replicated, sharded),
+        out_shardings=(sharded, sharded),
     )
-    self._embed_query = jax.jit(
-        embed_query,
-        in_shardings=(replicated, sharded, sharded, sharded),
+    self._compose_queries = jax.jit(
+        compose_queries,
+        in_shardings=(replicated, sharded, sharded, sharded, sharded),
         out_shardings=sharded,
     )
 
-  def _run(self, fn, variables, n, make_inputs, description):
-    chunks = []
+  def _put(self, x: np.ndarray) -> jax.Array:
+    return jax.device_put(
+        _pad_rows(x, self.batch_size), self.parallel.batch_sharding
+    )
+
+  def features(
+      self,
+      variables,
+      split,
+      gallery: np.ndarray,
+      queries: Sequence,
+      vocab,
+      max_length: int,
+      description: str = "features",
+  ) -> tuple[jax.Array, jax.Array]:
+    """(gallery features (N, D), query features (Q, D)), in the given order.
+
+    Args:
+      split: what `split.images(indices)` decodes.
+      gallery: image indices of the gallery.
+      queries: objects with `source_index` and `text` (`data.Query`).
+      vocab: texts -> (token ids, lengths), e.g. a `Vocabulary`.
+    """
+    gallery = np.asarray(gallery, np.int64)
+    sources = np.asarray([q.source_index for q in queries], np.int64)
+    images = np.union1d(gallery, sources)
+    by_source = np.argsort(sources, kind="stable")
+    sorted_sources = sources[by_source]
+    targets, composed = [], []
     with tqdm.tqdm(
-        total=n,
+        total=len(images) + len(queries),
         desc=description,
         unit="img",
         leave=False,
         disable=not self.show_progress,
         dynamic_ncols=True,
     ) as bar:
-      for rows in _batches(n, self.batch_size):
-        inputs = [_pad_rows(x, self.batch_size) for x in make_inputs(rows)]
-        inputs = [
-            jax.device_put(x, self.parallel.batch_sharding) for x in inputs
-        ]
-        chunks.append(fn(variables, *inputs)[: len(rows)])
-        bar.update(len(rows))
-    return jnp.concatenate(chunks)
-
-  def gallery(
-      self, variables, split, indices: np.ndarray, description: str = "gallery"
-  ) -> jax.Array:
-    return self._run(
-        self._embed_target,
-        variables,
-        len(indices),
-        lambda rows: [split.images(indices[rows])],
-        description,
-    )
-
-  def queries(
-      self,
-      variables,
-      split,
-      queries,
-      vocab,
-      max_length: int,
-      description: str = "queries",
-  ) -> jax.Array:
-    def make_inputs(rows):
-      chosen = [queries[i] for i in rows]
-      tokens, lengths = vocab.encode([q.text for q in chosen], max_length)
-      images = split.images(np.asarray([q.source_index for q in chosen]))
-      return [images, tokens, lengths]
-
-    return self._run(
-        self._embed_query, variables, len(queries), make_inputs, description
-    )
+      for start in range(0, len(images), self.batch_size):
+        batch = images[start : start + self.batch_size]
+        composer_inputs, target = self._encode_images(
+            variables, self._put(split.images(batch))
+        )
+        targets.append(target[: len(batch)])
+        # Every source is among `images`, so those within this batch's range
+        # are this batch's.
+        first = np.searchsorted(sorted_sources, batch[0], "left")
+        stop = np.searchsorted(sorted_sources, batch[-1], "right")
+        for begin in range(first, stop, self.batch_size):
+          chosen = by_source[begin : min(begin + self.batch_size, stop)]
+          tokens, lengths = vocab.encode(
+              [queries[i].text for i in chosen], max_length
+          )
+          rows = np.searchsorted(batch, sources[chosen]).astype(np.int32)
+          features = self._compose_queries(
+              variables,
+              composer_inputs,
+              self._put(rows),
+              self._put(tokens),
+              self._put(lengths),
+          )
+          composed.append(features[: len(chosen)])
+        bar.update(len(batch) + stop - first)
+    image_features = jnp.concatenate(targets)
+    gallery_features = image_features[np.searchsorted(images, gallery)]
+    if not composed:
+      return gallery_features, image_features[:0]
+    query_features = jnp.concatenate(composed)[np.argsort(by_source)]
+    return gallery_features, query_features
 
 
 def evaluate_split(
@@ -166,11 +191,8 @@ def evaluate_split(
     )
     queries = [queries[i] for i in chosen]
     exclude = exclude[chosen]
-  gallery_features = extractor.gallery(
-      variables, split, gallery, f"{name} gallery"
-  )
-  query_features = extractor.queries(
-      variables, split, queries, vocab, max_length, f"{name} queries"
+  gallery_features, query_features = extractor.features(
+      variables, split, gallery, queries, vocab, max_length, name
   )
   k = min(max(ks), len(gallery))
   ks = tuple(x for x in ks if x <= k)

@@ -5,6 +5,8 @@
 
 Query and target share the image encoder and its projection (TIRG's design),
 and both are L2-normalized times a learned scale (TIRG's NormalizationLayer).
+Evaluation splits a query in two, `encode_images` (once per image: the
+composer's input and the target feature) and `compose_query`.
 
 What a composer receives depends on what it declares (class attributes):
 `operates_on = "map"`: the last convolutional map instead of the pooled
@@ -158,6 +160,55 @@ class RetrievalModel(nn.Module):
         self.pool_and_project(self.image_encoder(images, train))
     )
 
+  def encode_images(self, images, *, train: bool):
+    """(B, H, W, 3) normalized images -> (composer input, target features).
+
+    One image-encoder pass gives both what a query on the image composes
+    (the last map for a composer that `operates_on` it, else the pooled and
+    projected feature) and the image's target feature, so an evaluation
+    encodes each image once however many queries start from it:
+    `compose_query(encode_images(x)[0], t, l)` is `embed_query(x, t, l)`.
+    """
+    image_map = self.image_encoder(images, train)
+    pooled = self.pool_and_project(image_map)
+    if self.composer_module.operates_on == "map":
+      return image_map, self.normalization(pooled)
+    return pooled, self.normalization(pooled)
+
+  def compose_query(
+      self,
+      composer_input,
+      tokens,
+      lengths,
+      *,
+      train: bool,
+      text_perturbation=None,
+  ):
+    """`encode_images`' composer input + texts -> (B, embed_dim) query
+    features."""
+    text = self.text_encoder(
+        tokens, lengths, train=train, embedding_perturbation=text_perturbation
+    )
+    return self._compose(
+        composer_input, text, tokens, lengths, train, text_perturbation, None
+    )
+
+  def _compose(
+      self, image, text, tokens, lengths, train, text_perturbation, target
+  ):
+    """The normalized query feature from the composer's image input."""
+    extras = {}
+    if getattr(self.composer_module, "uses_tokens", False):
+      extras.update(
+          tokens=tokens, lengths=lengths, text_perturbation=text_perturbation
+      )
+    if target is not None:
+      extras.update(target=target, normalize=self.normalization)
+    query = self.composer_module(image, text, train=train, **extras)
+    if query.ndim == 4:  # a map
+      query = self.pool_and_project(query)
+    return self.normalization(query)
+
   def _embed_query(
       self, images, tokens, lengths, train, text_perturbation, target_images
   ):
@@ -173,19 +224,13 @@ class RetrievalModel(nn.Module):
     image = self.image_encoder(images, train)
     if self.composer_module.operates_on != "map":
       image = self.pool_and_project(image)
-    extras = {}
-    if getattr(self.composer_module, "uses_tokens", False):
-      extras.update(
-          tokens=tokens, lengths=lengths, text_perturbation=text_perturbation
-      )
     target = None
     if target_images is not None:
       target = self.pool_and_project(self.image_encoder(target_images, train))
-      extras.update(target=target, normalize=self.normalization)
-    query = self.composer_module(image, text, train=train, **extras)
-    if query.ndim == 4:  # a map
-      query = self.pool_and_project(query)
-    return self.normalization(query), target
+    query = self._compose(
+        image, text, tokens, lengths, train, text_perturbation, target
+    )
+    return query, target
 
   def embed_query(
       self, images, tokens, lengths, *, train: bool, text_perturbation=None
