@@ -17,10 +17,13 @@ from irtf_jax.models.text_encoders import Vocabulary
 from tests import helpers
 
 IMAGE_SIZE = 32
-NUM_IMAGES = 13
-BATCH_SIZE = 8  # one row per device of the suite's eight
+GALLERY_SIZE = 19
+NUM_IMAGES = GALLERY_SIZE + 2  # two images are only query sources
+# Two rows per device of the suite's eight: two image batches, the second
+# padded, and a device's queries may read either of its rows.
+BATCH_SIZE = 16
 CAPTIONS = tuple(
-    "red blue green red blue green red big small big small red blue".split()
+    ("red", "blue", "green", "big", "small")[i % 5] for i in range(NUM_IMAGES)
 )
 WORDS = ("make", "it", "red", "blue", "green", "big", "small", "please")
 
@@ -48,17 +51,17 @@ def make_split(seed: int = 0) -> PixelSplit:
   pixels = rng.integers(
       0, 256, (NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8
   )
-  # Unsorted; images 11 and 12 are only query sources.
-  gallery = rng.permutation(11)
-  # Image 3 starts more queries than a batch holds; 11 and 12 are outside
+  # Unsorted; images 19 and 20 are only query sources.
+  gallery = rng.permutation(GALLERY_SIZE)
+  # Image 3 starts more queries than a device holds; 19 and 20 are outside
   # the gallery; the order interleaves sources.
-  sources = [3, 0, 3, 11, 3, 7, 3, 3, 12, 5, 3, 0, 10, 3, 3, 9, 3, 3, 1]
+  sources = [3, 0, 3, 19, 3, 7, 3, 2, 20, 5, 3, 0, 18, 3, 3, 9, 3, 16, 1]
   queries = [
       base.Query(
           source_index=s,
           text=" ".join(rng.choice(WORDS, size=rng.integers(2, 6))),
-          target_caption=CAPTIONS[(s + 1 + k) % 11],
-          target_index=(s + 1 + k) % 11,
+          target_caption=CAPTIONS[(s + 1 + k) % GALLERY_SIZE],
+          target_index=(s + 1 + k) % GALLERY_SIZE,
       )
       for k, s in enumerate(sources)
   ]
