@@ -55,6 +55,8 @@ class FeatureExtractor:
       )
     self.parallel = parallel
     self.batch_size = batch_size
+    # Batch rows [d r, (d + 1) r) of a sharded batch live on device d.
+    self.rows_per_device = batch_size // parallel.num_devices
     self.show_progress = show_progress
     replicated, sharded = parallel.replicated, parallel.batch_sharding
 
@@ -110,7 +112,7 @@ class FeatureExtractor:
     and its r query slots take only queries on those images. Each call is a
     (batch_size,) array of indices into `positions`, -1 for a padding slot.
     """
-    per_device = self.batch_size // self.parallel.num_devices
+    per_device = self.rows_per_device
     by_device = [
         np.flatnonzero(positions // per_device == d)
         for d in range(self.parallel.num_devices)
@@ -146,7 +148,6 @@ class FeatureExtractor:
     images = np.union1d(gallery, sources)
     by_source = np.argsort(sources, kind="stable")
     sorted_sources = sources[by_source]
-    per_device = self.batch_size // self.parallel.num_devices
     targets, composed, composed_ids = [], [], []
     with tqdm.tqdm(
         total=len(images) + len(queries),
@@ -175,7 +176,7 @@ class FeatureExtractor:
           tokens, lengths = vocab.encode(
               [queries[i].text for i in on_batch[picked]], max_length
           )
-          rows = (positions[picked] % per_device).astype(np.int32)
+          rows = (positions[picked] % self.rows_per_device).astype(np.int32)
           composed.append(
               self._compose_queries(
                   variables,

@@ -156,9 +156,7 @@ class RetrievalModel(nn.Module):
 
   def embed_target(self, images, *, train: bool):
     """(B, H, W, 3) normalized images -> (B, embed_dim) target features."""
-    return self.normalization(
-        self.pool_and_project(self.image_encoder(images, train))
-    )
+    return self.encode_images(images, train=train)[1]
 
   def encode_images(self, images, *, train: bool):
     """(B, H, W, 3) normalized images -> (composer input, target features).
@@ -221,9 +219,7 @@ class RetrievalModel(nn.Module):
     text = self.text_encoder(
         tokens, lengths, train=train, embedding_perturbation=text_perturbation
     )
-    image = self.image_encoder(images, train)
-    if self.composer_module.operates_on != "map":
-      image = self.pool_and_project(image)
+    image, _ = self.encode_images(images, train=train)
     target = None
     if target_images is not None:
       target = self.pool_and_project(self.image_encoder(target_images, train))
