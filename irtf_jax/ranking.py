@@ -15,6 +15,7 @@ function compiles once per (C, N, D, k).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -28,79 +29,126 @@ from irtf_jax import metrics
 def candidate_block_size(gallery_size: int, k: int) -> int:
   """Columns per block of the two-stage top-k (0: one plain top_k).
 
-  The largest power of two b >= 8 whose k blocks hold at most a quarter of
-  the gallery, so the exact second stage sorts at most N / 4 candidates.
+  The first stage selects among N / b block maxima and the second among the
+  k b columns of the chosen blocks; their sum N / b + k b is least at
+  b = sqrt(N / k). The block is the power of two nearest to that, at least 8,
+  and at most the largest whose k blocks hold a quarter of the gallery (so
+  the second stage sorts at most N / 4 candidates); 0 where even blocks of 8
+  would hold more.
   """
-  block = 0
-  while k * (2 * max(block, 4)) * 4 <= gallery_size:
-    block = 2 * max(block, 4)
-  return block
+  if 4 * k * 8 > gallery_size:
+    return 0
+  largest = 8
+  while 4 * k * 2 * largest <= gallery_size:
+    largest *= 2
+  # On a tie between b and 2 b (N / k = 2 b^2) the larger.
+  balanced = 2 ** math.floor(math.log2(gallery_size / k) / 2 + 0.5)
+  return min(max(balanced, 8), largest)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "precision", "block"))
+def _block_major(gallery_features: jax.Array, block: int) -> jax.Array:
+  """(N, D) gallery -> (D, b * nb), column i * nb + j holding gallery row j b + i.
+
+  Block j (gallery columns j b .. j b + b - 1) then lies at stride nb in each
+  score row, so a (C, b, nb) view of the scores reduces blocks over its middle
+  axis: nb-wide vector maxima instead of a reduction over b adjacent
+  columns. The rows padding N to nb b repeat the last gallery row, so the
+  last block's maximum is that of its real columns.
+  """
+  size, dim = gallery_features.shape
+  num_blocks = -(-size // block)
+  padded = jnp.pad(
+      gallery_features, ((0, num_blocks * block - size), (0, 0)), mode="edge"
+  )
+  return (
+      padded.reshape(num_blocks, block, dim)
+      .transpose(2, 1, 0)
+      .reshape(dim, block * num_blocks)
+  )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("k", "precision", "block", "gallery_size")
+)
 def _top_k_chunk(
     query_chunk: jax.Array,
-    gallery_t: jax.Array,
+    gallery_blocks: jax.Array,
     exclude_chunk: jax.Array,
     k: int,
     precision: lax.Precision,
     block: int,
+    gallery_size: int,
 ) -> tuple[jax.Array, jax.Array]:
   """Top-k gallery columns of one chunk of queries.
 
-  With `block` > 0 the selection is exact in two stages: the row's k best
-  columns lie in the k blocks of `block` consecutive columns with the highest
-  maxima (a block holding one of them has a maximum at least the row's k-th
-  best score, and among equal maxima `lax.top_k` keeps the lower block, whose
-  columns also win ties), so `lax.top_k` runs over the block maxima, then over
-  the k chosen blocks' columns in increasing column order, instead of over all
-  N columns.
+  The selection is exact in two stages. With the excluded column masked,
+  the row's k best columns lie in the k blocks of `block` consecutive columns
+  with the highest maxima (a block holding one of them has a maximum at least
+  the row's k-th best score, and among equal maxima `lax.top_k` keeps the
+  lower block, whose columns also win ties). Unmasked, only the excluded
+  column's block can move up, so those k blocks are among the k + 1 of
+  highest unmasked maxima. `lax.top_k` runs over the block maxima, then over
+  the chosen blocks' columns in increasing column order (the excluded one
+  masked), instead of over all N columns. `block` = 1 is one plain
+  `lax.top_k`.
 
   Args:
     query_chunk: (C, D) float32 query features.
-    gallery_t: (D, N) float32 gallery features, transposed (so the score
-      matmul reads both operands row-major).
-    exclude_chunk: (C,) int32 column removed from each query's ranking, -1 for none.
+    gallery_blocks: (D, block * nb) float32 gallery features in
+      `_block_major` order (for `block` = 1 the transposed gallery, so the
+      score matmul reads both operands row-major).
+    exclude_chunk: (C,) int32 column removed from each query's ranking, -1
+      for none.
     k: number of neighbours.
     precision: matmul precision of the scores.
-    block: columns per block of the two-stage selection, 0 for one top_k.
+    block: columns per block of the two-stage selection (1: one top_k).
+    gallery_size: N, the number of real gallery columns.
 
   Returns:
     scores (C, k) float32, descending, and indices (C, k) int32; a slot that
     could only be filled by the excluded column (k > N - 1) has index -1.
   """
-  scores = jnp.dot(query_chunk, gallery_t, precision=precision)
-  columns = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
-  scores = jnp.where(columns == exclude_chunk[:, None], -jnp.inf, scores)
-  if block:
-    rows, size = scores.shape
-    num_blocks = -(-size // block)
-    # Padding columns are -inf and come after every real column, so no real
-    # column loses a tie to them.
-    padded = jnp.pad(
-        scores,
-        ((0, 0), (0, num_blocks * block - size)),
-        constant_values=-jnp.inf,
-    ).reshape(rows, num_blocks, block)
-    _, best_blocks = lax.top_k(jnp.max(padded, axis=2), k)
-    best_blocks = jnp.sort(best_blocks, axis=1)
-    candidates = jnp.take_along_axis(padded, best_blocks[:, :, None], axis=1)
-    candidate_columns = best_blocks[:, :, None] * block + jnp.arange(
-        block, dtype=jnp.int32
+  rows = query_chunk.shape[0]
+  num_blocks = gallery_blocks.shape[1] // block
+  scores = jnp.dot(query_chunk, gallery_blocks, precision=precision).reshape(
+      rows, block, num_blocks
+  )
+
+  def masked(values, columns):
+    # Padding columns and the excluded one score -inf; padding columns come
+    # after every real column, so no real column loses a tie to them.
+    drop = (columns >= gallery_size) | (columns == exclude_chunk[:, None, None])
+    return jnp.where(drop, -jnp.inf, values)
+
+  offsets = lax.broadcasted_iota(jnp.int32, (1, block, 1), 1)
+  if block == 1:
+    candidates = masked(
+        scores, lax.broadcasted_iota(jnp.int32, (1, 1, num_blocks), 2)
     )
-    top_scores, positions = lax.top_k(candidates.reshape(rows, k * block), k)
-    top_indices = jnp.take_along_axis(
-        candidate_columns.reshape(rows, k * block), positions, axis=1
-    )
+    candidate_columns = None
   else:
-    top_scores, top_indices = lax.top_k(scores, k)
+    # Maxima of the unmasked scores: masking first would write the whole
+    # (C, N) block once more. Only the excluded column's block can rank higher
+    # than with it masked, so k + 1 blocks hold the k best of the rest.
+    _, best_blocks = lax.top_k(jnp.max(scores, axis=1), k + 1)
+    best_blocks = jnp.sort(best_blocks, axis=1)[:, None, :]  # (C, 1, k + 1)
+    columns = best_blocks * block + offsets  # (C, block, k + 1)
+    candidates = masked(
+        jnp.take_along_axis(scores, best_blocks, axis=2), columns
+    )
+    # Block-major, so candidates run in increasing column order.
+    candidates = jnp.swapaxes(candidates, 1, 2)
+    candidate_columns = jnp.swapaxes(columns, 1, 2).reshape(rows, -1)
+  top_scores, top_indices = lax.top_k(candidates.reshape(rows, -1), k)
+  if candidate_columns is not None:
+    top_indices = jnp.take_along_axis(candidate_columns, top_indices, axis=1)
   top_indices = jnp.where(
       top_indices == exclude_chunk[:, None], -1, top_indices
   )
   return top_scores, top_indices
 
 
-_transpose = jax.jit(jnp.transpose)
+_block_major_jit = jax.jit(_block_major, static_argnames="block")
 
 
 def top_k_neighbours(
@@ -178,17 +226,18 @@ def top_k_neighbours(
     query_features = jnp.pad(query_features, ((0, padding), (0, 0)))
     exclude = np.pad(exclude, (0, padding), constant_values=-1)
   exclude = jnp.asarray(exclude)
-  gallery_t = _transpose(gallery_features)
-  block = candidate_block_size(gallery_size, k)
+  block = max(candidate_block_size(gallery_size, k), 1)
+  gallery_blocks = _block_major_jit(gallery_features, block)
   chunk_scores, chunk_indices = [], []
   for start in range(0, num_chunks * chunk_size, chunk_size):
     top_scores, top_indices = _top_k_chunk(
         lax.dynamic_slice_in_dim(query_features, start, chunk_size),
-        gallery_t,
+        gallery_blocks,
         lax.dynamic_slice_in_dim(exclude, start, chunk_size),
         k=k,
         precision=precision,
         block=block,
+        gallery_size=gallery_size,
     )
     chunk_scores.append(top_scores)
     chunk_indices.append(top_indices)

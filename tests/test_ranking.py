@@ -48,11 +48,11 @@ def test_top_k_matches_stable_argsort(chunk_size):
   np.testing.assert_array_equal(scores, expected_scores)
 
 
-@pytest.mark.parametrize("gallery_size", [384, 500, 1029])
+@pytest.mark.parametrize("gallery_size", [384, 500, 1029, 3001])
 def test_two_stage_top_k_matches_stable_argsort(gallery_size):
-  """Galleries large enough for the block-maxima stage (blocks of 8 to 16
-  columns, a ragged last block at 500 and 1029), with ties everywhere: integer
-  features in {-1, 0, 1}^4 take few distinct scores."""
+  """Galleries large enough for the block-maxima stage (blocks of 8 columns,
+  16 at 3001; a ragged last block at 500, 1029 and 3001), with ties
+  everywhere: integer features in {-1, 0, 1}^4 take few distinct scores."""
   k = 12
   assert ranking.candidate_block_size(gallery_size, k) >= 8
   rng = np.random.default_rng(gallery_size)
@@ -67,15 +67,48 @@ def test_two_stage_top_k_matches_stable_argsort(gallery_size):
   np.testing.assert_array_equal(scores, expected_scores)
 
 
+def test_two_stage_top_k_when_the_best_blocks_are_excluded_or_padding():
+  """Every real score is negative but the excluded column's: the block
+  maxima must not let that column or the columns padding the ragged last
+  block (500 = 62 blocks of 8 + 4) push out one of the k blocks that hold the
+  answer."""
+  k, gallery_size, excluded = 12, 500, 100
+  assert ranking.candidate_block_size(gallery_size, k) == 8
+  gallery = np.zeros((gallery_size, 4), np.float32)
+  gallery[:, 0] = -2.0
+  gallery[np.arange(k) * 40 + 3, 0] = -1.0  # the answer, one per block
+  gallery[excluded, 0] = 5.0
+  queries = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+  exclude = np.array([excluded])
+  scores, indices = ranking.top_k_neighbours(
+      queries, gallery, k, exclude=exclude
+  )
+  expected_scores, expected_indices = numpy_top_k(queries, gallery, k, exclude)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_array_equal(scores, expected_scores)
+
+
 def test_candidate_block_size():
-  # k blocks of b columns hold at most a quarter of the gallery; b >= 8.
+  # Brute force over powers of two: b >= 8 whose k blocks hold at most a
+  # quarter of the gallery, least first-stage plus second-stage candidates
+  # N / b + k b (the larger b on a tie of the two), 0 where none qualifies.
   assert ranking.candidate_block_size(383, 12) == 0
   assert ranking.candidate_block_size(384, 12) == 8
-  assert ranking.candidate_block_size(30000, 100) == 64
-  assert ranking.candidate_block_size(100000, 100) == 128
-  for size, k in ((30000, 100), (100000, 100), (1000, 3)):
-    block = ranking.candidate_block_size(size, k)
-    assert 4 * k * block <= size < 4 * k * 2 * block
+  assert ranking.candidate_block_size(30000, 100) == 16
+  assert ranking.candidate_block_size(100000, 100) == 32
+  for size, k in (
+      (30000, 50),
+      (30000, 100),
+      (100000, 100),
+      (1000, 3),
+      (3001, 12),
+      (10**6, 1),
+      (2**12, 2),
+      (383, 12),
+  ):
+    allowed = [2**e for e in range(3, 30) if 4 * k * 2**e <= size]
+    best = min(allowed, key=lambda b: (size / b + k * b, -b), default=0)
+    assert ranking.candidate_block_size(size, k) == best, (size, k)
 
 
 def test_top_k_of_the_whole_gallery_marks_the_excluded_slot():
