@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   # --config.data.options.<name>=... can override it.
   c.data.options = dataset_options("css_synth")
   c.data.fixture = False  # smoke runs: write a tiny copy in the real format
-  c.data.workers = 0  # >0: build batches in grain worker processes
+  # >0: build training batches in grain worker processes, and decode
+  # evaluation images in as many threads.
+  c.data.workers = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tirg_lastconv"

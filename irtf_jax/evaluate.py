@@ -11,7 +11,10 @@ measured on.
 
 from __future__ import annotations
 
-from typing import Sequence
+import collections
+from concurrent import futures
+import contextlib
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +46,20 @@ class FeatureExtractor:
   query whose image is also in the gallery or starts another query: most of
   them, since the reference images of TIRG's protocol are gallery images.
   Batches are padded to one shape, so each function compiles once.
+
+  With `decode_threads` > 0 the image batches are decoded ahead in that many
+  threads (Pillow releases the GIL while it decodes and resizes), so an
+  accelerator is not kept waiting on one host core; the features do not
+  depend on it.
   """
 
   def __init__(
-      self, model, parallel, batch_size: int, show_progress: bool = True
+      self,
+      model,
+      parallel,
+      batch_size: int,
+      show_progress: bool = True,
+      decode_threads: int = 0,
   ):
     if batch_size % parallel.num_devices:
       raise ValueError(
@@ -58,6 +71,13 @@ class FeatureExtractor:
     # Batch rows [d r, (d + 1) r) of a sharded batch live on device d.
     self.rows_per_device = batch_size // parallel.num_devices
     self.show_progress = show_progress
+    if decode_threads < 0:
+      raise ValueError(
+          f"decode_threads={decode_threads} (config.data.workers) must be"
+          " >= 0: the threads that decode evaluation images, 0 to decode in"
+          " the evaluating one"
+      )
+    self.decode_threads = decode_threads
     replicated, sharded = parallel.replicated, parallel.batch_sharding
 
     def encode_images(variables, images):
@@ -125,6 +145,26 @@ class FeatureExtractor:
         slots[call, d, : len(part)] = part
     return list(slots.reshape(calls, self.batch_size))
 
+  def _decoded(self, split, batches: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """`split.images(batch)` for each batch, in order; with threads, up to
+    `decode_threads` + 1 batches ahead of the one being encoded."""
+    if not self.decode_threads:
+      yield from map(split.images, batches)
+      return
+    pool = futures.ThreadPoolExecutor(
+        self.decode_threads, thread_name_prefix="decode"
+    )
+    try:
+      pending = collections.deque()
+      for batch in batches:
+        pending.append(pool.submit(split.images, batch))
+        if len(pending) > self.decode_threads:
+          yield pending.popleft().result()
+      while pending:
+        yield pending.popleft().result()
+    finally:
+      pool.shutdown(wait=True, cancel_futures=True)
+
   def features(
       self,
       variables,
@@ -149,7 +189,12 @@ class FeatureExtractor:
     by_source = np.argsort(sources, kind="stable")
     sorted_sources = sources[by_source]
     targets, composed, composed_ids = [], [], []
-    with tqdm.tqdm(
+    batches = [
+        images[start : start + self.batch_size]
+        for start in range(0, len(images), self.batch_size)
+    ]
+    decoded = self._decoded(split, batches)
+    with contextlib.closing(decoded), tqdm.tqdm(
         total=len(images) + len(queries),
         desc=description,
         unit="img",
@@ -157,10 +202,9 @@ class FeatureExtractor:
         disable=not self.show_progress,
         dynamic_ncols=True,
     ) as bar:
-      for start in range(0, len(images), self.batch_size):
-        batch = images[start : start + self.batch_size]
+      for pixels, batch in zip(decoded, batches):
         composer_inputs, target = self._encode_images(
-            variables, self._put(split.images(batch))
+            variables, self._put(pixels)
         )
         targets.append(target)
         # Every source is among `images`, so those within this batch's range

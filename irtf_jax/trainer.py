@@ -149,6 +149,7 @@ class Trainer:
         self.parallel,
         config.eval.batch_size,
         show_progress=self.is_chief,
+        decode_threads=config.data.workers,
     )
 
   def close(self) -> None:

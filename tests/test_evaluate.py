@@ -4,6 +4,8 @@ ranking of TIRG's protocol."""
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -193,3 +195,52 @@ def assert_no_near_ties(gallery_features, query_features, ks):
   for k in ks:
     if k < sims.shape[1]:
       assert (sims[:, k - 1] - sims[:, k]).min() > bound
+
+
+class RecordingSplit(PixelSplit):
+  """Records which thread decoded each batch; fails on image `fail_on`."""
+
+  def __init__(self, split: PixelSplit, fail_on: int = -1):
+    super().__init__(split._pixels, split.queries, split.gallery)
+    self.fail_on = fail_on
+    self.threads = []
+
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    self.threads.append(threading.current_thread().name)
+    if self.fail_on in np.asarray(indices):
+      raise ValueError(f"pixels/test[{self.fail_on}]: unreadable image")
+    return super().images(indices)
+
+
+@pytest.mark.parametrize("built", ["tirg_lastconv"], indirect=True)
+def test_decode_threads_change_who_decodes_not_the_features(built):
+  config, vocab, _, variables, extractor = built
+  max_length = config.model.text_encoder.max_length
+  split = make_split()
+  inline = RecordingSplit(split)
+  want = extractor.features(
+      variables, inline, split.gallery, split.queries, vocab, max_length
+  )
+  threaded = RecordingSplit(split)
+  extractor.decode_threads = 2
+  try:
+    got = extractor.features(
+        variables, threaded, split.gallery, split.queries, vocab, max_length
+    )
+    failing = RecordingSplit(split, fail_on=20)  # in the second batch
+    with pytest.raises(ValueError, match=r"pixels/test\[20\]: unreadable"):
+      extractor.features(
+          variables, failing, split.gallery, split.queries, vocab, max_length
+      )
+  finally:
+    extractor.decode_threads = 0
+  # Two batches of images, decoded by the evaluating thread or the pool's.
+  assert inline.threads == [threading.current_thread().name] * 2
+  assert len(threaded.threads) == 2
+  assert all(name.startswith("decode") for name in threaded.threads)
+  for want_features, got_features in zip(want, got):
+    np.testing.assert_array_equal(got_features, want_features)
+  with pytest.raises(ValueError, match="decode_threads=-1"):
+    evaluate.FeatureExtractor(
+        None, parallel.DataParallel("jit"), BATCH_SIZE, decode_threads=-1
+    )
