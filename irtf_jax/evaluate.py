@@ -11,10 +11,8 @@ measured on.
 
 from __future__ import annotations
 
-import collections
-from concurrent import futures
 import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ import tqdm
 from irtf_jax import metrics
 from irtf_jax import ranking
 from irtf_jax.data import base as data_base
+from irtf_jax.data import pipeline
 from irtf_jax.models import normalize_images
 
 
@@ -145,26 +144,6 @@ class FeatureExtractor:
         slots[call, d, : len(part)] = part
     return list(slots.reshape(calls, self.batch_size))
 
-  def _decoded(self, split, batches: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """`split.images(batch)` for each batch, in order; with threads, up to
-    `decode_threads` + 1 batches ahead of the one being encoded."""
-    if not self.decode_threads:
-      yield from map(split.images, batches)
-      return
-    pool = futures.ThreadPoolExecutor(
-        self.decode_threads, thread_name_prefix="decode"
-    )
-    try:
-      pending = collections.deque()
-      for batch in batches:
-        pending.append(pool.submit(split.images, batch))
-        if len(pending) > self.decode_threads:
-          yield pending.popleft().result()
-      while pending:
-        yield pending.popleft().result()
-    finally:
-      pool.shutdown(wait=True, cancel_futures=True)
-
   def features(
       self,
       variables,
@@ -193,7 +172,7 @@ class FeatureExtractor:
         images[start : start + self.batch_size]
         for start in range(0, len(images), self.batch_size)
     ]
-    decoded = self._decoded(split, batches)
+    decoded = pipeline.mapped_ahead(split.images, batches, self.decode_threads)
     with contextlib.closing(decoded), tqdm.tqdm(
         total=len(images) + len(queries),
         desc=description,

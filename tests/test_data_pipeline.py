@@ -142,3 +142,56 @@ def test_unpicklable_batch_function_names_the_config_field():
 def test_negative_workers_name_the_config_field():
   with pytest.raises(ValueError, match="config.data.workers"):
     next(pipeline.training_batches(lambda s: {}, range(2), -1))
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_mapped_ahead_yields_in_order_and_at_most_threads_plus_one_ahead(
+    threads,
+):
+  started = []
+  lock = threading.Lock()
+  rng = np.random.default_rng(threads)
+  delays = rng.uniform(0, 0.002, size=12)  # items finish out of order
+
+  def square(i):
+    with lock:
+      started.append(i)
+    time.sleep(delays[i])
+    return i * i
+
+  results = []
+  for j, value in enumerate(pipeline.mapped_ahead(square, range(12), threads)):
+    with lock:
+      assert len(started) <= j + threads + 1
+    results.append(value)
+    time.sleep(0.005)  # a slow consumer: an unbounded producer runs ahead
+  assert results == [i * i for i in range(12)]
+  assert sorted(started) == list(range(12))
+
+
+def test_mapped_ahead_raises_at_the_failing_item_and_close_stops_the_rest():
+  def fail_on_three(i):
+    if i == 3:
+      raise ValueError("item 3 is unreadable")
+    return i
+
+  got = []
+  with pytest.raises(ValueError, match="item 3 is unreadable"):
+    for value in pipeline.mapped_ahead(fail_on_three, range(10), 2):
+      got.append(value)
+  assert got == [0, 1, 2]
+
+  started = []
+
+  def slow(i):
+    started.append(i)
+    time.sleep(0.02)
+    return i
+
+  items = pipeline.mapped_ahead(slow, range(100), 2)
+  assert next(items) == 0
+  items.close()
+  assert len(started) <= 3  # the consumed item and the 2 submitted after it
+  assert not [
+      t for t in threading.enumerate() if t.name.startswith("irtf_jax-map")
+  ]

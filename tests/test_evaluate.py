@@ -237,7 +237,7 @@ def test_decode_threads_change_who_decodes_not_the_features(built):
   # Two batches of images, decoded by the evaluating thread or the pool's.
   assert inline.threads == [threading.current_thread().name] * 2
   assert len(threaded.threads) == 2
-  assert all(name.startswith("decode") for name in threaded.threads)
+  assert all(name.startswith("irtf_jax-map") for name in threaded.threads)
   for want_features, got_features in zip(want, got):
     np.testing.assert_array_equal(got_features, want_features)
   with pytest.raises(ValueError, match="decode_threads=-1"):

@@ -15,10 +15,16 @@ is a generator whose `close()` (use `contextlib.closing`, or let a `for`
 loop finish) signals the producer thread, drains its queue, closes grain's
 iterator (ending its worker processes) and joins the thread. A failed
 notebook cell leaves no thread or process behind.
+
+`mapped_ahead` runs a function over a sequence in threads, a few items ahead
+of the consumer and in order: the evaluation decodes its image batches with
+it.
 """
 
 from __future__ import annotations
 
+import collections
+from concurrent import futures
 import dataclasses
 import pickle
 import queue
@@ -269,3 +275,33 @@ def prefetched_batches(
           "%.0f s; leaving its (daemon) thread behind.",
           _JOIN_SECONDS,
       )
+
+
+def mapped_ahead(
+    fn: Callable[[Any], Any], items: Sequence[Any], threads: int
+) -> Iterator[Any]:
+  """`fn(item)` for each of `items`, in order, computed in `threads` threads.
+
+  At most `threads` + 1 items are in flight beyond the one consumed; with 0
+  threads each is computed in the consuming thread when asked for. Threads
+  pay for work that releases the GIL (Pillow's decoding and resizing, file
+  reads). An exception of `fn` is raised where its item would be yielded;
+  closing the generator cancels the items not started and waits for those
+  running.
+  """
+  if threads < 0:
+    raise ValueError(f"mapped_ahead: threads={threads} must be >= 0")
+  if not threads:
+    yield from map(fn, items)
+    return
+  pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="irtf_jax-map")
+  try:
+    pending: collections.deque = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) > threads:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
