@@ -1,10 +1,16 @@
-"""benchmarks/run_all.py in its smoke mode: every benchmark runs and reports."""
+"""benchmarks/run_all.py in its smoke mode: every benchmark runs and reports;
+benchmarks/step_profile.py sorts a step's operations by what they compute."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,3 +54,63 @@ def test_run_all_smoke_runs_every_benchmark(tmp_path):
     assert end_to_end["train"][side] > 0
     assert end_to_end["evaluate"][side] > 0
   assert benchmarks["isotropic_noise"]["ms_per_update"]["baseline"] > 0
+
+
+@pytest.fixture
+def step_profile(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+  return importlib.import_module("step_profile")
+
+
+def compiled_kinds(step_profile, function, *args) -> set[str]:
+  hlo = jax.jit(function).lower(*args).compile().as_text()
+  return set(step_profile.operation_kinds(hlo).values())
+
+
+def test_step_profile_sorts_operations_by_what_their_hlo_computes(
+    step_profile,
+):
+  x = np.ones((8, 6, 6, 4), np.float32)
+  w = np.ones((3, 3, 4, 5), np.float32)
+  two_patches = lambda x: jnp.concatenate([x[:, :-1], x[:, 1:]], axis=-1)
+  conv = lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  assert compiled_kinds(step_profile, two_patches, x) == {"patches"}
+  assert compiled_kinds(step_profile, conv, x, w) == {"convolution"}
+  assert compiled_kinds(step_profile, lambda a, b: a @ b, x[0, 0], w[0, 0]) == {
+      "matmul"
+  }
+  assert compiled_kinds(step_profile, lambda x: jnp.sum(x, 0), x) == {
+      "reduction"
+  }
+  assert compiled_kinds(step_profile, lambda x: jnp.tanh(x) * 2, x) == {
+      "elementwise"
+  }
+  assert compiled_kinds(
+      step_profile, lambda x: lax.top_k(x, 2), x.reshape(8, -1)
+  ) == {"TopK"}
+
+
+@pytest.mark.slow
+def test_step_profile_smoke_accounts_for_the_traced_operations(
+    step_profile, tmp_path, capsys
+):
+  out = tmp_path / "profile.json"
+  step_profile.main([
+      "--smoke",
+      "--image-size=32",
+      "--batch-size=4",
+      "--steps=1",
+      f"--json-out={out}",
+  ])
+  result = json.loads(out.read_text())
+  assert result == json.loads(capsys.readouterr().out)
+  by_kind = result["by_kind_ms_per_step"]
+  assert by_kind["matmul"] > 0 and result["ms_per_step"] > 0
+  np.testing.assert_allclose(
+      sum(by_kind.values()), result["operations_ms_per_step"], rtol=1e-9
+  )
+  assert result["slowest"] and all(
+      op["kind"] != "other" for op in result["slowest"]
+  )
