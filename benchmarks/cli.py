@@ -2,6 +2,8 @@
 
 - `comma_list`: a comma-separated flag, each item checked against the
   allowed ones;
+- `step_parser`: the parser of a benchmark of train steps: its docstring's
+  first line, --image-size, --batch-size and --json-out;
 - `add_side_flag`, `run_side`, `flags` and `answer_side`: one side of a comparison (a
   framework) run in a fresh process of the same script, started with the
   hidden flag --side, which prints its result as one line of JSON for the
@@ -17,6 +19,8 @@ import subprocess
 import sys
 from typing import Callable, Mapping, Sequence
 
+import report  # benchmarks/report.py, beside this module
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,6 +31,18 @@ def comma_list(parser, flag: str, value: str, allowed: Sequence[str]):
     if item not in allowed:
       parser.error(f"{flag}: unknown {item!r}; allowed: {', '.join(allowed)}")
   return items
+
+
+def step_parser(doc: str, *, image_size: int) -> argparse.ArgumentParser:
+  """A parser described by `doc`'s first line, with --json-out
+  (`report.add_json_out_flag`), --image-size (default `image_size`) and
+  --batch-size (default 32, the batch TIRG and the GA paper train with on
+  every dataset but CSS)."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--image-size", type=int, default=image_size)
+  parser.add_argument("--batch-size", type=int, default=32)
+  report.add_json_out_flag(parser)
+  return parser
 
 
 def add_side_flag(parser: argparse.ArgumentParser) -> None:

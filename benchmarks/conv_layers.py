@@ -33,7 +33,6 @@ stderr, JSON on stdout.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
@@ -277,9 +276,7 @@ def print_table(table: list[dict], formulations, passes) -> None:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--batch-size", type=int, default=32)
+  parser = cli.step_parser(__doc__, image_size=224)
   parser.add_argument(
       "--implementations",
       default="lax,im2col,auto",
@@ -296,7 +293,6 @@ def main(argv=None):
   )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--no-torch", action="store_true")
-  report.add_json_out_flag(parser)
   args = parser.parse_args(argv)
   implementations = cli.comma_list(
       parser,

@@ -15,12 +15,12 @@ over the second half of the batches (the steady state a training run sees).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import tempfile
 import time
 
+import cli  # benchmarks/cli.py
 import numpy as np
 from PIL import Image
 import report  # benchmarks/report.py
@@ -89,12 +89,9 @@ def evaluation_images_per_second(
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.step_parser(__doc__, image_size=224)
   parser.add_argument("--workers", default=f"0,1,2,{os.cpu_count()}")
   parser.add_argument("--images", type=int, default=1024)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--image-size", type=int, default=224)
-  report.add_json_out_flag(parser)
   args = parser.parse_args()
   workers = sorted({int(w) for w in args.workers.split(",")})
   with tempfile.TemporaryDirectory() as folder:

@@ -19,7 +19,6 @@ batch 32, `benchmarks/train_step.py`'s JAX side) timed in the same process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=wrong-import-position  # benchmarks/cli.py
 import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 import train_step as train_step_benchmark  # pylint: disable=wrong-import-position
 
@@ -104,16 +104,13 @@ def base_step_milliseconds(image_size: int, batch_size: int) -> float:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.step_parser(__doc__, image_size=64)
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument(
       "--smoke",
       action="store_true",
       help="the tiny smoke model, no base step (plumbing)",
   )
-  parser.add_argument("--image-size", type=int, default=64)
-  parser.add_argument("--batch-size", type=int, default=32)
-  report.add_json_out_flag(parser)
   args = parser.parse_args(argv)
   params = default_model_parameters(args.smoke)
   grads = jax.tree.map(jnp.ones_like, params)

@@ -29,7 +29,6 @@ operations concurrently), ms per step by kind, and the slowest operations.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -42,6 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=wrong-import-position  # benchmarks/cli.py
 import report  # pylint: disable=wrong-import-position  # benchmarks/report.py
 import train_step as train_step_benchmark  # pylint: disable=wrong-import-position
 
@@ -229,9 +229,7 @@ def profile(args) -> dict:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--batch-size", type=int, default=32)
+  parser = cli.step_parser(__doc__, image_size=224)
   parser.add_argument(
       "--variant",
       default="base",
@@ -246,7 +244,6 @@ def parse_args(argv=None):
       action="store_true",
       help="a ResNet-10 at the given size, for a test of this script",
   )
-  report.add_json_out_flag(parser)
   return parser.parse_args(argv)
 
 

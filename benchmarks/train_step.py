@@ -25,7 +25,6 @@ variant and JAX variant/JAX base, and the thread counts.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -249,9 +248,7 @@ def summarize(results: dict, args) -> dict:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--image-size", type=int, default=64)
-  parser.add_argument("--batch-size", type=int, default=32)
+  parser = cli.step_parser(__doc__, image_size=64)
   parser.add_argument("--steps", type=int, default=3, help="steps per timing")
   parser.add_argument(
       "--repeats",
@@ -279,7 +276,6 @@ def parse_args(argv=None):
   parser.add_argument(
       "--conv-implementation", default="auto", choices=("auto", "lax", "im2col")
   )
-  report.add_json_out_flag(parser)
   cli.add_side_flag(parser)
   args = parser.parse_args(argv)
   args.variants = cli.comma_list(parser, "--variants", args.variants, VARIANTS)
