@@ -58,6 +58,8 @@ _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _PATCH_OPCODES = {"slice", "concatenate", "pad", "bitcast", "broadcast"}
 # Instructions that run no code of their own.
 _NOT_RUN = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+# Instructions whose computations run as operations of their own.
+_CONTROL = ("while", "conditional", "call")
 
 
 def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
@@ -83,16 +85,15 @@ def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
   return computations
 
 
-def _opcodes(computations, name: str, depth: int = 3) -> set[str]:
-  """Opcodes of computation `name` and of what it calls, `depth` deep."""
-  found = set()
-  for line in computations.get(name, ()):
-    match = _INSTRUCTION.match(line)
-    if match:
-      found.add(match.group(2))
-    if depth:
-      for called in _CALLS.findall(line):
-        found |= _opcodes(computations, called, depth - 1)
+def _opcodes(computations, line: str, depth: int = 4) -> set[str]:
+  """The opcode of instruction `line` and those of the computations it
+  calls (a fusion's body), `depth` deep."""
+  match = _INSTRUCTION.match(line)
+  found = {match.group(2)} if match else set()
+  if depth:
+    for called in _CALLS.findall(line):
+      for called_line in computations.get(called, ()):
+        found |= _opcodes(computations, called_line, depth - 1)
   return found
 
 
@@ -108,7 +109,7 @@ def _run_computations(computations) -> list[str]:
     run.append(name)
     for line in computations[name]:
       match = _INSTRUCTION.match(line)
-      if match and match.group(2) in ("while", "conditional", "call"):
+      if match and match.group(2) in _CONTROL:
         pending.extend(_CONTROL_TARGETS.findall(line))
         for branches in _BRANCHES.findall(line):
           pending.extend(re.findall(r"%([\w.\-]+)", branches))
@@ -117,9 +118,9 @@ def _run_computations(computations) -> list[str]:
 
 def operation_kinds(hlo_text: str) -> dict[str, str]:
   """{instruction name: kind} (see the module docstring), for the
-  instructions of every computation: XLA:CPU runs those of loop bodies and
-  called computations as operations of their own (a fusion's are inside
-  its one operation and are never traced)."""
+  instructions of the computations that `_run_computations` finds: XLA:CPU
+  runs those of loop bodies and called computations as operations of their
+  own (a fusion's are inside its one operation and are never traced)."""
   computations = hlo_computations(hlo_text)
   kinds = {}
   for line in (
@@ -133,13 +134,11 @@ def operation_kinds(hlo_text: str) -> dict[str, str]:
     name, opcode = match.groups()
     if opcode in _NOT_RUN:
       continue
-    if opcode in ("while", "conditional", "call"):
+    if opcode in _CONTROL:
       # Its own time only: what its body runs is traced op by op.
       kinds[name] = "control"
       continue
-    opcodes = {opcode}
-    for called in _CALLS.findall(line):
-      opcodes |= _opcodes(computations, called)
+    opcodes = _opcodes(computations, line)
     target = _CUSTOM_CALL_TARGET.search(line)
     if "dot" in opcodes:
       kinds[name] = "matmul"

@@ -120,7 +120,6 @@ def _top_k_chunk(
     drop = (columns >= gallery_size) | (columns == exclude_chunk[:, None, None])
     return jnp.where(drop, -jnp.inf, values)
 
-  offsets = lax.broadcasted_iota(jnp.int32, (1, block, 1), 1)
   if block == 1:
     candidates = masked(
         scores, lax.broadcasted_iota(jnp.int32, (1, 1, num_blocks), 2)
@@ -132,6 +131,7 @@ def _top_k_chunk(
     # than with it masked, so k + 1 blocks hold the k best of the rest.
     _, best_blocks = lax.top_k(jnp.max(scores, axis=1), k + 1)
     best_blocks = jnp.sort(best_blocks, axis=1)[:, None, :]  # (C, 1, k + 1)
+    offsets = lax.broadcasted_iota(jnp.int32, (1, block, 1), 1)
     columns = best_blocks * block + offsets  # (C, block, k + 1)
     candidates = masked(
         jnp.take_along_axis(scores, best_blocks, axis=2), columns
