@@ -100,7 +100,8 @@ def base_step_milliseconds(image_size: int, batch_size: int) -> float:
       "--variants=base",
       "--frameworks=jax",
   ])
-  return 1e3 * train_step_benchmark.run_jax(args)["seconds_per_step"]["base"]
+  rounds = train_step_benchmark.run_jax(args)["round_seconds_per_step"]
+  return 1e3 * statistics.median(rounds["base"])
 
 
 def main(argv=None):

@@ -17,10 +17,12 @@ JAX runs the project's own step (`train_step.make_train_step` and
 `make_optimizer`, the config switched per variant); PyTorch runs
 `benchmarks/torch_reference.py`. Each framework is timed in its own
 subprocess, one after the other, with the same number of threads, so the two
-never share cores while timing. Every variant is compiled and warmed up first;
-the reported time is the median of `--repeats` timings of `--steps` steps each.
-The JSON holds queries/s per framework and variant, the ratios JAX/PyTorch per
-variant and JAX variant/JAX base, and the thread counts.
+never share cores while timing. Within a framework every variant is compiled
+and warmed up first, then timed in `--repeats` interleaved rounds of `--steps`
+steps each (`interleaved_seconds`); the reported time is the median over
+rounds. The JSON holds queries/s per framework and variant, every round's
+ms/step, the ratios JAX/PyTorch per variant (of medians) and variant/base per
+framework (the median of the rounds' own ratios), and the thread counts.
 """
 
 from __future__ import annotations
@@ -60,22 +62,45 @@ def random_batch(seed: int, batch_size: int, image_size: int) -> dict:
   )
 
 
-def _seconds_per_step(run_steps, args, framework: str, variant: str) -> float:
-  """Median seconds per step over `args.repeats` timings of `args.steps`
-  steps, after `args.warmup` untimed steps; logged as ms/step on stderr."""
-  run_steps(args.warmup)
-  per_step = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    run_steps(args.steps)
-    per_step.append((time.perf_counter() - start) / args.steps)
-  seconds = statistics.median(per_step)
-  print(
-      f"{framework} {variant}: {1e3 * seconds:.0f} ms/step",
-      file=sys.stderr,
-      flush=True,
-  )
-  return seconds
+def interleaved_seconds(
+    runners: dict, args, framework: str, clock=time.perf_counter
+) -> dict:
+  """Seconds per step of each variant in each of `args.repeats` rounds.
+
+  `runners[variant](n)` runs n steps. On a shared VM the same step's time
+  drifts by tens of percent within minutes, so timing one variant after the
+  other lets the drift fall on whichever ran later. Here every round times
+  `args.steps` steps of each variant, in reverse order every other round: a
+  drift falls on all variants alike, and a round's ratio of two variants
+  compares timings taken seconds apart. Every variant first runs
+  `args.warmup` untimed steps (the first one compiles). Logs the median
+  ms/step per variant on stderr.
+
+  Returns:
+    {variant: [seconds per step, one per round]}.
+  """
+  for run_steps in runners.values():
+    run_steps(args.warmup)
+  order = list(runners)
+  per_step = {variant: [] for variant in order}
+  for round_index in range(args.repeats):
+    for variant in order if round_index % 2 == 0 else order[::-1]:
+      start = clock()
+      runners[variant](args.steps)
+      per_step[variant].append((clock() - start) / args.steps)
+  for variant, seconds in per_step.items():
+    print(
+        f"{framework} {variant}: "
+        f"{1e3 * statistics.median(seconds):.0f} ms/step",
+        file=sys.stderr,
+        flush=True,
+    )
+  return per_step
+
+
+def paired_ratio(numerator: list, denominator: list) -> float:
+  """Median over rounds of numerator[r] / denominator[r]."""
+  return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
 def jax_config(variant: str, conv_implementation: str = "auto"):
@@ -104,8 +129,8 @@ def run_jax(args) -> dict:
   from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   batch = jax.device_put(random_batch(0, args.batch_size, args.image_size))
-  seconds = {}
-  for variant in args.variants:
+
+  def runner(variant):
     config = jax_config(variant, args.conv_implementation)
     config.batch_size = args.batch_size
     model = models.build_model(
@@ -125,9 +150,13 @@ def run_jax(args) -> dict:
         s, _ = step(s, batch, rng)
       holder[0] = jax.block_until_ready(s)
 
-    seconds[variant] = _seconds_per_step(run_steps, args, "jax", variant)
+    return run_steps
+
+  rounds = interleaved_seconds(
+      {variant: runner(variant) for variant in args.variants}, args, "jax"
+  )
   return {
-      "seconds_per_step": seconds,
+      "round_seconds_per_step": rounds,
       "threads": os.cpu_count(),
       "version": jax.__version__,
       "backend": jax.default_backend(),
@@ -147,10 +176,8 @@ def run_torch(args) -> dict:
   batch = torch_reference.to_torch(
       random_batch(0, args.batch_size, args.image_size)
   )
-  seconds = {}
-  for variant in args.variants:
-    if variant not in TORCH_VARIANTS:
-      continue
+
+  def runner(variant):
     trainer = torch_reference.Trainer(
         vocab_size=VOCAB_SIZE,
         eta=ETA,
@@ -167,9 +194,15 @@ def run_torch(args) -> dict:
       for _ in range(n):
         trainer.step(batch)
 
-    seconds[variant] = _seconds_per_step(run_steps, args, "torch", variant)
+    return run_steps
+
+  rounds = interleaved_seconds(
+      {v: runner(v) for v in args.variants if v in TORCH_VARIANTS},
+      args,
+      "torch",
+  )
   return {
-      "seconds_per_step": seconds,
+      "round_seconds_per_step": rounds,
       "threads": torch.get_num_threads(),
       "interop_threads": torch.get_num_interop_threads(),
       "version": torch.__version__,
@@ -221,28 +254,35 @@ def summarize(results: dict, args) -> dict:
       "load_average_after": _load_average(),
   }
   for framework, result in results.items():
-    summary[framework] = {
-        v: args.batch_size / s for v, s in result["seconds_per_step"].items()
-    }
+    rounds = result["round_seconds_per_step"]
+    median = {v: statistics.median(s) for v, s in rounds.items()}
+    summary[framework] = {v: args.batch_size / s for v, s in median.items()}
     summary[f"{framework}_ms_per_step"] = {
-        v: 1e3 * s for v, s in result["seconds_per_step"].items()
+        v: 1e3 * s for v, s in median.items()
     }
     summary[f"{framework}_info"] = {
-        k: v for k, v in result.items() if k != "seconds_per_step"
+        k: v for k, v in result.items() if k != "round_seconds_per_step"
+    }
+    summary[f"{framework}_round_ms_per_step"] = {
+        v: [1e3 * x for x in s] for v, s in rounds.items()
     }
     summary[f"{framework}_threads"] = result["threads"]
   ratios = {}
   if "jax" in summary and "torch" in summary:
+    # The frameworks ran in separate processes, one after the other: only
+    # their medians compare.
     for v, qps in summary["jax"].items():
       if v in summary["torch"]:
         ratios[f"jax/torch {v}"] = qps / summary["torch"][v]
-  for framework in FRAMEWORKS:
-    qps = summary.get(framework, {})
-    for v in qps:
-      if v != "base" and "base" in qps:
-        # Cost of a variant: base throughput over variant throughput - 1 is
-        # its overhead; the ratio below is variant/base (<= 1).
-        ratios[f"{framework} {v}/base"] = qps[v] / qps["base"]
+  for framework in results:
+    rounds = results[framework]["round_seconds_per_step"]
+    for v in rounds:
+      if v != "base" and "base" in rounds:
+        # Variant/base throughput (<= 1; 1 - it is the variant's cost), the
+        # median of the rounds' own ratios (see `interleaved_seconds`).
+        ratios[f"{framework} {v}/base"] = paired_ratio(
+            rounds["base"], rounds[v]
+        )
   summary["ratios"] = ratios
   return summary
 
@@ -254,7 +294,10 @@ def parse_args(argv=None):
       "--repeats",
       type=int,
       default=3,
-      help="timings per variant (the median is reported)",
+      help=(
+          "rounds, each timing every variant (medians and the medians of "
+          "per-round ratios are reported)"
+      ),
   )
   parser.add_argument(
       "--warmup", type=int, default=2, help="untimed steps after compilation"

@@ -114,3 +114,53 @@ def test_step_profile_smoke_accounts_for_the_traced_operations(
   assert result["slowest"] and all(
       op["kind"] != "other" for op in result["slowest"]
   )
+
+
+@pytest.fixture
+def train_step_benchmark(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+  return importlib.import_module("train_step")
+
+
+def test_train_step_times_variants_in_alternating_rounds(
+    train_step_benchmark,
+):
+  clock = [0.0]
+  calls = []
+
+  # A machine that slows by 1% with every call: a base step costs 1 unit and
+  # an isotropic one 1.1 units, times the slowdown.
+  def runner(variant, cost):
+    def run_steps(n):
+      calls.append((variant, n))
+      for _ in range(n):
+        clock[0] += cost * (1.0 + 0.01 * len(calls))
+
+    return run_steps
+
+  args = train_step_benchmark.parse_args(
+      ["--repeats=4", "--steps=2", "--warmup=1", "--frameworks=jax"]
+  )
+  rounds = train_step_benchmark.interleaved_seconds(
+      {"base": runner("base", 1.0), "isotropic": runner("isotropic", 1.1)},
+      args,
+      "jax",
+      clock=lambda: clock[0],
+  )
+  assert calls == [
+      ("base", 1), ("isotropic", 1),
+      ("base", 2), ("isotropic", 2),
+      ("isotropic", 2), ("base", 2),
+      ("base", 2), ("isotropic", 2),
+      ("isotropic", 2), ("base", 2),
+  ]  # fmt: skip
+  assert [len(r) for r in rounds.values()] == [4, 4]
+  # Per round, the two timings are adjacent: their ratio is close to the
+  # true 1 / 1.1 although the machine slowed by 8% over the run.
+  ratio = train_step_benchmark.paired_ratio(rounds["base"], rounds["isotropic"])
+  expected = [
+      (1.0 + 0.01 * b) / (1.1 * (1.0 + 0.01 * i))
+      for b, i in [(3, 4), (6, 5), (7, 8), (10, 9)]
+  ]
+  np.testing.assert_allclose(ratio, np.median(expected), rtol=1e-12)
+  assert abs(ratio - 1 / 1.1) < 0.01
