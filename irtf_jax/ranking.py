@@ -14,6 +14,7 @@ function compiles once per (C, N, D, k).
 
 from __future__ import annotations
 
+from concurrent import futures
 import functools
 import math
 from typing import Sequence
@@ -150,6 +151,14 @@ def _top_k_chunk(
 
 _block_major_jit = jax.jit(_block_major, static_argnames="block")
 
+# Chunks ranked at once, each by its own host thread. XLA:CPU runs a compiled
+# call on the thread that dispatched it (an asynchronously dispatched second
+# call waits for the first) and its TopK on one core, so with one thread a
+# core idles through every chunk's selection; a second thread's matmul fills
+# it (13-15% less time at 30k x 30k on 2 cores). On accelerators the calls
+# queue on the device as before.
+_CONCURRENT_CHUNKS = 2
+
 
 def top_k_neighbours(
     query_features,
@@ -228,19 +237,27 @@ def top_k_neighbours(
   exclude = jnp.asarray(exclude)
   block = max(candidate_block_size(gallery_size, k), 1)
   gallery_blocks = _block_major_jit(gallery_features, block)
-  chunk_scores, chunk_indices = [], []
-  for start in range(0, num_chunks * chunk_size, chunk_size):
-    top_scores, top_indices = _top_k_chunk(
-        lax.dynamic_slice_in_dim(query_features, start, chunk_size),
-        gallery_blocks,
-        lax.dynamic_slice_in_dim(exclude, start, chunk_size),
-        k=k,
-        precision=precision,
-        block=block,
-        gallery_size=gallery_size,
+
+  def rank_chunk(start):
+    return jax.block_until_ready(
+        _top_k_chunk(
+            lax.dynamic_slice_in_dim(query_features, start, chunk_size),
+            gallery_blocks,
+            lax.dynamic_slice_in_dim(exclude, start, chunk_size),
+            k=k,
+            precision=precision,
+            block=block,
+            gallery_size=gallery_size,
+        )
     )
-    chunk_scores.append(top_scores)
-    chunk_indices.append(top_indices)
+
+  with futures.ThreadPoolExecutor(
+      _CONCURRENT_CHUNKS, thread_name_prefix="irtf_jax-ranking"
+  ) as pool:
+    ranked = list(
+        pool.map(rank_chunk, range(0, num_chunks * chunk_size, chunk_size))
+    )
+  chunk_scores, chunk_indices = zip(*ranked)
   # One transfer of the (Q, k) result at the end; the chunks stay on device meanwhile.
   scores = np.asarray(jnp.concatenate(chunk_scores))[:num_queries]
   indices = np.asarray(jnp.concatenate(chunk_indices))[:num_queries]
