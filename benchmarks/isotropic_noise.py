@@ -14,7 +14,9 @@ TIRG-LastConv, 42M parameters), alone (the baseline) and with
 
 Prints JSON: median ms per update for each, the cost over the baseline,
 and, unless --smoke, that cost as a fraction of the base train step (64 px,
-batch 32, `benchmarks/train_step.py`'s JAX side) timed in the same process.
+batch 32, `benchmarks/train_step.py`'s JAX side) timed in the same process,
+and the cost of the whole isotropic GA step over the base step, the two
+timed in `--step-rounds` interleaved rounds (`isotropic_step`).
 """
 
 from __future__ import annotations
@@ -92,25 +94,43 @@ def make_update(sampler):
   return jax.jit(update, donate_argnums=(0, 1))
 
 
-def base_step_milliseconds(image_size: int, batch_size: int) -> float:
-  """The default model's train step without GA, as train_step.py times it."""
+def step_milliseconds(image_size: int, batch_size: int, rounds: int) -> dict:
+  """The default model's train step without GA and with isotropic GA (the
+  trainer's sampler), as train_step.py times them: interleaved rounds.
+
+  Returns median ms/step per variant and "isotropic_cost", the median over
+  rounds of isotropic/base step time, minus 1.
+  """
   args = train_step_benchmark.parse_args([
       f"--image-size={image_size}",
       f"--batch-size={batch_size}",
-      "--variants=base",
+      "--variants=base,isotropic",
       "--frameworks=jax",
+      f"--repeats={rounds}",
+      "--steps=2",
   ])
-  rounds = train_step_benchmark.run_jax(args)["round_seconds_per_step"]
-  return 1e3 * statistics.median(rounds["base"])
+  seconds = train_step_benchmark.run_jax(args)["round_seconds_per_step"]
+  result = {v: 1e3 * statistics.median(s) for v, s in seconds.items()}
+  result["isotropic_cost"] = (
+      train_step_benchmark.paired_ratio(seconds["isotropic"], seconds["base"])
+      - 1.0
+  )
+  return result
 
 
 def main(argv=None):
   parser = cli.step_parser(__doc__, image_size=64)
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument(
+      "--step-rounds",
+      type=int,
+      default=10,
+      help="interleaved rounds of the base and isotropic train steps",
+  )
+  parser.add_argument(
       "--smoke",
       action="store_true",
-      help="the tiny smoke model, no base step (plumbing)",
+      help="the tiny smoke model, no train steps (plumbing)",
   )
   args = parser.parse_args(argv)
   params = default_model_parameters(args.smoke)
@@ -146,14 +166,21 @@ def main(argv=None):
       },
   }
   if not args.smoke:
-    step = base_step_milliseconds(args.image_size, args.batch_size)
+    steps = step_milliseconds(
+        args.image_size, args.batch_size, args.step_rounds
+    )
     result["base_step"] = {
         "image_size": args.image_size,
         "batch_size": args.batch_size,
-        "ms": step,
+        "ms": steps["base"],
     }
     result["over_base_step"] = {
-        k: v / step for k, v in result["ms_over_baseline"].items()
+        k: v / steps["base"] for k, v in result["ms_over_baseline"].items()
+    }
+    result["isotropic_step"] = {
+        "ms": steps["isotropic"],
+        "cost_over_base_step": steps["isotropic_cost"],
+        "rounds": args.step_rounds,
     }
   report.emit(result, args.json_out)
 
