@@ -237,19 +237,27 @@ def top_k_neighbours(
   exclude = jnp.asarray(exclude)
   block = max(candidate_block_size(gallery_size, k), 1)
   gallery_blocks = _block_major_jit(gallery_features, block)
+  # JAX's configuration contexts are thread-local: the pool's threads take
+  # the caller's device (or uncommitted inputs would be ranked on the default
+  # one) and matmul precision (for precision=None).
+  device = jax.config.jax_default_device
+  matmul_precision = jax.config.jax_default_matmul_precision
 
   def rank_chunk(start):
-    return jax.block_until_ready(
-        _top_k_chunk(
-            lax.dynamic_slice_in_dim(query_features, start, chunk_size),
-            gallery_blocks,
-            lax.dynamic_slice_in_dim(exclude, start, chunk_size),
-            k=k,
-            precision=precision,
-            block=block,
-            gallery_size=gallery_size,
-        )
-    )
+    with jax.default_device(device), jax.default_matmul_precision(
+        matmul_precision
+    ):
+      return jax.block_until_ready(
+          _top_k_chunk(
+              lax.dynamic_slice_in_dim(query_features, start, chunk_size),
+              gallery_blocks,
+              lax.dynamic_slice_in_dim(exclude, start, chunk_size),
+              k=k,
+              precision=precision,
+              block=block,
+              gallery_size=gallery_size,
+          )
+      )
 
   with futures.ThreadPoolExecutor(
       _CONCURRENT_CHUNKS, thread_name_prefix="irtf_jax-ranking"

@@ -6,6 +6,7 @@ import importlib
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,6 +137,32 @@ def test_chunks_compile_once():
       queries, gallery, 5, chunk_size=5
   )  # 5 chunks, the last padded
   assert ranking._top_k_chunk._cache_size() == before + 1
+
+
+def test_chunks_run_under_the_callers_jax_contexts(monkeypatch):
+  # The chunks are ranked in pool threads, where the caller's thread-local
+  # `jax.default_device` and `jax.default_matmul_precision` would not hold
+  # unless they are handed them.
+  devices, precisions = [], []
+  rank_chunk = ranking._top_k_chunk
+
+  def recording(*args, **kwargs):
+    result = rank_chunk(*args, **kwargs)
+    devices.append(result[0].devices())
+    precisions.append(jax.config.jax_default_matmul_precision)
+    return result
+
+  monkeypatch.setattr(ranking, "_top_k_chunk", recording)
+  rng = np.random.default_rng(3)
+  queries, gallery = integer_features(rng, 20, 4), integer_features(rng, 9, 4)
+  chosen = jax.devices()[-1]
+  assert chosen != jax.devices()[0]  # tests/conftest.py: 8 CPU devices
+  with jax.default_device(chosen), jax.default_matmul_precision("float32"):
+    _, indices = ranking.top_k_neighbours(queries, gallery, 3, chunk_size=5)
+  assert devices == [{chosen}] * 4
+  assert precisions == ["float32"] * 4
+  expected = numpy_top_k(queries, gallery, 3, np.full(20, -1))[1]
+  np.testing.assert_array_equal(indices, expected)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 9, 50])
