@@ -6,9 +6,9 @@ features are L2-normalized), the query's source image is removed from its
 ranking, and ties go to the lower gallery index, the order of `lax.top_k`.
 
 Only the (Q, k) best neighbours ever leave the device: queries are ranked in
-chunks of C rows, each chunk's (C, N) score block living only inside one
-jit-compiled call, so device memory is O(C N + (Q + N) D) and host memory
-O(Q k). Every chunk has the same shape (the last one is padded), so the chunk
+chunks of C rows, two chunks at a time, each chunk's (C, N) score block
+living only inside one jit-compiled call, so device memory is
+O(C N + (Q + N) D) and host memory O(Q k). Every chunk has the same shape (the last one is padded), so the chunk
 function compiles once per (C, N, D, k).
 """
 
@@ -182,8 +182,8 @@ def top_k_neighbours(
     k: neighbours per query, in [1, N].
     exclude: optional (Q,) integer array, the gallery column removed from each
       query's ranking (its source image), -1 for none.
-    chunk_size: queries scored per compiled call; device memory for scores is
-      about 4 * chunk_size * N bytes.
+    chunk_size: queries scored per compiled call; two calls run at once, so
+      device memory for scores is about 8 * chunk_size * N bytes.
     precision: matmul precision; the default HIGHEST keeps full float32 on
       accelerators (TPU and TF32 GPU defaults would perturb the ranking).
 
