@@ -8,8 +8,9 @@ ranking, and ties go to the lower gallery index, the order of `lax.top_k`.
 Only the (Q, k) best neighbours ever leave the device: queries are ranked in
 chunks of C rows, two chunks at a time, each chunk's (C, N) score block
 living only inside one jit-compiled call, so device memory is
-O(C N + (Q + N) D) and host memory O(Q k). Every chunk has the same shape (the last one is padded), so the chunk
-function compiles once per (C, N, D, k).
+O(C N + (Q + N) D) and host memory O(Q k). Every chunk has the same shape
+(the last one is padded), so the chunk function compiles once per
+(C, N, D, k).
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ _block_major_jit = jax.jit(_block_major, static_argnames="block")
 # call on the thread that dispatched it (an asynchronously dispatched second
 # call waits for the first) and its TopK on one core, so with one thread a
 # core idles through every chunk's selection; a second thread's matmul fills
-# it (13-15% less time at 30k x 30k on 2 cores). On accelerators the calls
-# queue on the device as before.
+# it (0.90x the time of one thread at 30k x 30k on 2 cores, same process). On
+# accelerators the calls queue on the device as before.
 _CONCURRENT_CHUNKS = 2
 
 
