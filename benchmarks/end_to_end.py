@@ -18,8 +18,9 @@ train
   torch     a `torch.utils.data.Dataset` that opens each JPEG with PIL,
             resizes the shorter side to 224 and centre-crops (TIRG's
             transform), a `DataLoader` with as many workers, and
-            benchmarks/torch_reference.py's trainer with the same GA; the
-            queries are the JAX trainer's (`sample_training_queries`).
+            benchmarks/torch_reference.py's trainer with the same GA (on
+            a CUDA GPU when PyTorch sees one); the queries are the JAX
+            trainer's (`sample_training_queries`).
   Reported: queries/s over the steps after --warmup-steps (compilation and
   worker start-up excluded), at most --steps steps or --seconds seconds.
 
@@ -303,6 +304,7 @@ def run_torch(args) -> dict:
       isotropic_gamma=config.ga.isotropic.gamma,
       adversarial_epsilon=config.ga.adversarial.epsilon,
   )
+  device = trainer.device
 
   def run_step(step, batch):
     del step
@@ -326,6 +328,7 @@ def run_torch(args) -> dict:
       "workers": config.data.workers,
       "threads": torch.get_num_threads(),
       "torch_version": torch.__version__,
+      "torch_device": str(device),
   }
 
 
@@ -345,8 +348,10 @@ def tirg_test_retrieval(
     for i in indices:
       with Image.open(os.path.join(root, split.paths[i])) as img:
         out.append(image_files.resize_and_center_crop(img, split.image_size))
-    return torch_reference.normalize_images(torch.from_numpy(np.stack(out)))
+    batch = torch.from_numpy(np.stack(out)).to(device)
+    return torch_reference.normalize_images(batch)
 
+  device = next(model.parameters()).device
   model.eval()
   queries = split.queries
   with torch.no_grad():
@@ -357,13 +362,17 @@ def tirg_test_retrieval(
       query_features.append(
           model.embed_query(
               images([q.source_index for q in chosen]),
-              torch.from_numpy(tokens),
-              torch.from_numpy(lengths),
-          ).numpy()
+              torch.from_numpy(tokens).to(device),
+              torch.from_numpy(lengths).to(device),
+          )
+          .cpu()
+          .numpy()
       )
     gallery = split.gallery
     gallery_features = [
-        model.embed_target(images(gallery[start : start + batch_size])).numpy()
+        model.embed_target(images(gallery[start : start + batch_size]))
+        .cpu()
+        .numpy()
         for start in range(0, len(gallery), batch_size)
     ]
   all_queries = np.concatenate(query_features)

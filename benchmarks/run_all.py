@@ -14,11 +14,18 @@ cache and memory do not colour the next):
 - `end_to_end.py` (the trainer's throughput and a full test evaluation on a
   MIT-States-format JPEG fixture).
 
-PyTorch runs beside JAX where the benchmark has a PyTorch side and the
-machine has no accelerator (`torch_reference.py` runs on the CPU, so on a GPU
-or TPU its numbers would compare different devices: there JAX runs alone
-and `frameworks` in the output says so). `--smoke` shrinks every size so the
-whole run takes about a minute on a 2-core CPU; the test suite runs it.
+PyTorch runs beside JAX where the benchmark has a PyTorch side and PyTorch
+can use the same kind of device: on a CPU, and on a GPU that PyTorch sees
+through CUDA (`torch_reference.py` runs there). On a TPU, or a GPU that
+PyTorch does not see, its numbers would compare different devices, so JAX
+runs alone; `frameworks` in the output says which ran. `--smoke` shrinks every
+size so the whole run takes about a minute on a 2-core CPU; the test suite
+runs it.
+
+An accelerator is often lent for a fixed time: `--deadline=S` stops starting
+benchmarks S seconds after the start (each gets at most what is left, and
+those not run are reported as skipped), and the JSON file is rewritten after
+every benchmark, so a run cut short keeps what it measured.
 
 Output: {"device": ..., "date": ..., "smoke": ..., "benchmarks": {name:
 the benchmark's own JSON, or {"error": ...} when it failed}}. A failed
@@ -31,6 +38,7 @@ import argparse
 import datetime
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -43,19 +51,39 @@ import report  # benchmarks/report.py, beside this script
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 
 
+# Prints the device description; run in a child process (`device_description`).
+_DESCRIBE_DEVICE = """
+import json
+import jax
+
+
+def torch_cuda():
+  try:
+    import torch
+  except ImportError:
+    return None
+  return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+devices = jax.devices()
+print(json.dumps(dict(
+    platform=devices[0].platform,
+    device_kind=devices[0].device_kind,
+    device_count=len(devices),
+    jax=jax.__version__,
+    torch_cuda=torch_cuda(),
+)))
+"""
+
+
 def device_description() -> dict:
-  """What runs the benchmarks: JAX's devices and the host.
+  """What runs the benchmarks: JAX's devices, PyTorch's GPU, and the host.
 
   Asked in a child process: JAX in this process would hold accelerator
   memory (it preallocates most of a GPU's) for the whole run.
   """
-  script = (
-      "import jax, json; d = jax.devices(); print(json.dumps(dict("
-      "platform=d[0].platform, device_kind=d[0].device_kind, "
-      "device_count=len(d), jax=jax.__version__)))"
-  )
   found = subprocess.run(
-      [sys.executable, "-c", script],
+      [sys.executable, "-c", _DESCRIBE_DEVICE],
       check=True,
       stdout=subprocess.PIPE,
       text=True,
@@ -67,9 +95,18 @@ def device_description() -> dict:
   return description
 
 
-def plan(smoke: bool, accelerator: bool) -> dict[str, list[str]]:
+def timed_frameworks(device: dict) -> str:
+  """The frameworks to time: PyTorch too where it runs on the same device."""
+  same_device = device["platform"] == "cpu" or (
+      device["platform"] == "gpu" and device.get("torch_cuda")
+  )
+  return "jax,torch" if same_device else "jax"
+
+
+def plan(
+    smoke: bool, frameworks: str, accelerator: bool = False
+) -> dict[str, list[str]]:
   """Benchmark name -> the script and its arguments."""
-  frameworks = "jax" if accelerator else "jax,torch"
   if smoke:
     step = [
         "--steps=1",
@@ -103,6 +140,10 @@ def plan(smoke: bool, accelerator: bool) -> dict[str, list[str]]:
         "end_to_end": ["end_to_end.py", "--smoke", "--workers=0"],
     }
   step = ["--variants=base,adversarial", f"--frameworks={frameworks}"]
+  if accelerator:
+    # Milliseconds a step: time more of them, so that launch and
+    # synchronization overheads do not dominate a round.
+    step += ["--steps=20", "--repeats=5", "--warmup=3"]
   runs = {}
   for size, batch in ((224, 32), (64, 200)):
     for precision in ("float32", "bfloat16"):
@@ -170,31 +211,52 @@ def main(argv=None) -> int:
       default=1800.0,
       help="seconds allowed per benchmark",
   )
+  parser.add_argument(
+      "--deadline",
+      type=float,
+      default=0.0,
+      help=(
+          "start no benchmark after this many seconds from the start, and "
+          "give each at most what is left (0: no deadline)"
+      ),
+  )
   report.add_json_out_flag(parser)
   args = parser.parse_args(argv)
+  start = time.perf_counter()
   device = device_description()
-  runs = plan(args.smoke, accelerator=device["platform"] != "cpu")
+  runs = plan(
+      args.smoke,
+      timed_frameworks(device),
+      accelerator=device["platform"] != "cpu",
+  )
   if args.only:
     only = cli.comma_list(parser, "--only", args.only, list(runs))
-    runs = {k: v for k, v in runs.items() if k in only}
-  results = {}
+    # In the order given: what matters most runs first under a deadline.
+    runs = {k: runs[k] for k in only}
+  output = {
+      "device": device,
+      "date": datetime.date.today().isoformat(),
+      "smoke": args.smoke,
+      "frameworks": timed_frameworks(device),
+      "benchmarks": {},
+  }
+  results = output["benchmarks"]
   with tempfile.TemporaryDirectory() as folder:
     for name, arguments in runs.items():
+      timeout = args.timeout
+      if args.deadline:
+        timeout = min(timeout, args.deadline - (time.perf_counter() - start))
+      if timeout <= 0:
+        results[name] = {"error": f"skipped: --deadline={args.deadline:g} s"}
+        continue
       print(f"run_all: {name}", file=sys.stderr, flush=True)
       started = time.perf_counter()
-      results[name] = run_one(arguments, folder, args.timeout)
+      results[name] = run_one(arguments, folder, timeout)
       # The whole process: start-up, compilation and every repeat.
       results[name]["wall_seconds"] = time.perf_counter() - started
-  report.emit(
-      {
-          "device": device,
-          "date": datetime.date.today().isoformat(),
-          "smoke": args.smoke,
-          "frameworks": "jax" if device["platform"] != "cpu" else "jax,torch",
-          "benchmarks": results,
-      },
-      args.json_out,
-  )
+      if args.json_out:
+        pathlib.Path(args.json_out).write_text(json.dumps(output, indent=2))
+  report.emit(output, args.json_out)
   return 1 if any("error" in r for r in results.values()) else 0
 
 

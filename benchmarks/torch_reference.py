@@ -20,6 +20,11 @@ Loss: L = CE(softmax over q_i . t_j, label i) + eta * mean((q - t)^2), plus
   FGSM:            (L(x) + L(x + eps * sign(dL/dx))) / 2.
 
 Optimizer: SGD, momentum 0.9, weight decay 1e-6, lr 1e-2.
+
+Device: CUDA when PyTorch sees a GPU (`default_device`), else the CPU; batches
+move to it inside `Trainer.step`, as the official loop's `.cuda()` calls do.
+Precision: float32, or bfloat16 autocast (`torch.autocast`) for the forward
+passes, the counterpart of the JAX model's bfloat16 compute dtype.
 """
 
 from __future__ import annotations
@@ -33,18 +38,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_torch(batch: dict) -> dict:
+def default_device() -> torch.device:
+  """CUDA when PyTorch sees a GPU, else the CPU."""
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_torch(batch: dict, device: torch.device | str = "cpu") -> dict:
   """The benchmark's numpy batch (NHWC uint8 images) -> torch tensors."""
   return {
-      k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()
+      k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
+      for k, v in batch.items()
   }
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
   """uint8 (B, H, W, 3) -> standardized float (B, 3, H, W)."""
   x = images.permute(0, 3, 1, 2).float() / 255.0
-  mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-  std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+  mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+  std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
   return (x - mean) / std
 
 
@@ -101,7 +112,8 @@ class TextEncoder(nn.Module):
 
   def forward(self, tokens, lengths):
     outputs, _ = self.lstm(self.embedding(tokens.long()))
-    last = outputs[torch.arange(tokens.shape[0]), lengths.long() - 1]
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = outputs[rows, lengths.long() - 1]
     return self.output(self.dropout(last))
 
 
@@ -180,8 +192,14 @@ class Trainer:
       adversarial_epsilon: float = 0.0,
       fgsm_epsilon: float = 0.0,
       learning_rate: float = 1e-2,
+      device: torch.device | str | None = None,
+      precision: str = "float32",
   ):
-    self.model = RetrievalModel(vocab_size)
+    if precision not in ("float32", "bfloat16"):
+      raise ValueError(f"precision={precision!r}: float32 or bfloat16")
+    self.device = torch.device(device) if device else default_device()
+    self.autocast = precision == "bfloat16"
+    self.model = RetrievalModel(vocab_size).to(self.device)
     self.model.train()
     self.optimizer = torch.optim.SGD(
         self.model.parameters(),
@@ -195,17 +213,22 @@ class Trainer:
     self.fgsm_epsilon = fgsm_epsilon
 
   def loss(self, query_images, batch, target_images):
-    query, target = self.model(
-        query_images, batch["tokens"], batch["lengths"], target_images
-    )
+    with torch.autocast(
+        self.device.type, dtype=torch.bfloat16, enabled=self.autocast
+    ):
+      query, target = self.model(
+          query_images, batch["tokens"], batch["lengths"], target_images
+      )
+    query, target = query.float(), target.float()
     logits = query @ target.t()
-    labels = torch.arange(query.shape[0])
+    labels = torch.arange(query.shape[0], device=query.device)
     loss = F.cross_entropy(logits, labels)
     if self.eta > 0:
       loss = loss + self.eta * ((query - target) ** 2).mean()
     return loss
 
   def step(self, batch: dict) -> float:
+    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
     query_images = normalize_images(batch["query_image"])
     target_images = normalize_images(batch["target_image"])
     self.optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,9 @@ momentum and weight decay. Variants:
 
 JAX runs the project's own step (`train_step.make_train_step` and
 `make_optimizer`, the config switched per variant); PyTorch runs
-`benchmarks/torch_reference.py`. Each framework is timed in its own
+`benchmarks/torch_reference.py`, on a CUDA GPU when PyTorch sees one (with
+cuDNN's algorithm search) and in bfloat16 autocast for `--precision=bfloat16`,
+JAX's bfloat16 compute dtype. Each framework is timed in its own
 subprocess, one after the other, with the same number of threads, so the two
 never share cores while timing. Within a framework every variant is compiled
 and warmed up first, then timed in `--repeats` interleaved rounds of `--steps`
@@ -173,8 +175,11 @@ def run_torch(args) -> dict:
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
+  device = torch_reference.default_device()
+  # cuDNN's per-shape algorithm search, the counterpart of XLA's autotuning.
+  torch.backends.cudnn.benchmark = True
   batch = torch_reference.to_torch(
-      random_batch(0, args.batch_size, args.image_size)
+      random_batch(0, args.batch_size, args.image_size), device
   )
 
   def runner(variant):
@@ -188,6 +193,8 @@ def run_torch(args) -> dict:
         if variant in ("adversarial", "both")
         else 0.0,
         fgsm_epsilon=FGSM_EPSILON if variant == "fgsm" else 0.0,
+        device=device,
+        precision=args.precision,
     )
 
     def run_steps(n):
@@ -206,6 +213,11 @@ def run_torch(args) -> dict:
       "threads": torch.get_num_threads(),
       "interop_threads": torch.get_num_interop_threads(),
       "version": torch.__version__,
+      "device": str(
+          torch.cuda.get_device_name(device)
+          if device.type == "cuda"
+          else device
+      ),
   }
 
 

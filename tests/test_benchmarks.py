@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from irtf_jax.data.fixtures import random_batch
+from tests.helpers import load_repo_module
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -164,3 +167,95 @@ def test_train_step_times_variants_in_alternating_rounds(
   ]
   np.testing.assert_allclose(ratio, np.median(expected), rtol=1e-12)
   assert abs(ratio - 1 / 1.1) < 0.01
+
+
+@pytest.fixture
+def run_all(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+  return importlib.import_module("run_all")
+
+
+def test_run_all_times_pytorch_only_on_the_device_jax_uses(run_all):
+  gpu = {"platform": "gpu", "torch_cuda": "NVIDIA H200"}
+  assert run_all.timed_frameworks(gpu) == "jax,torch"
+  assert run_all.timed_frameworks({**gpu, "torch_cuda": None}) == "jax"
+  assert run_all.timed_frameworks({"platform": "tpu", "torch_cuda": None}) == (
+      "jax"
+  )
+  assert run_all.timed_frameworks({"platform": "cpu", "torch_cuda": None}) == (
+      "jax,torch"
+  )
+  step = run_all.plan(False, "jax")["train_step_224px_b32_float32"]
+  assert "--frameworks=jax" in step
+
+
+def test_run_all_deadline_bounds_each_benchmark_and_keeps_partial_results(
+    run_all, monkeypatch, tmp_path
+):
+  clock = [0.0]
+  out = tmp_path / "all.json"
+  seen = []
+
+  # Each benchmark takes 6 s of the fake clock; what the JSON file held when
+  # it started shows the file is rewritten after every benchmark.
+  def run_one(arguments, folder, timeout):
+    del folder
+    written = json.loads(out.read_text()) if out.exists() else None
+    seen.append((arguments[0], timeout, written))
+    clock[0] += 6.0
+    return {"seconds": 6.0}
+
+  monkeypatch.setattr(run_all, "run_one", run_one)
+  monkeypatch.setattr(run_all.time, "perf_counter", lambda: clock[0])
+  monkeypatch.setattr(
+      run_all,
+      "device_description",
+      lambda: {"platform": "cpu", "torch_cuda": None},
+  )
+  status = run_all.main([
+      "--only=ranking_100k,ranking_30k,end_to_end",
+      "--deadline=10",
+      f"--json-out={out}",
+  ])
+  assert status == 1  # a skipped benchmark counts as not run
+  # In --only's order; the second gets what is left of the 10 s.
+  assert [(a, t) for a, t, _ in seen] == [
+      ("ranking.py", 10.0),
+      ("ranking.py", 4.0),
+  ]
+  assert seen[0][2] is None
+  assert list(seen[1][2]["benchmarks"]) == ["ranking_100k"]
+  result = json.loads(out.read_text())
+  assert list(result["benchmarks"]) == [
+      "ranking_100k",
+      "ranking_30k",
+      "end_to_end",
+  ]
+  assert "--deadline=10" in result["benchmarks"]["end_to_end"]["error"]
+  assert result["benchmarks"]["ranking_30k"]["wall_seconds"] == 6.0
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_torch_reference_computes_in_the_precision_asked_for(precision):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch_reference = load_repo_module(
+      "benchmarks/torch_reference.py", "torch_reference"
+  )
+  trainer = torch_reference.Trainer(
+      vocab_size=20, device="cpu", precision=precision
+  )
+  dtypes = []
+  trainer.model.image_encoder.conv1.register_forward_hook(
+      lambda module, inputs, output: dtypes.append(output.dtype)
+  )
+  batch = random_batch(0, batch_size=2, image_size=32, vocab_size=20)
+  before = trainer.model.image_projection.weight.detach().clone()
+  loss = trainer.step(torch_reference.to_torch(batch))
+  assert np.isfinite(loss)
+  assert set(dtypes) == {getattr(torch, precision)}
+  # The step's parameters stay float32 and move.
+  after = trainer.model.image_projection.weight
+  assert after.dtype == torch.float32 and not torch.equal(before, after)
+  with pytest.raises(ValueError, match="precision='float16'"):
+    torch_reference.Trainer(vocab_size=20, device="cpu", precision="float16")
