@@ -16,7 +16,8 @@ Prints JSON: median ms per update for each, the cost over the baseline,
 and, unless --smoke, that cost as a fraction of the base train step (64 px,
 batch 32, `benchmarks/train_step.py`'s JAX side) timed in the same process,
 and the cost of the whole isotropic GA step over the base step, the two
-timed in `--step-rounds` interleaved rounds (`isotropic_step`).
+timed in `--step-rounds` interleaved rounds of `--steps-per-round` steps
+(`isotropic_step`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def make_update(sampler):
   return jax.jit(update, donate_argnums=(0, 1))
 
 
-def step_milliseconds(image_size: int, batch_size: int, rounds: int) -> dict:
+def step_milliseconds(
+    image_size: int, batch_size: int, rounds: int, steps_per_round: int = 2
+) -> dict:
   """The default model's train step without GA and with isotropic GA (the
   trainer's sampler), as train_step.py times them: interleaved rounds.
 
@@ -107,7 +110,7 @@ def step_milliseconds(image_size: int, batch_size: int, rounds: int) -> dict:
       "--variants=base,isotropic",
       "--frameworks=jax",
       f"--repeats={rounds}",
-      "--steps=2",
+      f"--steps={steps_per_round}",
   ])
   seconds = train_step_benchmark.run_jax(args)["round_seconds_per_step"]
   result = {v: 1e3 * statistics.median(s) for v, s in seconds.items()}
@@ -126,6 +129,12 @@ def main(argv=None):
       type=int,
       default=10,
       help="interleaved rounds of the base and isotropic train steps",
+  )
+  parser.add_argument(
+      "--steps-per-round",
+      type=int,
+      default=2,
+      help="train steps per variant and round (more on accelerators)",
   )
   parser.add_argument(
       "--smoke",
@@ -167,7 +176,10 @@ def main(argv=None):
   }
   if not args.smoke:
     steps = step_milliseconds(
-        args.image_size, args.batch_size, args.step_rounds
+        args.image_size,
+        args.batch_size,
+        args.step_rounds,
+        args.steps_per_round,
     )
     result["base_step"] = {
         "image_size": args.image_size,
@@ -181,6 +193,7 @@ def main(argv=None):
         "ms": steps["isotropic"],
         "cost_over_base_step": steps["isotropic_cost"],
         "rounds": args.step_rounds,
+        "steps_per_round": args.steps_per_round,
     }
   report.emit(result, args.json_out)
 

@@ -189,6 +189,16 @@ def test_run_all_times_pytorch_only_on_the_device_jax_uses(run_all):
   assert "--frameworks=jax" in step
 
 
+def test_run_all_times_more_steps_per_round_on_accelerators(run_all):
+  # Millisecond steps on an accelerator; seconds on a CPU.
+  on_gpu = run_all.plan(False, "jax,torch", accelerator=True)
+  on_cpu = run_all.plan(False, "jax,torch", accelerator=False)
+  assert "--steps=20" in on_gpu["train_step_64px_b200_float32"]
+  assert "--steps-per-round=20" in on_gpu["isotropic_noise"]
+  assert not any("--steps" in a for a in on_cpu["train_step_64px_b200_float32"])
+  assert on_cpu["isotropic_noise"] == ["isotropic_noise.py"]
+
+
 def test_run_all_deadline_bounds_each_benchmark_and_keeps_partial_results(
     run_all, monkeypatch, tmp_path
 ):
