@@ -40,8 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.options = dataset_options("css_synth")
   c.data.fixture = False  # smoke runs: write a tiny copy in the real format
   # >0: build training batches in grain worker processes, and decode
-  # evaluation images in as many threads.
-  c.data.workers = 0
+  # evaluation images in as many threads. -1: none on a CPU backend, one per
+  # host core but one (at most 8) beside a GPU or TPU
+  # (data.pipeline.resolve_workers).
+  c.data.workers = -1
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tirg_lastconv"
@@ -246,7 +248,6 @@ _POSITIVE_INTS = (
 )
 _NON_NEGATIVE_INTS = (
     "seed",
-    "data.workers",
     "eval.max_test_queries",
     "eval.max_train_queries",
     "eval.num_qualitative",
@@ -313,6 +314,12 @@ def validate(config, num_devices: int) -> None:
       raise ConfigError(
           f"config.{field}: must be an integer >= 0, got {value!r}"
       )
+  workers = config.data.workers
+  if not (_is_int(workers) and workers >= -1):
+    raise ConfigError(
+        "config.data.workers: must be an integer >= -1 (-1: chosen for the "
+        f"host), got {workers!r}"
+    )
   for field in _STRINGS:
     if not isinstance(_get(config, field), str):
       raise ConfigError(

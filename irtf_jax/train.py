@@ -168,7 +168,7 @@ def _train(
               trainer.make_batch,
               range(start, config.num_train_steps),
               put=parallel.shard_batch,
-              workers=config.data.workers,
+              workers=trainer.workers,
           )
       )
   )

@@ -140,6 +140,9 @@ class Trainer:
         bn_axis_name=self.parallel.axis_name,
     )
     self.tx = train_step_lib.make_optimizer(config)
+    # Input workers (and evaluation decode threads), config.data.workers = -1
+    # resolved for this host.
+    self.workers = pipeline.resolve_workers(config.data.workers)
     self.writer = MetricWriter(workdir, enabled=self.is_chief)
     self.checkpoints = checkpointing.Checkpoints(
         workdir, config.keep_checkpoints
@@ -149,7 +152,7 @@ class Trainer:
         self.parallel,
         config.eval.batch_size,
         show_progress=self.is_chief,
-        decode_threads=config.data.workers,
+        decode_threads=self.workers,
     )
 
   def close(self) -> None:

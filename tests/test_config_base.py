@@ -135,6 +135,11 @@ def test_any_value_of_any_field_validates_or_fails_in_one_line(field, value):
             r"config.parallel.strategy: unknown 'fsdp'; allowed: jit, pmap",
         ),
         ("eval.ks", (0,), r"config.eval.ks: must be a non-empty tuple"),
+        (
+            "data.workers",
+            -2,
+            r"config.data.workers: must be an integer >= -1 \(-1: chosen",
+        ),
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from irtf_jax.config_base import base_config
 from irtf_jax.data import base
 from irtf_jax.data import pipeline
 from irtf_jax.models.text_encoders import Vocabulary
@@ -142,6 +143,32 @@ def test_unpicklable_batch_function_names_the_config_field():
 def test_negative_workers_name_the_config_field():
   with pytest.raises(ValueError, match="config.data.workers"):
     next(pipeline.training_batches(lambda s: {}, range(2), -1))
+  with pytest.raises(ValueError, match="config.data.workers: -2 must be >= -1"):
+    pipeline.resolve_workers(-2)
+
+
+@pytest.mark.parametrize(
+    "backend, cpus, expected",
+    [
+        ("cpu", 96, 0),  # XLA:CPU's step already has every core
+        ("gpu", 16, pipeline.MAX_AUTO_WORKERS),
+        ("tpu", 240, pipeline.MAX_AUTO_WORKERS),
+        ("gpu", 4, 3),  # one core left to the trainer's thread
+        ("gpu", 1, 0),
+    ],
+)
+def test_auto_workers_leave_the_cpu_step_alone_and_feed_accelerators(
+    backend, cpus, expected
+):
+  assert pipeline.resolve_workers(-1, backend, cpus) == expected
+  # A count the user set is kept whatever the host.
+  assert pipeline.resolve_workers(3, backend, cpus) == 3
+  assert pipeline.resolve_workers(0, backend, cpus) == 0
+
+
+def test_default_config_resolves_to_no_workers_on_this_cpu_backend():
+  assert base_config().data.workers == -1
+  assert pipeline.resolve_workers(base_config().data.workers) == 0
 
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
