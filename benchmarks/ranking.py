@@ -155,20 +155,27 @@ def run_xla_matmul(problem_args: dict, chunk_size: int, repeats: int) -> dict:
 
   problem = make_problem(**problem_args)
   queries = jnp.asarray(problem["query_features"])
-  gallery_t = jnp.asarray(problem["gallery_features"].T)
+  # (N, D), contracted on D as the project's ranking does (faster on XLA:CPU
+  # than a pre-transposed (D, N) gallery).
+  gallery = jnp.asarray(problem["gallery_features"])
   chunk_size = min(chunk_size, queries.shape[0])
   num_chunks = -(-queries.shape[0] // chunk_size)
   queries = jnp.pad(
       queries, ((0, num_chunks * chunk_size - queries.shape[0]), (0, 0))
   )
   scores = jax.jit(
-      lambda q, g: jnp.dot(q, g, precision=jax.lax.Precision.HIGHEST)
+      lambda q, g: jax.lax.dot_general(
+          q,
+          g,
+          (((1,), (1,)), ((), ())),
+          precision=jax.lax.Precision.HIGHEST,
+      )
   )
 
   def run():
     for start in range(0, num_chunks * chunk_size, chunk_size):
       # One chunk's scores at a time, as the ranking holds them.
-      scores(queries[start : start + chunk_size], gallery_t).block_until_ready()
+      scores(queries[start : start + chunk_size], gallery).block_until_ready()
 
   run()  # compile
   timings = []

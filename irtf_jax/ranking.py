@@ -49,7 +49,7 @@ def candidate_block_size(gallery_size: int, k: int) -> int:
 
 
 def _block_major(gallery_features: jax.Array, block: int) -> jax.Array:
-  """(N, D) gallery -> (D, b * nb), column i * nb + j holding gallery row j b + i.
+  """(N, D) gallery -> (b * nb, D), row i * nb + j holding gallery row j b + i.
 
   Block j (gallery columns j b .. j b + b - 1) then lies at stride nb in each
   score row, so a (C, b, nb) view of the scores reduces blocks over its middle
@@ -64,8 +64,8 @@ def _block_major(gallery_features: jax.Array, block: int) -> jax.Array:
   )
   return (
       padded.reshape(num_blocks, block, dim)
-      .transpose(2, 1, 0)
-      .reshape(dim, block * num_blocks)
+      .transpose(1, 0, 2)
+      .reshape(block * num_blocks, dim)
   )
 
 
@@ -96,9 +96,11 @@ def _top_k_chunk(
 
   Args:
     query_chunk: (C, D) float32 query features.
-    gallery_blocks: (D, block * nb) float32 gallery features in
-      `_block_major` order (for `block` = 1 the transposed gallery, so the
-      score matmul reads both operands row-major).
+    gallery_blocks: (block * nb, D) float32 gallery features in
+      `_block_major` order (for `block` = 1 the gallery itself). The score
+      matmul contracts the feature axis of both operands: XLA:CPU took 0.89x
+      the ranking time this way than with a (D, N) transposed gallery (30k x
+      30k, 2 cores, same process).
     exclude_chunk: (C,) int32 column removed from each query's ranking, -1
       for none.
     k: number of neighbours.
@@ -111,10 +113,13 @@ def _top_k_chunk(
     could only be filled by the excluded column (k > N - 1) has index -1.
   """
   rows = query_chunk.shape[0]
-  num_blocks = gallery_blocks.shape[1] // block
-  scores = jnp.dot(query_chunk, gallery_blocks, precision=precision).reshape(
-      rows, block, num_blocks
-  )
+  num_blocks = gallery_blocks.shape[0] // block
+  scores = lax.dot_general(
+      query_chunk,
+      gallery_blocks,
+      (((1,), (1,)), ((), ())),
+      precision=precision,
+  ).reshape(rows, block, num_blocks)
 
   def masked(values, columns):
     # Padding columns and the excluded one score -inf; padding columns come
