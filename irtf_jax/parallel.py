@@ -101,9 +101,24 @@ class DataParallel:
     )
 
   def unreplicate(self, tree: Any) -> Any:
-    """The compiled step's state -> one host copy (numpy)."""
+    """The compiled step's state -> one host copy (numpy).
+
+    Transfers only, no device computation: under "pmap" each leaf's first
+    local shard is copied to the host and its device axis dropped there.
+    Indexing the device array (`x[0]`) dispatched a gather per leaf while the
+    step computing `x` still ran; with 8 CPU devices the XLA:CPU client's
+    threads then filled with calls waiting for the step's outputs or for
+    their device's turn, the step's last devices never started, and the
+    others waited at its all-reduce for ever (about 1 run in 10).
+    """
     if self.strategy == "pmap":
-      tree = jax.tree.map(lambda x: x[0], tree)
+      first_shards = jax.tree.map(
+          lambda x: x.addressable_shards[0].data
+          if isinstance(x, jax.Array)
+          else x,
+          tree,
+      )
+      return jax.tree.map(lambda x: x[0], jax.device_get(first_shards))
     return jax.device_get(tree)
 
   def compile_step(self, step: Callable) -> Callable:

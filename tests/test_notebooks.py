@@ -55,11 +55,13 @@ def _images(notebook) -> list[bytes]:
 
 
 # On an oversubscribed CPU one of the 8 device threads of a pmap collective
-# can arrive later than XLA's default 40 s. At the default optimization level
-# the 8-device pmap of the quickstart deadlocked on 2 cores (6 of 8 device
-# threads reached an all-reduce in 600 s, CI, 2026-11-29); at level 0 it did
-# so once in about a dozen CI runs (7 of 8, 2026-11-30), a known flake of
-# XLA:CPU's in-process collectives that this test does not work around.
+# can arrive later than XLA's default 40 s. The deadlocks this test used to
+# hit (6 or 7 of 8 device threads at an all-reduce for 600 s, in 2 of 14 CI
+# runs) were the trainer's: DataParallel.unreplicate dispatched a gather per
+# leaf while the step still ran, and in the deadlock's stacks the XLA:CPU
+# client's threads were held by calls waiting for the step's outputs or for
+# their device's turn, while the step's last devices never started. It now
+# only transfers.
 EIGHT_DEVICES = (
     "--xla_force_host_platform_device_count=8"
     " --xla_backend_optimization_level=0"

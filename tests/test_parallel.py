@@ -85,3 +85,32 @@ def test_eight_devices_equal_one():
         jax.tree.leaves(state.batch_stats),
     ):
       np.testing.assert_allclose(many, one, rtol=1e-3, atol=1e-5)
+
+
+def test_pmap_unreplicate_only_transfers():
+  # Indexing the device arrays would compile and run a gather per leaf on
+  # the devices (see DataParallel.unreplicate); shapes no other test uses
+  # make any such computation compile here.
+  par = parallel_lib.DataParallel("pmap")
+  tree = {
+      "w": np.arange(3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7) / 7,
+      "count": np.int16(11),
+  }
+  replicated = par.replicate(tree)
+  jax.block_until_ready(replicated)
+  compiled = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if "compile" in event:
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    host = par.unreplicate(replicated)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiled == []
+  assert isinstance(host["w"], np.ndarray)
+  np.testing.assert_array_equal(host["w"], tree["w"])
+  assert host["count"] == 11 and host["count"].dtype == np.int16
