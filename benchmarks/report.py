@@ -15,8 +15,12 @@ def add_json_out_flag(parser: argparse.ArgumentParser) -> None:
   )
 
 
-def emit(result: dict, json_out: str = "") -> None:
-  text = json.dumps(result, indent=2)
-  print(text)
+def write(result: dict, json_out: str) -> None:
+  """The JSON result into the file --json-out names (nothing if empty)."""
   if json_out:
-    pathlib.Path(json_out).write_text(text + "\n")
+    pathlib.Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def emit(result: dict, json_out: str = "") -> None:
+  print(json.dumps(result, indent=2))
+  write(result, json_out)

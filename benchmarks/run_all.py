@@ -38,7 +38,6 @@ import argparse
 import datetime
 import json
 import os
-import pathlib
 import platform
 import subprocess
 import sys
@@ -228,11 +227,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   device = device_description()
-  runs = plan(
-      args.smoke,
-      timed_frameworks(device),
-      accelerator=device["platform"] != "cpu",
-  )
+  frameworks = timed_frameworks(device)
+  runs = plan(args.smoke, frameworks, accelerator=device["platform"] != "cpu")
   if args.only:
     only = cli.comma_list(parser, "--only", args.only, list(runs))
     # In the order given: what matters most runs first under a deadline.
@@ -241,7 +237,7 @@ def main(argv=None) -> int:
       "device": device,
       "date": datetime.date.today().isoformat(),
       "smoke": args.smoke,
-      "frameworks": timed_frameworks(device),
+      "frameworks": frameworks,
       "benchmarks": {},
   }
   results = output["benchmarks"]
@@ -258,8 +254,7 @@ def main(argv=None) -> int:
       results[name] = run_one(arguments, folder, timeout)
       # The whole process: start-up, compilation and every repeat.
       results[name]["wall_seconds"] = time.perf_counter() - started
-      if args.json_out:
-        pathlib.Path(args.json_out).write_text(json.dumps(output, indent=2))
+      report.write(output, args.json_out)
   report.emit(output, args.json_out)
   return 1 if any("error" in r for r in results.values()) else 0
 
