@@ -23,8 +23,9 @@ for K in {1, 5, 10, 50, 100}.
 
 - matmul floor: the bare float32 (Q, N) score matmul every exact method
   pays, timed two ways in the same run: XLA in the project's chunking
-  (`chunk_size` query rows per compiled call against the transposed gallery,
-  as `top_k_neighbours` computes its scores) and NumPy's BLAS in row chunks of
+  (`ranking.query_chunks` of at most `chunk_size` query rows per compiled
+  call, contracting the (N, D) gallery's feature axis, as `top_k_neighbours`
+  computes its scores) and NumPy's BLAS in row chunks of
   at most 512 MB of scores ("chunked to fit memory"). The faster is
   `matmul_floor_seconds`; `project_over_floor` is the project's time over it.
 
@@ -153,13 +154,14 @@ def run_xla_matmul(problem_args: dict, chunk_size: int, repeats: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
+  from irtf_jax import ranking  # pylint: disable=import-outside-toplevel
+
   problem = make_problem(**problem_args)
   queries = jnp.asarray(problem["query_features"])
   # (N, D), contracted on D as the project's ranking does (faster on XLA:CPU
   # than a pre-transposed (D, N) gallery).
   gallery = jnp.asarray(problem["gallery_features"])
-  chunk_size = min(chunk_size, queries.shape[0])
-  num_chunks = -(-queries.shape[0] // chunk_size)
+  chunk_size, num_chunks = ranking.query_chunks(queries.shape[0], chunk_size)
   queries = jnp.pad(
       queries, ((0, num_chunks * chunk_size - queries.shape[0]), (0, 0))
   )

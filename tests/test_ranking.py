@@ -127,6 +127,48 @@ def test_top_k_of_the_whole_gallery_marks_the_excluded_slot():
   ).all()
 
 
+@pytest.mark.parametrize(
+    "num_queries, chunk_size",
+    [
+        (1, 1024),
+        (1024, 1024),
+        (1025, 1024),
+        (30000, 1024),
+        (23, 5),
+        (7, 3),
+        (100, 7),
+    ],
+)
+def test_query_chunks_are_equal_and_cover_the_queries(num_queries, chunk_size):
+  rows, count = ranking.query_chunks(num_queries, chunk_size)
+  assert count == -(-num_queries // chunk_size)  # no more calls than needed
+  assert rows <= chunk_size
+  assert 0 <= rows * count - num_queries < count  # under one padded row each
+
+
+def test_chunks_are_balanced(monkeypatch):
+  # 11 queries in chunks of at most 10: two chunks of 6 rows, not of 10.
+  assert ranking.query_chunks(11, 10) == (6, 2)
+  rows = []
+  rank_chunk = ranking._top_k_chunk
+
+  def recording(query_chunk, *args, **kwargs):
+    rows.append(query_chunk.shape[0])
+    return rank_chunk(query_chunk, *args, **kwargs)
+
+  monkeypatch.setattr(ranking, "_top_k_chunk", recording)
+  rng = np.random.default_rng(5)
+  queries, gallery = integer_features(rng, 11, 6), integer_features(rng, 9, 6)
+  exclude = rng.integers(-1, 9, 11)
+  scores, indices = ranking.top_k_neighbours(
+      queries, gallery, 4, exclude=exclude, chunk_size=10
+  )
+  assert rows == [6, 6]
+  ref_scores, ref_indices = numpy_top_k(queries, gallery, 4, exclude)
+  np.testing.assert_array_equal(indices, ref_indices)
+  np.testing.assert_array_equal(scores, ref_scores)
+
+
 def test_chunks_compile_once():
   rng = np.random.default_rng(2)
   queries, gallery = integer_features(rng, 23, 11), integer_features(
