@@ -21,10 +21,18 @@ HLO name). Each operation is put in one kind by what its HLO computes:
                  operation by operation)
   <target>       a custom call, by its target (e.g. TopK)
 
+Not every operation's event covers its work: XLA:CPU runs plain `dot`s (those
+not in a YNNPACK fusion, e.g. the kernel gradients' row contractions)
+asynchronously on its thread pool, and their event records only the launch
+(0.5 ms for a 32-GFLOP dot contracting 107,648 rows into a 384 x 384
+result). Their work is missing from "matmul"; `untimed_dots` gives how many
+there are and their GFLOP per step.
+
 `benchmarks/conv_layers.py` times each convolution alone; this shows the
 whole step, where the two can disagree. Prints JSON: ms per step (wall, and
 summed over operations, which exceeds the wall time where XLA runs
-operations concurrently), ms per step by kind, and the slowest operations.
+operations concurrently), ms per step by kind, the untimed dots, and the
+slowest operations.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import sys
@@ -60,6 +69,9 @@ _PATCH_OPCODES = {"slice", "concatenate", "pad", "bitcast", "broadcast"}
 _NOT_RUN = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 # Instructions whose computations run as operations of their own.
 _CONTROL = ("while", "conditional", "call")
+_SHAPE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]")
+_DOT_OPERANDS = re.compile(r"\sdot\(%([\w.\-]+), %([\w.\-]+)\)")
+_LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 
 
 def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
@@ -157,6 +169,34 @@ def operation_kinds(hlo_text: str) -> dict[str, str]:
   return kinds
 
 
+def untimed_dots(hlo_text: str) -> dict[str, float]:
+  """{name: GFLOP} of the plain `dot` operations, which XLA:CPU runs
+  asynchronously and whose trace events cover only their launch."""
+  computations = hlo_computations(hlo_text)
+  gflop = {}
+  for name in _run_computations(computations):
+    lines = computations[name]
+    shapes = {}
+    for line in lines:
+      match = _SHAPE.match(line)
+      if match:
+        shapes[match.group(1)] = [
+            int(d) for d in match.group(2).split(",") if d
+        ]
+    for line in lines:
+      match = _INSTRUCTION.match(line)
+      operands = _DOT_OPERANDS.search(line)
+      contracting = _LHS_CONTRACTING.search(line)
+      if not (match and match.group(2) == "dot" and operands and contracting):
+        continue
+      lhs = shapes[operands.group(1)]
+      depth = math.prod(lhs[int(d)] for d in contracting.group(1).split(","))
+      gflop[match.group(1)] = (
+          2 * math.prod(shapes[match.group(1)]) * depth * 1e-9
+      )
+  return gflop
+
+
 def traced_operation_seconds(trace_folder: str) -> dict[str, float]:
   """{HLO operation name: seconds summed over the trace} from the Perfetto
   trace that `jax.profiler` wrote under `trace_folder`."""
@@ -193,7 +233,9 @@ def profile(args) -> dict:
   )
   step = jax.jit(ts.make_train_step(model, tx, config))
   rng = jax.random.key(1)
-  kinds = operation_kinds(step.lower(state, batch, rng).compile().as_text())
+  hlo_text = step.lower(state, batch, rng).compile().as_text()
+  kinds = operation_kinds(hlo_text)
+  dots = untimed_dots(hlo_text)
   for _ in range(args.warmup):
     state, _ = step(state, batch, rng)
   jax.block_until_ready(state)
@@ -220,6 +262,10 @@ def profile(args) -> dict:
       "ms_per_step": 1e3 * wall / args.steps,
       "operations_ms_per_step": sum(per_step_ms.values()),
       "by_kind_ms_per_step": dict(by_kind.most_common()),
+      "untimed_dots": {
+          "count": len(dots),
+          "gflop_per_step": sum(dots.values()),
+      },
       "slowest": [
           {"operation": name, "kind": kinds.get(name, "other"), "ms": ms}
           for name, ms in slowest[: args.top]

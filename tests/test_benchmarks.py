@@ -95,6 +95,32 @@ def test_step_profile_sorts_operations_by_what_their_hlo_computes(
   ) == {"TopK"}
 
 
+def test_step_profile_counts_the_flops_of_untimed_dots(step_profile):
+  # Compiled HLO in XLA:CPU's text form: a plain dot contracting 64 rows
+  # (run asynchronously, untimed) and a YNNPACK fusion holding another dot
+  # (traced as one operation, timed): only the first is counted.
+  hlo = """HloModule jit_f
+
+%fused_computation (param_0: f32[8,64], param_1: f32[64,5]) -> f32[8,5] {
+  %param_0 = f32[8,64]{1,0} parameter(0)
+  %param_1 = f32[64,5]{1,0} parameter(1)
+  ROOT %dot.2 = f32[8,5]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.4 (a.1: f32[64,12], b.1: f32[64,5], c.1: f32[8,64]) -> (f32[12,5], f32[8,5]) {
+  %a.1 = f32[64,12]{1,0} parameter(0)
+  %b.1 = f32[64,5]{1,0} parameter(1)
+  %c.1 = f32[8,64]{1,0} parameter(2)
+  %dot_general.1 = f32[12,5]{1,0} dot(%a.1, %b.1), lhs_contracting_dims={0}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/dot_general"}
+  %ynn_fusion = f32[8,5]{1,0} fusion(%c.1, %b.1), kind=kCustom, calls=%fused_computation
+  ROOT %tuple = (f32[12,5]{1,0}, f32[8,5]{1,0}) tuple(%dot_general.1, %ynn_fusion)
+}
+"""
+  assert step_profile.untimed_dots(hlo) == {
+      "dot_general.1": pytest.approx(2 * 12 * 5 * 64 * 1e-9)
+  }
+
+
 @pytest.mark.slow
 def test_step_profile_smoke_accounts_for_the_traced_operations(
     step_profile, tmp_path, capsys
@@ -111,6 +137,7 @@ def test_step_profile_smoke_accounts_for_the_traced_operations(
   assert result == json.loads(capsys.readouterr().out)
   by_kind = result["by_kind_ms_per_step"]
   assert by_kind["matmul"] > 0 and result["ms_per_step"] > 0
+  assert result["untimed_dots"]["count"] >= 0
   np.testing.assert_allclose(
       sum(by_kind.values()), result["operations_ms_per_step"], rtol=1e-9
   )
