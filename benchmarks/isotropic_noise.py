@@ -39,6 +39,7 @@ import train_step as train_step_benchmark  # pylint: disable=wrong-import-positi
 
 from irtf_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from irtf_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from irtf_jax.regularizers import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -92,7 +93,12 @@ def make_update(sampler):
     params = jax.tree.map(lambda p, m: p - 1e-2 * m, params, momentum)
     return params, momentum
 
-  return jax.jit(update, donate_argnums=(0, 1))
+  # Compiled with the train step's options: the noise is drawn inside it.
+  return jax.jit(
+      update,
+      donate_argnums=(0, 1),
+      compiler_options=parallel.step_compiler_options(),
+  )
 
 
 def step_milliseconds(

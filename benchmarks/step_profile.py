@@ -217,6 +217,7 @@ def profile(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   from irtf_jax import models  # pylint: disable=g-import-not-at-top
+  from irtf_jax import parallel  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   batch = jax.device_put(
@@ -231,7 +232,10 @@ def profile(args) -> dict:
   state = jax.jit(lambda rng: ts.init_state(model, tx, batch, rng))(
       jax.random.key(0)
   )
-  step = jax.jit(ts.make_train_step(model, tx, config))
+  step = jax.jit(
+      ts.make_train_step(model, tx, config),
+      compiler_options=parallel.step_compiler_options(),
+  )
   rng = jax.random.key(1)
   hlo_text = step.lower(state, batch, rng).compile().as_text()
   kinds = operation_kinds(hlo_text)

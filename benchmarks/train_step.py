@@ -128,6 +128,7 @@ def run_jax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   from irtf_jax import models  # pylint: disable=g-import-not-at-top
+  from irtf_jax import parallel  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   batch = jax.device_put(random_batch(0, args.batch_size, args.image_size))
@@ -142,7 +143,12 @@ def run_jax(args) -> dict:
     state = jax.jit(lambda rng: ts.init_state(model, tx, batch, rng))(
         jax.random.key(0)
     )
-    step = jax.jit(ts.make_train_step(model, tx, config), donate_argnums=(0,))
+    # Compiled as the trainer compiles it (parallel.DataParallel).
+    step = jax.jit(
+        ts.make_train_step(model, tx, config),
+        donate_argnums=(0,),
+        compiler_options=parallel.step_compiler_options(),
+    )
     rng = jax.random.key(1)
     holder = [state]
 

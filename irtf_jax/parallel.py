@@ -30,6 +30,26 @@ AXIS = "data"
 STRATEGIES = ("jit", "pmap")
 
 
+def step_compiler_options(backend: str | None = None) -> dict[str, Any]:
+  """XLA options the train step is compiled with on `backend`.
+
+  On CPU: fused loops vectorized 512 bits wide where the CPU has AVX-512
+  (`xla_cpu_prefer_vector_width`; LLVM prefers 256 bits by default, and
+  keeps to the widest vectors a CPU without AVX-512 has). Isotropic GA's
+  noise, a hash, a logarithm and a polynomial per parameter fused into the
+  optimizer update, is compute-bound and draws twice as many numbers per
+  instruction: at 64 px, batch 32, on the 2-core AVX-512 Xeon it cost 14.4%
+  of the base step 256 bits wide and 5.7% 512 bits wide (same process, 12
+  interleaved rounds), while the base step was unchanged (1.01x) and the
+  noise bitwise the same. Elementwise results do not depend on the width;
+  a fused reduction's summation order may. Nothing elsewhere ({}), and
+  nothing under "pmap", which takes no compiler options.
+  """
+  if (backend or jax.default_backend()) != "cpu":
+    return {}
+  return {"xla_cpu_prefer_vector_width": 512}
+
+
 class DataParallel:
   """Placement and compilation for one strategy ("jit" or "pmap")."""
 
@@ -132,6 +152,7 @@ class DataParallel:
           in_shardings=(self.replicated, self.batch_sharding, self.replicated),
           out_shardings=(self.replicated, self.replicated),
           donate_argnums=(0,),
+          compiler_options=step_compiler_options(self.devices[0].platform),
       )
 
       def run_jit(state, batch, rng):

@@ -114,3 +114,51 @@ def test_pmap_unreplicate_only_transfers():
   assert isinstance(host["w"], np.ndarray)
   np.testing.assert_array_equal(host["w"], tree["w"])
   assert host["count"] == 11 and host["count"].dtype == np.int16
+
+
+def test_step_compiler_options_per_backend():
+  assert parallel_lib.step_compiler_options("cpu") == {
+      "xla_cpu_prefer_vector_width": 512
+  }
+  assert parallel_lib.step_compiler_options("gpu") == {}
+  assert parallel_lib.step_compiler_options("tpu") == {}
+
+
+def test_jit_step_is_compiled_with_the_step_options(monkeypatch):
+  par = parallel_lib.DataParallel("jit", devices=jax.devices()[:1])
+
+  def step(state, batch, rng):
+    del rng
+    return {"w": state["w"] * 2 + batch.sum()}, {"loss": batch.sum()}
+
+  state = par.replicate({"w": np.ones(3, np.float32)})
+  batch = par.shard_batch(np.arange(4, dtype=np.float32))
+  # An option XLA does not know reaches the compiler and fails there...
+  monkeypatch.setattr(
+      parallel_lib,
+      "step_compiler_options",
+      lambda backend=None: {"xla_no_such_option_for_this_test": 1},
+  )
+  with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):
+    par.compile_step(step)(state, batch, jax.random.key(0))
+  monkeypatch.undo()
+  # ...and the real ones compile (this jaxlib knows them) and compute the same.
+  new_state, metrics = par.compile_step(step)(
+      par.replicate({"w": np.ones(3, np.float32)}), batch, jax.random.key(0)
+  )
+  np.testing.assert_array_equal(new_state["w"], np.full(3, 8.0, np.float32))
+  assert float(metrics["loss"]) == 6.0
+
+
+def test_isotropic_noise_is_the_same_at_every_vector_width():
+  # The step's CPU options change how wide its fused loops are vectorized;
+  # the noise, elementwise, must not change (on a CPU without AVX-512 both
+  # compile 256 bits wide).
+  from irtf_jax.regularizers import sampling  # pylint: disable=g-import-not-at-top
+
+  draw = lambda key: sampling.hashed_normal(key, (4099,))
+  key = jax.random.key(3)
+  wide = jax.jit(
+      draw, compiler_options=parallel_lib.step_compiler_options("cpu")
+  )(key)
+  np.testing.assert_array_equal(wide, jax.jit(draw)(key))
