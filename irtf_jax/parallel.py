@@ -40,8 +40,9 @@ def step_compiler_options(backend: str | None = None) -> dict[str, Any]:
   optimizer update, is compute-bound and draws twice as many numbers per
   instruction: at 64 px, batch 32, on the 2-core AVX-512 Xeon it cost 14.4%
   of the base step 256 bits wide and 5.7% 512 bits wide (same process, 12
-  interleaved rounds), while the base step was unchanged (1.01x) and the
-  noise bitwise the same. Elementwise results do not depend on the width;
+  interleaved rounds), while the base step was unchanged (1.01x; 1.01x at
+  224 px, 0.97x for adversarial GA at 64 px) and the noise bitwise the same.
+  Elementwise results do not depend on the width;
   a fused reduction's summation order may. Nothing elsewhere ({}), and
   nothing under "pmap", which takes no compiler options.
   """
