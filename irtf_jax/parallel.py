@@ -17,6 +17,7 @@ and `jax.make_array_from_process_local_data` assembles the global array.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -42,13 +43,26 @@ def step_compiler_options(backend: str | None = None) -> dict[str, Any]:
   of the base step 256 bits wide and 5.7% 512 bits wide (same process, 12
   interleaved rounds), while the base step was unchanged (1.01x; 1.01x at
   224 px, 0.97x for adversarial GA at 64 px) and the noise bitwise the same.
-  Elementwise results do not depend on the width;
-  a fused reduction's summation order may. Nothing elsewhere ({}), and
-  nothing under "pmap", which takes no compiler options.
+  Elementwise results do not depend on the width; a fused reduction's
+  summation order may. Nothing elsewhere ({}), nothing under "pmap", which
+  takes no compiler options, and nothing with a jaxlib whose XLA does not
+  know the option (a speed-up is not worth a failed compilation).
   """
   if (backend or jax.default_backend()) != "cpu":
     return {}
-  return {"xla_cpu_prefer_vector_width": 512}
+  options = (("xla_cpu_prefer_vector_width", 512),)
+  return dict(options) if _cpu_compiler_knows(options) else {}
+
+
+@functools.cache
+def _cpu_compiler_knows(options: tuple[tuple[str, Any], ...]) -> bool:
+  """Whether XLA:CPU compiles a trivial computation with `options`."""
+  x = jax.device_put(np.float32(0), jax.local_devices(backend="cpu")[0])
+  try:
+    jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=dict(options))
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True
 
 
 class DataParallel:

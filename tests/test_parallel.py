@@ -124,6 +124,17 @@ def test_step_compiler_options_per_backend():
   assert parallel_lib.step_compiler_options("tpu") == {}
 
 
+def test_step_compiler_options_are_dropped_where_xla_lacks_them(monkeypatch):
+  assert parallel_lib._cpu_compiler_knows((
+      ("xla_cpu_prefer_vector_width", 512),
+  ))
+  assert not parallel_lib._cpu_compiler_knows((
+      ("xla_no_such_option_for_this_test", 1),
+  ))
+  monkeypatch.setattr(parallel_lib, "_cpu_compiler_knows", lambda _: False)
+  assert parallel_lib.step_compiler_options("cpu") == {}
+
+
 def test_jit_step_is_compiled_with_the_step_options(monkeypatch):
   par = parallel_lib.DataParallel("jit", devices=jax.devices()[:1])
 
