@@ -217,7 +217,6 @@ def profile(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   from irtf_jax import models  # pylint: disable=g-import-not-at-top
-  from irtf_jax import parallel  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   batch = jax.device_put(
@@ -232,10 +231,7 @@ def profile(args) -> dict:
   state = jax.jit(lambda rng: ts.init_state(model, tx, batch, rng))(
       jax.random.key(0)
   )
-  step = jax.jit(
-      ts.make_train_step(model, tx, config),
-      compiler_options=parallel.step_compiler_options(),
-  )
+  step = train_step_benchmark.jit_jax_step(model, tx, config)
   rng = jax.random.key(1)
   hlo_text = step.lower(state, batch, rng).compile().as_text()
   kinds = operation_kinds(hlo_text)

@@ -123,12 +123,26 @@ def jax_config(variant: str, conv_implementation: str = "auto"):
   return config
 
 
+def jit_jax_step(model, tx, config, **jit_kwargs):
+  """The project's train step, jitted with the compiler options the trainer
+  compiles it with (`parallel.DataParallel.compile_step`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from irtf_jax import parallel  # pylint: disable=g-import-not-at-top
+  from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+
+  return jax.jit(
+      ts.make_train_step(model, tx, config),
+      compiler_options=parallel.step_compiler_options(),
+      **jit_kwargs,
+  )
+
+
 def run_jax(args) -> dict:
   """Seconds per step of the project's compiled step, per variant."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from irtf_jax import models  # pylint: disable=g-import-not-at-top
-  from irtf_jax import parallel  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   batch = jax.device_put(random_batch(0, args.batch_size, args.image_size))
@@ -143,12 +157,7 @@ def run_jax(args) -> dict:
     state = jax.jit(lambda rng: ts.init_state(model, tx, batch, rng))(
         jax.random.key(0)
     )
-    # Compiled as the trainer compiles it (parallel.DataParallel).
-    step = jax.jit(
-        ts.make_train_step(model, tx, config),
-        donate_argnums=(0,),
-        compiler_options=parallel.step_compiler_options(),
-    )
+    step = jit_jax_step(model, tx, config, donate_argnums=(0,))
     rng = jax.random.key(1)
     holder = [state]
 
