@@ -68,16 +68,21 @@ def test_two_stage_top_k_matches_stable_argsort(gallery_size):
   np.testing.assert_array_equal(scores, expected_scores)
 
 
-def test_two_stage_top_k_when_the_best_blocks_are_excluded_or_padding():
+@pytest.mark.parametrize("answer_step", [0.0, 0.01])
+def test_two_stage_top_k_when_the_best_blocks_are_excluded_or_padding(
+    answer_step,
+):
   """Every real score is negative but the excluded column's: the block
   maxima must not let that column or the columns padding the ragged last
   block (500 = 62 blocks of 8 + 4) push out one of the k blocks that hold the
-  answer."""
+  answer. With distinct answer scores the k-th answer is the least maximum
+  of the k + 1 chosen blocks, the floor below which candidates are dropped."""
   k, gallery_size, excluded = 12, 500, 100
   assert ranking.candidate_block_size(gallery_size, k) == 8
   gallery = np.zeros((gallery_size, 4), np.float32)
   gallery[:, 0] = -2.0
-  gallery[np.arange(k) * 40 + 3, 0] = -1.0  # the answer, one per block
+  # The answer, one per block.
+  gallery[np.arange(k) * 40 + 3, 0] = -1.0 - answer_step * np.arange(k)
   gallery[excluded, 0] = 5.0
   queries = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
   exclude = np.array([excluded])
