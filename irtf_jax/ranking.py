@@ -105,8 +105,8 @@ def _top_k_chunk(
   column's block can move up, so those k blocks are among the k + 1 of
   highest unmasked maxima. `lax.top_k` runs over the block maxima, then over
   the chosen blocks' columns in increasing column order (the excluded one
-  masked), instead of over all N columns. `block` = 1 is one plain
-  `lax.top_k`.
+  masked, and those below the least chosen maximum, which cannot rank),
+  instead of over all N columns. `block` = 1 is one plain `lax.top_k`.
 
   Args:
     query_chunk: (C, D) float32 query features.
