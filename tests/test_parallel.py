@@ -150,7 +150,9 @@ def test_jit_step_is_compiled_with_the_step_options(monkeypatch):
       "step_compiler_options",
       lambda backend=None: {"xla_no_such_option_for_this_test": 1},
   )
-  with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):
+  with pytest.raises(
+      jax.errors.JaxRuntimeError, match="xla_no_such_option_for_this_test"
+  ):
     par.compile_step(step)(state, batch, jax.random.key(0))
   monkeypatch.undo()
   # ...and the real ones compile (this jaxlib knows them) and compute the same.
