@@ -155,14 +155,20 @@ def test_conv_equals_lax_exactly_to_second_order_on_integers(
 
 
 @pytest.mark.parametrize(
+    "chunk_images", [None, 1, 2], ids=lambda n: f"chunk{n}"
+)
+@pytest.mark.parametrize(
     "channels", [(5, 4), (2, 16)], ids=["shift_both", "shift_input"]
 )
-def test_kernel_gradient_im2col_equals_the_native_kernel_gradient(channels):
+def test_kernel_gradient_im2col_equals_the_native_kernel_gradient(
+    channels, chunk_images
+):
   """Both placements of the shifts (split between input and cotangent, or all
-  on the input when it has few channels) against lax's transpose rule."""
+  on the input when it has few channels), the batch in one piece or in
+  chunks of 1 or 2 images, against lax's transpose rule."""
   c, o = channels
   rng = np.random.default_rng(c)
-  x = jnp.asarray(rng.integers(-2, 3, (2, 6, 7, c)).astype(np.float32))
+  x = jnp.asarray(rng.integers(-2, 3, (4, 6, 7, c)).astype(np.float32))
   padding = ((1, 0), (2, 1))
   y, vjp = jax.vjp(
       lambda w: conv.conv_lax(x, w, (1, 1), padding), jnp.zeros((3, 3, c, o))
@@ -170,6 +176,52 @@ def test_kernel_gradient_im2col_equals_the_native_kernel_gradient(channels):
   cotangent = jnp.asarray(rng.integers(-2, 3, y.shape).astype(np.float32))
   with jax.default_matmul_precision("highest"):
     assert_exact_and_equal(
-        conv.kernel_gradient_im2col(x, cotangent, (3, 3), padding),
+        conv.kernel_gradient_im2col(
+            x, cotangent, (3, 3), padding, chunk_images=chunk_images
+        ),
         vjp(cotangent)[0],
     )
+
+
+def test_kernel_gradient_im2col_rejects_a_chunk_that_does_not_divide():
+  x = jnp.zeros((4, 5, 5, 2))
+  with pytest.raises(ValueError, match="chunk_images=3 does not divide"):
+    conv.kernel_gradient_im2col(
+        x, jnp.zeros((4, 5, 5, 3)), (3, 3), "SAME", chunk_images=3
+    )
+
+
+@pytest.mark.parametrize(
+    "images, bytes_per_image, expected",
+    [
+        (32, 5 << 20, 2),  # 224 px layer1: 5 MiB an image -> 2 images
+        (32, 1 << 20, 2),  # exactly the budget at 2 images
+        (32, (1 << 20) - 1, 4),  # just short at 2 -> the next divisor
+        (200, 300 << 10, 8),  # 64 px, batch 200: 7 would do, 8 divides
+        (7, 1 << 10, 7),  # no divisor reaches the budget: the whole batch
+        (2, 10 << 20, 2),  # never fewer than 2 images unless the batch is
+        (1, 10 << 20, 1),
+    ],
+)
+def test_images_per_chunk_is_the_least_divisor_reaching_the_budget(
+    images, bytes_per_image, expected
+):
+  assert conv.KERNEL_GRADIENT_CHUNK_BYTES == 2 << 20
+  assert conv.images_per_chunk(images, bytes_per_image) == expected
+
+
+@pytest.mark.parametrize(
+    "implementation, case",
+    [
+        ("lax_dw_im2col", (4, 7, 9, 5, 4, 3, 1, ((1, 1), (1, 1)))),
+        ("space_to_depth", (4, 11, 13, 3, 6, 7, 2, ((3, 3), (3, 3)))),
+    ],
+    ids=["lax_dw_im2col", "space_to_depth"],
+)
+def test_chunked_kernel_gradients_equal_lax_exactly_to_second_order(
+    implementation, case, monkeypatch
+):
+  """With a budget of one byte every kernel gradient is taken 2 images at a
+  time (`lax.scan`); first and second derivatives stay exactly native."""
+  monkeypatch.setattr(conv, "KERNEL_GRADIENT_CHUNK_BYTES", 1)
+  test_conv_equals_lax_exactly_to_second_order_on_integers(implementation, case)

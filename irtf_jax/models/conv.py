@@ -101,10 +101,45 @@ def conv_lax(x, kernel, strides, padding):
   ).astype(x.dtype)
 
 
+# The kernel gradient's shifted copies are built and contracted a few images
+# at a time, at least this many bytes of them per chunk (`images_per_chunk`).
+KERNEL_GRADIENT_CHUNK_BYTES = 2 * 2**20
+
+
+def images_per_chunk(images: int, bytes_per_image: int) -> int:
+  """How many images of a batch `kernel_gradient_im2col` takes at a time.
+
+  The fewest, but at least 2, that divide `images` and whose shifted copies
+  make at least `KERNEL_GRADIENT_CHUNK_BYTES`; all of them when no smaller
+  divisor does.
+  """
+  for count in range(2, images):
+    if images % count == 0 and (
+        count * bytes_per_image >= KERNEL_GRADIENT_CHUNK_BYTES
+    ):
+      return count
+  return images
+
+
+def _shift_placement(kernel_size, channels: int, out_channels: int):
+  """Where `kernel_gradient_im2col` puts the shifts, and the columns of
+  shifted copies per row of the padded grid: "split" (kh row shifts of the
+  cotangent, kw column shifts of the input) or "input" (all kh kw shifts on
+  the input, the cotangent once), whichever copies less."""
+  kh, kw = kernel_size
+  split = kh * out_channels + kw * channels
+  on_input = kh * kw * channels + out_channels
+  return ("split", split) if split <= on_input else ("input", on_input)
+
+
 def kernel_gradient_im2col(
-    x: jax.Array, cotangent: jax.Array, kernel_size: Sequence[int], padding
+    x: jax.Array,
+    cotangent: jax.Array,
+    kernel_size: Sequence[int],
+    padding,
+    chunk_images: int | None = None,
 ) -> jax.Array:
-  """Gradient w.r.t. the kernel of a stride-1 convolution, as one matmul.
+  """Gradient w.r.t. the kernel of a stride-1 convolution, as matmuls.
 
     dw[a, b, c, o] = sum_{n, i, j} xpad[n, i + a, j + b, c] * ct[n, i, j, o]
 
@@ -123,17 +158,65 @@ def kernel_gradient_im2col(
   Rows of ct beyond the output map are zero, so shifts that wrap into the
   next image row or image contribute nothing.
 
+  The batch is taken `chunk_images` images at a time (`lax.scan`, summing
+  the chunks' matmuls), by default the fewest that make a few MiB of shifted
+  copies (`images_per_chunk`): copies the size of the whole batch (325 MB
+  for the 224 px stem at batch 32) go to memory and back, a chunk's stay in
+  the CPU's cache. On the 2-core CPU at 224 px, batch 32, that made the
+  stem's kernel gradient 2.0x and layer1's 2.4x faster (2 images a chunk).
+
   Args:
     x: (N, H, W, C) input of the convolution.
     cotangent: (N, H', W', O) cotangent of its output.
     kernel_size: (kh, kw).
     padding: "SAME" or ((top, bottom), (left, right)), each at most k - 1.
+    chunk_images: images per chunk, a divisor of N (None: automatic).
 
   Returns:
     (kh, kw, C, O) float32.
   """
   kh, kw = kernel_size
   (pt, pb), (pl, pr) = padding_pairs(padding, (kh, kw))
+  n, h, w, c = x.shape
+  o = cotangent.shape[-1]
+  placement, columns = _shift_placement(kernel_size, c, o)
+  if chunk_images is None:
+    grid_rows = (h + pt + pb) * (w + pl + pr)
+    chunk_images = images_per_chunk(
+        n, grid_rows * columns * jnp.dtype(x.dtype).itemsize
+    )
+  if n % chunk_images:
+    raise ValueError(
+        f"chunk_images={chunk_images} does not divide the batch of {n}"
+    )
+  contract = functools.partial(
+      _kernel_gradient_rows,
+      kernel_size=(kh, kw),
+      padding=((pt, pb), (pl, pr)),
+      placement=placement,
+  )
+  if chunk_images == n:
+    return contract(x, cotangent)
+
+  def accumulate(dw, chunk):
+    return dw + contract(*chunk), None
+
+  chunks = n // chunk_images
+  dw, _ = lax.scan(
+      accumulate,
+      jnp.zeros((kh, kw, c, o), jnp.float32),
+      (
+          x.reshape((chunks, chunk_images) + x.shape[1:]),
+          cotangent.reshape((chunks, chunk_images) + cotangent.shape[1:]),
+      ),
+  )
+  return dw
+
+
+def _kernel_gradient_rows(x, cotangent, kernel_size, padding, placement):
+  """`kernel_gradient_im2col` of one chunk: the shifted copies, one matmul."""
+  kh, kw = kernel_size
+  (pt, pb), (pl, pr) = padding
   n, _, _, c = x.shape
   o = cotangent.shape[-1]
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
@@ -143,7 +226,7 @@ def kernel_gradient_im2col(
   total = n * hp * wp
   flat_x = xp.reshape(total, c)
   flat_ct = ctp.reshape(total, o)
-  if kh * o + kw * c <= kh * kw * c + o:
+  if placement == "split":
     # Row shifts on ct, column shifts on x: kh + kw copies.
     rows = total - (kw - 1)  # xpad[q + b] must exist for b < kw
     x_shifted = jnp.concatenate(
