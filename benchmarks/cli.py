@@ -21,6 +21,8 @@ from typing import Callable, Mapping, Sequence
 
 import report  # benchmarks/report.py, beside this module
 
+from irtf_jax import host_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,8 +78,14 @@ def run_side(
 
   The child runs from the repository root with it on PYTHONPATH, in this
   process's environment updated with `env`; it fails loudly (check=True).
+  Each side runs as its users run it: the "jax" side with the huge pages
+  `python -m irtf_jax.main` starts itself with (`irtf_jax.host_memory`),
+  the others with the C library's defaults (PyTorch's step measured slower
+  on huge pages). The answer records the child's GLIBC_TUNABLES.
   """
   child_env = {**os.environ, **(env or {})}
+  if side == "jax":
+    child_env = host_memory.huge_page_environment(child_env) or child_env
   child_env["PYTHONPATH"] = REPO + os.pathsep + child_env.get("PYTHONPATH", "")
   out = subprocess.run(
       [sys.executable, os.path.abspath(script), f"--side={side}", *flags],
@@ -87,7 +95,9 @@ def run_side(
       text=True,
       cwd=REPO,
   )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  answer = json.loads(out.stdout.strip().splitlines()[-1])
+  answer["glibc_tunables"] = child_env.get("GLIBC_TUNABLES", "")
+  return answer
 
 
 def answer_side(args, sides: Mapping[str, Callable[..., dict]]) -> bool:

@@ -9,6 +9,10 @@ r"""Trains and evaluates a composed image retrieval model.
 Running the same command again in the same workdir resumes from the latest
 checkpoint. Any config field can be overridden with --config.a.b=value.
 
+On Linux with glibc the command restarts itself once, at once, with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (`irtf_jax.host_memory`: XLA:CPU's
+per-step buffers on huge pages; IRTF_JAX_SYSTEM_MALLOC=1 turns this off).
+
 Exit codes: 0 done; 75 stopped by SIGTERM or SIGINT after saving a
 checkpoint (run the same command to continue); 2 a bad config value; 1 any
 other error the message explains (a busy workdir, damaged checkpoints, a full
@@ -28,6 +32,7 @@ from ml_collections import config_flags
 
 from irtf_jax import checkpointing
 from irtf_jax import config_base
+from irtf_jax import host_memory
 from irtf_jax import train
 
 _WORKDIR = flags.DEFINE_string(
@@ -146,5 +151,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Huge pages for XLA:CPU's per-step temporaries (host_memory): glibc reads
+  # the setting only at start-up, so this may restart the command once.
+  host_memory.reexecute_with_huge_pages("irtf_jax.main")
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)

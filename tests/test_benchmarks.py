@@ -300,3 +300,41 @@ def test_torch_reference_computes_in_the_precision_asked_for(precision):
   assert after.dtype == torch.float32 and not torch.equal(before, after)
   with pytest.raises(ValueError, match="precision='float16'"):
     torch_reference.Trainer(vocab_size=20, device="cpu", precision="float16")
+
+
+SIDE_SCRIPT = """
+import argparse, os, sys
+sys.path.insert(0, {benchmarks!r})
+import cli
+parser = argparse.ArgumentParser()
+cli.add_side_flag(parser)
+args = parser.parse_args()
+seen = lambda args: {{"seen": os.environ.get("GLIBC_TUNABLES", "")}}
+cli.answer_side(args, {{"jax": seen, "torch": seen}})
+"""
+
+
+def test_each_side_runs_with_the_memory_settings_its_users_get(
+    tmp_path, monkeypatch
+):
+  """The JAX side starts as `python -m irtf_jax.main` restarts itself (huge
+  pages), the PyTorch side with the C library's defaults; both answers say
+  which."""
+  from irtf_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+  cli = importlib.import_module("cli")
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv(host_memory.OPT_OUT, raising=False)
+  script = tmp_path / "sides.py"
+  script.write_text(
+      SIDE_SCRIPT.format(benchmarks=os.path.join(REPO, "benchmarks"))
+  )
+  jax_side = cli.run_side(str(script), "jax", [])
+  torch_side = cli.run_side(str(script), "torch", [])
+  expected = (host_memory.huge_page_environment({}) or {}).get(
+      "GLIBC_TUNABLES", ""
+  )
+  assert expected == host_memory.HUGE_PAGES  # glibc, on every CI machine
+  assert jax_side == {"seen": expected, "glibc_tunables": expected}
+  assert torch_side == {"seen": "", "glibc_tunables": ""}
