@@ -224,4 +224,34 @@ def test_chunked_kernel_gradients_equal_lax_exactly_to_second_order(
   """With a budget of one byte every kernel gradient is taken 2 images at a
   time (`lax.scan`); first and second derivatives stay exactly native."""
   monkeypatch.setattr(conv, "KERNEL_GRADIENT_CHUNK_BYTES", 1)
+  monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite has 8
+  assert conv.default_chunk_images(4, 1) == 2
   test_conv_equals_lax_exactly_to_second_order_on_integers(implementation, case)
+
+
+def test_kernel_gradients_are_not_chunked_when_the_batch_may_be_sharded(
+    monkeypatch,
+):
+  """With more than one device the batch goes in one piece: a scan over
+  chunks of a batch sharded over the devices ("jit" data parallelism) puts
+  collective permutes inside the loop, which deadlocked XLA:CPU."""
+  assert jax.device_count() == 8  # tests/conftest.py
+  monkeypatch.setattr(conv, "KERNEL_GRADIENT_CHUNK_BYTES", 1)
+  assert conv.default_chunk_images(16, 1) == 16
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x = jnp.ones((16, 6, 6, 3))
+  kernel = jnp.ones((3, 3, 3, 4))
+  grad = jax.jit(
+      jax.grad(
+          lambda w, x: jnp.sum(
+              conv.conv_lax_dw_im2col(x, w, ((1, 1), (1, 1))) ** 2
+          )
+      ),
+      in_shardings=(replicated, batch),
+  )
+  hlo = grad.lower(kernel, x).compile().as_text()
+  # The shifts across the sharded rows exchange a halo between neighbouring
+  # devices once; what must not be there is a loop running them.
+  assert " while(" not in hlo

@@ -121,6 +121,21 @@ def images_per_chunk(images: int, bytes_per_image: int) -> int:
   return images
 
 
+def default_chunk_images(images: int, bytes_per_image: int) -> int:
+  """`kernel_gradient_im2col`'s chunk when none is given: `images_per_chunk`
+  in a process with one device, the whole batch with more.
+
+  With more devices the program may be partitioned over them (the "jit"
+  data-parallel strategy shards the batch), and a `lax.scan` over chunks of
+  a sharded batch makes GSPMD move chunks between devices inside the loop
+  (collective permutes): with 8 host CPU devices on 2 cores that loop
+  deadlocked XLA:CPU's in-process collectives.
+  """
+  if jax.device_count() > 1:
+    return images
+  return images_per_chunk(images, bytes_per_image)
+
+
 def _shift_placement(kernel_size, channels: int, out_channels: int):
   """Where `kernel_gradient_im2col` puts the shifts, and the columns of
   shifted copies per row of the padded grid: "split" (kh row shifts of the
@@ -160,7 +175,7 @@ def kernel_gradient_im2col(
 
   The batch is taken `chunk_images` images at a time (`lax.scan`, summing
   the chunks' matmuls), by default the fewest that make a few MiB of shifted
-  copies (`images_per_chunk`): copies the size of the whole batch (325 MB
+  copies (`default_chunk_images`): copies the size of the whole batch (325 MB
   for the 224 px stem at batch 32) go to memory and back, a chunk's stay in
   the CPU's cache. On the 2-core CPU at 224 px, batch 32, that made the
   stem's kernel gradient 2.0x and layer1's 2.4x faster (2 images a chunk).
@@ -182,7 +197,7 @@ def kernel_gradient_im2col(
   placement, columns = _shift_placement(kernel_size, c, o)
   if chunk_images is None:
     grid_rows = (h + pt + pb) * (w + pl + pr)
-    chunk_images = images_per_chunk(
+    chunk_images = default_chunk_images(
         n, grid_rows * columns * jnp.dtype(x.dtype).itemsize
     )
   if n % chunk_images:
