@@ -128,8 +128,8 @@ def default_chunk_images(images: int, bytes_per_image: int) -> int:
   With more devices the program may be partitioned over them (the "jit"
   data-parallel strategy shards the batch), and a `lax.scan` over chunks of
   a sharded batch makes GSPMD move chunks between devices inside the loop
-  (collective permutes): with 8 host CPU devices on 2 cores that loop
-  deadlocked XLA:CPU's in-process collectives.
+  (collective permutes). With 8 host CPU devices on 2 cores a run hung
+  there, 7 of 8 device threads waiting in a collective permute.
   """
   if jax.device_count() > 1:
     return images
