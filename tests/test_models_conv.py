@@ -255,3 +255,21 @@ def test_kernel_gradients_are_not_chunked_when_the_batch_may_be_sharded(
   # The shifts across the sharded rows exchange a halo between neighbouring
   # devices once; what must not be there is a loop running them.
   assert " while(" not in hlo
+
+
+@pytest.mark.parametrize(
+    "shape, parts", [((7, 3), 3), ((2, 5, 4, 6), 9), ((4, 1), 1)]
+)
+def test_stack_channels_is_concatenation_on_the_last_axis(shape, parts):
+  """Element for element, and so is its transpose (the gradient)."""
+  rng = np.random.default_rng(parts)
+  arrays = [
+      jnp.asarray(rng.normal(size=shape).astype(np.float32))
+      for _ in range(parts)
+  ]
+  expected = jnp.concatenate(arrays, axis=-1)
+  np.testing.assert_array_equal(conv.stack_channels(arrays), expected)
+  cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
+  _, vjp = jax.vjp(lambda *a: conv.stack_channels(a), *arrays)
+  for got, want in zip(vjp(cotangent), jnp.split(cotangent, parts, axis=-1)):
+    np.testing.assert_array_equal(got, want)

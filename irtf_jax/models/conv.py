@@ -44,6 +44,20 @@ def padding_pairs(padding, kernel_size):
   return [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in padding]
 
 
+def stack_channels(parts: Sequence[jax.Array]) -> jax.Array:
+  """`jnp.concatenate(parts, axis=-1)` of equally shaped arrays, built as a
+  stack on a new second-to-last axis and reshaped.
+
+  The two are equal element for element, but XLA:CPU compiles them
+  differently: a concatenation of slices becomes a concatenate operation
+  whose operands are first copied out one by one, a stack of them one fused
+  loop that reads each slice in place. For the kernel gradient's shifted
+  copies of two 56 x 56 x 64 images that was 0.33 ms against 2.9 ms.
+  """
+  stacked = jnp.stack(parts, axis=-2)
+  return stacked.reshape(stacked.shape[:-2] + (-1,))
+
+
 def conv_im2col(
     x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
 ) -> jax.Array:
@@ -70,19 +84,16 @@ def conv_im2col(
   if kh == kw == 1:
     patches = xp[:, : (out_h - 1) * sh + 1 : sh, : (out_w - 1) * sw + 1 : sw, :]
   else:
-    patches = jnp.concatenate(
-        [
-            lax.slice(
-                xp,
-                (0, a, b, 0),
-                (n, a + (out_h - 1) * sh + 1, b + (out_w - 1) * sw + 1, c),
-                (1, sh, sw, 1),
-            )
-            for a in range(kh)
-            for b in range(kw)
-        ],
-        axis=-1,
-    )
+    patches = stack_channels([
+        lax.slice(
+            xp,
+            (0, a, b, 0),
+            (n, a + (out_h - 1) * sh + 1, b + (out_w - 1) * sw + 1, c),
+            (1, sh, sw, 1),
+        )
+        for a in range(kh)
+        for b in range(kw)
+    ])
   return jnp.dot(
       patches,
       kernel.reshape(kh * kw * c, o),
@@ -244,18 +255,15 @@ def _kernel_gradient_rows(x, cotangent, kernel_size, padding, placement):
   if placement == "split":
     # Row shifts on ct, column shifts on x: kh + kw copies.
     rows = total - (kw - 1)  # xpad[q + b] must exist for b < kw
-    x_shifted = jnp.concatenate(
-        [flat_x[b : b + rows] for b in range(kw)], axis=1
+    x_shifted = stack_channels(
+        [flat_x[b : b + rows] for b in range(kw)]
     )  # (R, kw C)
     # ct[q - a W'] for q < R: a W' zero rows, then the first R - a W' rows
     # of ct; its last kh - 1 grid rows are zero, so nothing nonzero is cut.
-    ct_shifted = jnp.concatenate(
-        [
-            jnp.pad(flat_ct[: rows - a * wp], ((a * wp, 0), (0, 0)))
-            for a in range(kh)
-        ],
-        axis=1,
-    )  # (R, kh O)
+    ct_shifted = stack_channels([
+        jnp.pad(flat_ct[: rows - a * wp], ((a * wp, 0), (0, 0)))
+        for a in range(kh)
+    ])  # (R, kh O)
     dw = lax.dot_general(
         ct_shifted,
         x_shifted,
@@ -265,14 +273,11 @@ def _kernel_gradient_rows(x, cotangent, kernel_size, padding, placement):
     return dw.reshape(kh, o, kw, c).transpose(0, 2, 3, 1)
   # Few input channels (a space-to-depth stem): every shift on x is cheaper.
   rows = total - ((kh - 1) * wp + kw - 1)
-  x_shifted = jnp.concatenate(
-      [
-          flat_x[a * wp + b : a * wp + b + rows]
-          for a in range(kh)
-          for b in range(kw)
-      ],
-      axis=1,
-  )  # (R, kh kw C)
+  x_shifted = stack_channels([
+      flat_x[a * wp + b : a * wp + b + rows]
+      for a in range(kh)
+      for b in range(kw)
+  ])  # (R, kh kw C)
   dw = lax.dot_general(
       x_shifted,
       flat_ct[:rows],
