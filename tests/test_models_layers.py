@@ -164,3 +164,53 @@ def test_max_pool_matches_flax_values_and_gradients(shape):
   grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x) * weights))(x)
   grad_ref = jax.grad(lambda x: jnp.sum(reference(x) * weights))(x)
   np.testing.assert_array_equal(grad, grad_ref)
+
+
+@pytest.mark.parametrize(
+    "shape, window, stride, padding",
+    [
+        ((2, 9, 11, 3), 3, 2, 1),  # ResNet's stem pool, odd sizes
+        ((2, 8, 8, 2), 2, 2, 0),  # windows that do not overlap
+        ((1, 7, 6, 2), 3, 1, 1),  # stride 1: every pixel in 9 windows
+        ((2, 10, 9, 2), 3, 3, 0),  # rows and columns no window covers
+        ((2, 13, 12, 2), 5, 2, 2),
+    ],
+)
+def test_max_pool_gradients_equal_flax_to_second_order(
+    shape, window, stride, padding
+):
+  """On small integers (many ties; sums of them are exact in float32, so the
+  order in which overlapping windows add up cannot matter): the gradient,
+  and the derivative of a function of the gradient w.r.t. the cotangent's
+  weights, which double backpropagation (the adversarial penalty) takes."""
+  rng = np.random.default_rng(window * 10 + stride)
+  x = jnp.asarray(rng.integers(-2, 3, shape).astype(np.float32))
+
+  def reference(x):
+    return nn.max_pool(
+        x, (window, window), (stride, stride), ((padding, padding),) * 2
+    )
+
+  def pool(x):
+    return layers.max_pool(x, window, stride, padding)
+
+  np.testing.assert_array_equal(pool(x), reference(x))
+  weights = jnp.asarray(
+      rng.integers(-3, 4, reference(x).shape).astype(np.float32)
+  )
+  probe = jnp.asarray(rng.integers(-3, 4, shape).astype(np.float32))
+
+  def second_order(pool_fn):
+    def input_grad_probe(weights):
+      grad = jax.grad(lambda x: jnp.sum(pool_fn(x) * weights))(x)
+      return jnp.sum(grad * probe)
+
+    return jax.grad(input_grad_probe)(weights)
+
+  np.testing.assert_array_equal(
+      jax.grad(lambda x: jnp.sum(pool(x) * weights))(x),
+      jax.grad(lambda x: jnp.sum(reference(x) * weights))(x),
+  )
+  got, want = second_order(pool), second_order(reference)
+  assert np.any(np.asarray(want) != 0)
+  np.testing.assert_array_equal(got, want)
