@@ -273,3 +273,38 @@ def test_stack_channels_is_concatenation_on_the_last_axis(shape, parts):
   _, vjp = jax.vjp(lambda *a: conv.stack_channels(a), *arrays)
   for got, want in zip(vjp(cotangent), jnp.split(cotangent, parts, axis=-1)):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "hw, k, stride, padding",
+    [
+        ((7, 7), 3, 1, ((1, 1), (1, 1))),  # TIRG-LastConv's conv1
+        ((6, 5), 3, 2, ((1, 1), (0, 2))),
+        ((5, 8), 2, 1, ((0, 1), (1, 0))),
+        ((9, 9), 5, 3, "SAME"),
+    ],
+)
+def test_tiled_input_conv_equals_the_convolution_of_the_tiled_map(
+    hw, k, stride, padding
+):
+  """Values and both gradients, exactly on integers: the masks count each
+  tap only where it lands inside the map, as zero padding does."""
+  rng = np.random.default_rng(k * 10 + stride)
+  vector = jnp.asarray(rng.integers(-2, 3, (3, 4)).astype(np.float32))
+  kernel = jnp.asarray(rng.integers(-2, 3, (k, k, 4, 5)).astype(np.float32))
+
+  def tiled_map_conv(vector, kernel):
+    tiled = jnp.broadcast_to(vector[:, None, None, :], (3, *hw, 4))
+    return reference_conv(
+        tiled, kernel, (stride, stride), conv.padding_pairs(padding, (k, k))
+    )
+
+  def direct(vector, kernel):
+    return conv.tiled_input_conv(vector, kernel, hw, (stride, stride), padding)
+
+  want, want_vjp = jax.vjp(tiled_map_conv, vector, kernel)
+  got, got_vjp = jax.vjp(direct, vector, kernel)
+  assert_exact_and_equal(got, want)
+  cotangent = jnp.asarray(rng.integers(-2, 3, want.shape).astype(np.float32))
+  for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    assert_exact_and_equal(g, w)

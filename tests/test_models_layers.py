@@ -214,3 +214,41 @@ def test_max_pool_gradients_equal_flax_to_second_order(
   got, want = second_order(pool), second_order(reference)
   assert np.any(np.asarray(want) != 0)
   np.testing.assert_array_equal(got, want)
+
+
+def test_conv_with_tiled_channels_equals_the_conv_of_the_concatenated_map():
+  """The same parameters (the kernel has C + D input channels either way),
+  the same output and gradients, as convolving [x, tiled] on channels."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(-2, 3, (2, 7, 7, 3)).astype(np.float32))
+  text = jnp.asarray(rng.integers(-2, 3, (2, 4)).astype(np.float32))
+  full = jnp.concatenate(
+      [x, jnp.broadcast_to(text[:, None, None, :], (2, 7, 7, 4))], axis=-1
+  )
+  layer = layers.Conv(5, (3, 3), padding=((1, 1), (1, 1)))
+  params = layer.init(jax.random.key(0), full)
+  params = jax.tree.map(
+      lambda p: jnp.asarray(rng.integers(-2, 3, p.shape).astype(np.float32)),
+      params,
+  )
+  assert jax.tree.map(jnp.shape, layer.init(jax.random.key(0), x, text)) == (
+      jax.tree.map(jnp.shape, params)
+  )
+
+  def tiled(params, x, text):
+    return jnp.sum(layer.apply(params, x, text) ** 2)
+
+  def concatenated(params, x, text):
+    m = jnp.concatenate(
+        [x, jnp.broadcast_to(text[:, None, None, :], (2, 7, 7, 4))], axis=-1
+    )
+    return jnp.sum(layer.apply(params, m) ** 2)
+
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_array_equal(
+        layer.apply(params, x, text), layer.apply(params, full)
+    )
+    got = jax.grad(tiled, argnums=(0, 1, 2))(params, x, text)
+    want = jax.grad(concatenated, argnums=(0, 1, 2))(params, x, text)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w)

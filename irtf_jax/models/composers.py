@@ -203,7 +203,12 @@ class TirgLastConv(Composer):
 
     def branch(prefix):
       y = self.batch_norm(f"{prefix}_bn")(z, use_running_average=not train)
-      y = self.conv(z.shape[-1], 3, z.shape[-1], name=f"{prefix}_conv1")(y)
+      # BatchNorm acts per channel, so y's text channels are still the same
+      # at every position: the convolution takes them as one vector per
+      # image (`layers.Conv`'s `tiled`), half its multiply-adds.
+      y = self.conv(z.shape[-1], 3, z.shape[-1], name=f"{prefix}_conv1")(
+          y[..., :c], tiled=y[:, 0, 0, c:]
+      )
       y = nn.relu(y)
       return self.conv(c, 3, z.shape[-1], name=f"{prefix}_conv2")(y)
 

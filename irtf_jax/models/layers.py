@@ -189,11 +189,22 @@ class Conv(nn.Module):
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, tiled: jax.Array | None = None):
+    """The convolution of `x`, or of `x` with `tiled` tiled over its map and
+    concatenated after its channels.
+
+    Args:
+      x: (N, H, W, C) input.
+      tiled: optional (N, D) features that are the same at every position:
+        the layer then convolves the (N, H, W, C + D) map [x, tiled] (its
+        kernel has C + D input channels), computing the tiled channels'
+        share with `conv.tiled_input_conv`, without the tiled map.
+    """
+    tiled_channels = 0 if tiled is None else tiled.shape[-1]
     kernel = self.param(
         "kernel",
         self.kernel_init,
-        (*self.kernel_size, x.shape[-1], self.features),
+        (*self.kernel_size, x.shape[-1] + tiled_channels, self.features),
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
@@ -204,7 +215,15 @@ class Conv(nn.Module):
         padding=self.padding,
         input_hw=x.shape[1:3],
         in_channels=x.shape[3],
-    )(x, kernel)
+    )(x, kernel[:, :, : x.shape[-1]])
+    if tiled is not None:
+      y = y + conv.tiled_input_conv(
+          tiled.astype(self.dtype),
+          kernel[:, :, x.shape[-1] :],
+          x.shape[1:3],
+          self.strides,
+          self.padding,
+      ).astype(y.dtype)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(
           self.dtype
