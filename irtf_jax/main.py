@@ -27,13 +27,14 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
-from irtf_jax import checkpointing
-from irtf_jax import config_base
 from irtf_jax import host_memory
-from irtf_jax import train
+
+# JAX and the trainer (flax, optax, orbax, grain: about a second to import)
+# are imported where they are used, so that the restart under
+# `host_memory.reexecute_with_huge_pages` comes before them rather than
+# after, and they are imported once per command, not twice.
 
 _WORKDIR = flags.DEFINE_string(
     "workdir",
@@ -60,14 +61,20 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 
-# Errors whose message says all a user needs: printed without a traceback.
-_EXPLAINED = (
-    checkpointing.WorkdirBusyError,
-    checkpointing.CheckpointError,
-    checkpointing.DiskFullError,
-    train.NonFiniteLossError,
-    FileNotFoundError,
-)
+
+def _explained_errors() -> tuple[type[Exception], ...]:
+  """Errors whose message says all a user needs: printed without a
+  traceback."""
+  from irtf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from irtf_jax import train  # pylint: disable=g-import-not-at-top
+
+  return (
+      checkpointing.WorkdirBusyError,
+      checkpointing.CheckpointError,
+      checkpointing.DiskFullError,
+      train.NonFiniteLossError,
+      FileNotFoundError,
+  )
 
 
 def _one_line(error: Exception, argv: list[str]) -> str:
@@ -111,6 +118,8 @@ def parse_config(argv: list[str]):
 
 
 def run(config, workdir: str, mode: str) -> None:
+  from irtf_jax import train  # pylint: disable=g-import-not-at-top
+
   if mode == "train":
     train.train_and_evaluate(config, workdir)
   else:
@@ -118,6 +127,11 @@ def run(config, workdir: str, mode: str) -> None:
 
 
 def main(argv):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from irtf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from irtf_jax import config_base  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   # Orbax logs every save at INFO with a long record; keep the console for
@@ -145,7 +159,7 @@ def main(argv):
   except checkpointing.Preempted as e:
     print(e, file=sys.stderr)
     sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
-  except _EXPLAINED as e:
+  except _explained_errors() as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
