@@ -72,6 +72,8 @@ _CONTROL = ("while", "conditional", "call")
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]")
 _DOT_OPERANDS = re.compile(r"\sdot\(%([\w.\-]+), %([\w.\-]+)\)")
 _LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BODY = re.compile(r"body=%([\w.\-]+)")
 
 
 def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
@@ -128,6 +130,37 @@ def _run_computations(computations) -> list[str]:
   return run
 
 
+def _runs_per_execution(computations) -> dict[str, int]:
+  """{computation: how many times it runs per execution}, for those
+  `_run_computations` finds: a loop body as many times as its loop's known
+  trip count (once where XLA does not know it) times the computation that
+  holds the loop; everything else as often as its caller."""
+  runs, pending = {"ENTRY": 1}, ["ENTRY"]
+  while pending:
+    name = pending.pop()
+    for line in computations.get(name, []):
+      match = _INSTRUCTION.match(line)
+      if not (match and match.group(2) in _CONTROL):
+        continue
+      trips = _TRIP_COUNT.search(line)
+      body = _BODY.search(line)
+      targets = _CONTROL_TARGETS.findall(line) + [
+          target
+          for branches in _BRANCHES.findall(line)
+          for target in re.findall(r"%([\w.\-]+)", branches)
+      ]
+      for target in targets:
+        repeats = (
+            int(trips.group(1))
+            if trips and body and target == body.group(1)
+            else 1
+        )
+        if target not in runs:
+          runs[target] = runs[name] * repeats
+          pending.append(target)
+  return runs
+
+
 def operation_kinds(hlo_text: str) -> dict[str, str]:
   """{instruction name: kind} (see the module docstring), for the
   instructions of the computations that `_run_computations` finds: XLA:CPU
@@ -170,9 +203,11 @@ def operation_kinds(hlo_text: str) -> dict[str, str]:
 
 
 def untimed_dots(hlo_text: str) -> dict[str, float]:
-  """{name: GFLOP} of the plain `dot` operations, which XLA:CPU runs
-  asynchronously and whose trace events cover only their launch."""
+  """{name: GFLOP per execution} of the plain `dot` operations, which
+  XLA:CPU runs asynchronously and whose trace events cover only their
+  launch; a dot in a loop body counts once per iteration."""
   computations = hlo_computations(hlo_text)
+  runs = _runs_per_execution(computations)
   gflop = {}
   for name in _run_computations(computations):
     lines = computations[name]
@@ -192,7 +227,7 @@ def untimed_dots(hlo_text: str) -> dict[str, float]:
       lhs = shapes[operands.group(1)]
       depth = math.prod(lhs[int(d)] for d in contracting.group(1).split(","))
       gflop[match.group(1)] = (
-          2 * math.prod(shapes[match.group(1)]) * depth * 1e-9
+          2 * math.prod(shapes[match.group(1)]) * depth * 1e-9 * runs[name]
       )
   return gflop
 
