@@ -5,7 +5,7 @@ padding)` with NHWC/HWIO/NHWC dimensions and float32 accumulation:
 
   `conv_lax`            XLA's native convolution and its native derivatives;
   `conv_im2col`         slice-im2col: pad, take the k*k strided slices,
-                        concatenate on the channel axis, one matmul; its
+                        stack them on the channel axis, one matmul; its
                         gradient is pads, slices and matmuls;
   `conv_lax_dw_im2col`  (stride 1) native convolution and input gradient,
                         kernel gradient as shifted copies + one matmul
@@ -16,7 +16,9 @@ padding)` with NHWC/HWIO/NHWC dimensions and float32 accumulation:
 
 They take the same kernel and give equal values and derivatives (any order)
 up to float rounding. Which one a `layers.Conv` uses is chosen per backend and
-shape by `layers.resolve_conv_implementation`.
+shape by `layers.resolve_conv_implementation`. `tiled_input_conv` is the
+share of channels that hold the same features at every position
+(`layers.Conv`'s `tiled` input).
 """
 
 from __future__ import annotations
