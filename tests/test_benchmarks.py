@@ -121,50 +121,49 @@ ENTRY %main.4 (a.1: f32[64,12], b.1: f32[64,5], c.1: f32[8,64]) -> (f32[12,5], f
   }
 
 
+def _hlo_loop(name: str, rows: int, result: tuple[int, int]) -> str:
+  """The body and condition of an XLA:CPU while loop whose body holds a
+  plain dot contracting `rows` rows into `result`, in compiled HLO text."""
+  m, n = result
+  carry = f"(s32[], f32[{m},{n}]{{1,0}})"
+  return f"""
+%{name} (p.{name}: (s32[], f32[{m},{n}])) -> (s32[], f32[{m},{n}]) {{
+  %p.{name} = {carry} parameter(0)
+  %a.{name} = f32[{rows},{m}]{{1,0}} constant({{...}})
+  %b.{name} = f32[{rows},{n}]{{1,0}} constant({{...}})
+  %dot.{name} = f32[{m},{n}]{{1,0}} dot(%a.{name}, %b.{name}), lhs_contracting_dims={{0}}, rhs_contracting_dims={{0}}
+  %i.{name} = s32[] get-tuple-element(%p.{name}), index=0
+  ROOT %t.{name} = {carry} tuple(%i.{name}, %dot.{name})
+}}
+
+%cond.{name} (q.{name}: (s32[], f32[{m},{n}])) -> pred[] {{
+  %q.{name} = {carry} parameter(0)
+  ROOT %c.{name} = pred[] constant(true)
+}}
+"""
+
+
 def test_step_profile_counts_a_loop_bodys_dot_once_per_iteration(step_profile):
   # A kernel gradient taken in chunks: lax.scan's while loop, 16 iterations
   # XLA knows of, whose body holds a plain dot; and a loop of unknown trip
   # count, whose dot counts once.
-  hlo = """HloModule jit_f
-
-%body (p: (s32[], f32[12,5])) -> (s32[], f32[12,5]) {
-  %p = (s32[], f32[12,5]{1,0}) parameter(0)
-  %a.2 = f32[64,12]{1,0} constant({...})
-  %b.2 = f32[64,5]{1,0} constant({...})
-  %dot_general.7 = f32[12,5]{1,0} dot(%a.2, %b.2), lhs_contracting_dims={0}, rhs_contracting_dims={0}
-  %i = s32[] get-tuple-element(%p), index=0
-  ROOT %t = (s32[], f32[12,5]{1,0}) tuple(%i, %dot_general.7)
-}
-
-%cond (q: (s32[], f32[12,5])) -> pred[] {
-  %q = (s32[], f32[12,5]{1,0}) parameter(0)
-  ROOT %c = pred[] constant(true)
-}
-
-%body2 (r: (s32[], f32[3,3])) -> (s32[], f32[3,3]) {
-  %r = (s32[], f32[3,3]{1,0}) parameter(0)
-  %x.3 = f32[10,3]{1,0} constant({...})
-  %dot_general.8 = f32[3,3]{1,0} dot(%x.3, %x.3), lhs_contracting_dims={0}, rhs_contracting_dims={0}
-  %j = s32[] get-tuple-element(%r), index=0
-  ROOT %u = (s32[], f32[3,3]{1,0}) tuple(%j, %dot_general.8)
-}
-
-%cond2 (v: (s32[], f32[3,3])) -> pred[] {
-  %v = (s32[], f32[3,3]{1,0}) parameter(0)
-  ROOT %d = pred[] constant(true)
-}
-
-ENTRY %main.9 (init: (s32[], f32[12,5]), init2: (s32[], f32[3,3])) -> f32[12,5] {
-  %init = (s32[], f32[12,5]{1,0}) parameter(0)
-  %init2 = (s32[], f32[3,3]{1,0}) parameter(1)
-  %while.1 = (s32[], f32[12,5]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"16"}}
-  %while.2 = (s32[], f32[3,3]{1,0}) while(%init2), condition=%cond2, body=%body2
+  hlo = (
+      "HloModule jit_f\n"
+      + _hlo_loop("chunks", 64, (12, 5))
+      + _hlo_loop("unknown", 10, (3, 3))
+      + """
+ENTRY %main.9 (i1: (s32[], f32[12,5]), i2: (s32[], f32[3,3])) -> f32[12,5] {
+  %i1 = (s32[], f32[12,5]{1,0}) parameter(0)
+  %i2 = (s32[], f32[3,3]{1,0}) parameter(1)
+  %while.1 = (s32[], f32[12,5]{1,0}) while(%i1), condition=%cond.chunks, body=%chunks, backend_config={"known_trip_count":{"n":"16"}}
+  %while.2 = (s32[], f32[3,3]{1,0}) while(%i2), condition=%cond.unknown, body=%unknown
   ROOT %out = f32[12,5]{1,0} get-tuple-element(%while.1), index=1
 }
 """
+  )
   assert step_profile.untimed_dots(hlo) == {
-      "dot_general.7": pytest.approx(16 * 2 * 12 * 5 * 64 * 1e-9),
-      "dot_general.8": pytest.approx(2 * 3 * 3 * 10 * 1e-9),
+      "dot.chunks": pytest.approx(16 * 2 * 12 * 5 * 64 * 1e-9),
+      "dot.unknown": pytest.approx(2 * 3 * 3 * 10 * 1e-9),
   }
 
 
