@@ -111,34 +111,17 @@ def _opcodes(computations, line: str, depth: int = 4) -> set[str]:
   return found
 
 
-def _run_computations(computations) -> list[str]:
-  """The entry computation and the loop bodies, branches and called
-  computations it reaches: those whose instructions run as operations (not
-  fusion bodies or reducers, which run inside one)."""
-  run, pending = [], ["ENTRY"]
-  while pending:
-    name = pending.pop()
-    if name in run or name not in computations:
-      continue
-    run.append(name)
-    for line in computations[name]:
-      match = _INSTRUCTION.match(line)
-      if match and match.group(2) in _CONTROL:
-        pending.extend(_CONTROL_TARGETS.findall(line))
-        for branches in _BRANCHES.findall(line):
-          pending.extend(re.findall(r"%([\w.\-]+)", branches))
-  return run
-
-
-def _runs_per_execution(computations) -> dict[str, int]:
-  """{computation: how many times it runs per execution}, for those
-  `_run_computations` finds: a loop body as many times as its loop's known
-  trip count (once where XLA does not know it) times the computation that
-  holds the loop; everything else as often as its caller."""
+def _run_computations(computations) -> dict[str, int]:
+  """{computation: how many times it runs per execution}, for the entry
+  computation and the loop bodies, branches and called computations it
+  reaches: those whose instructions run as operations (not fusion bodies or
+  reducers, which run inside one). A loop body runs its loop's known trip
+  count times (once where XLA does not know it) per run of the computation
+  holding the loop; everything else as often as its caller."""
   runs, pending = {"ENTRY": 1}, ["ENTRY"]
   while pending:
     name = pending.pop()
-    for line in computations.get(name, []):
+    for line in computations[name]:
       match = _INSTRUCTION.match(line)
       if not (match and match.group(2) in _CONTROL):
         continue
@@ -150,14 +133,15 @@ def _runs_per_execution(computations) -> dict[str, int]:
           for target in re.findall(r"%([\w.\-]+)", branches)
       ]
       for target in targets:
+        if target in runs or target not in computations:
+          continue
         repeats = (
             int(trips.group(1))
             if trips and body and target == body.group(1)
             else 1
         )
-        if target not in runs:
-          runs[target] = runs[name] * repeats
-          pending.append(target)
+        runs[target] = runs[name] * repeats
+        pending.append(target)
   return runs
 
 
@@ -207,9 +191,8 @@ def untimed_dots(hlo_text: str) -> dict[str, float]:
   XLA:CPU runs asynchronously and whose trace events cover only their
   launch; a dot in a loop body counts once per iteration."""
   computations = hlo_computations(hlo_text)
-  runs = _runs_per_execution(computations)
   gflop = {}
-  for name in _run_computations(computations):
+  for name, runs in _run_computations(computations).items():
     lines = computations[name]
     shapes = {}
     for line in lines:
@@ -227,7 +210,7 @@ def untimed_dots(hlo_text: str) -> dict[str, float]:
       lhs = shapes[operands.group(1)]
       depth = math.prod(lhs[int(d)] for d in contracting.group(1).split(","))
       gflop[match.group(1)] = (
-          2 * math.prod(shapes[match.group(1)]) * depth * 1e-9 * runs[name]
+          2 * math.prod(shapes[match.group(1)]) * depth * 1e-9 * runs
       )
   return gflop
 
