@@ -47,6 +47,18 @@ def padding_pairs(padding, kernel_size):
   return [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in padding]
 
 
+def output_hw(input_hw, kernel_size, strides, padding) -> tuple[int, int]:
+  """(H', W') of a convolution of an H x W map (any padding form that
+  `padding_pairs` takes)."""
+  pads = padding_pairs(padding, kernel_size)
+  return tuple(
+      (size + before + after - k) // stride + 1
+      for size, (before, after), k, stride in zip(
+          input_hw, pads, kernel_size, strides
+      )
+  )
+
+
 def stack_channels(parts: Sequence[jax.Array]) -> jax.Array:
   """`jnp.concatenate(parts, axis=-1)` of equally shaped arrays, built as a
   stack on a new second-to-last axis and reshaped.
@@ -84,10 +96,9 @@ def conv_im2col(
   kh, kw, c, o = kernel.shape
   sh, sw = strides
   (pt, pb), (pl, pr) = padding_pairs(padding, (kh, kw))
-  n, h, w, _ = x.shape
+  n = x.shape[0]
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  out_h = (h + pt + pb - kh) // sh + 1
-  out_w = (w + pl + pr - kw) // sw + 1
+  out_h, out_w = output_hw(x.shape[1:3], (kh, kw), strides, padding)
   if kh == kw == 1:
     patches = xp[:, : (out_h - 1) * sh + 1 : sh, : (out_w - 1) * sw + 1 : sw, :]
   else:
@@ -152,15 +163,15 @@ def tiled_input_conv(
     map.
   """
   kh, kw = kernel.shape[:2]
-  (pt, pb), (pl, pr) = padding_pairs(padding, (kh, kw))
+  (pt, _), (pl, _) = padding_pairs(padding, (kh, kw))
+  out_h, out_w = output_hw(input_hw, (kh, kw), strides, padding)
 
-  def valid(size, pad_before, pad_after, k, stride):
-    out = (size + pad_before + pad_after - k) // stride + 1
+  def valid(size, out, pad_before, k, stride):
     rows = stride * np.arange(out)[:, None] - pad_before + np.arange(k)
     return jnp.asarray((rows >= 0) & (rows < size), jnp.float32)
 
-  valid_h = valid(input_hw[0], pt, pb, kh, strides[0])
-  valid_w = valid(input_hw[1], pl, pr, kw, strides[1])
+  valid_h = valid(input_hw[0], out_h, pt, kh, strides[0])
+  valid_w = valid(input_hw[1], out_w, pl, kw, strides[1])
   per_tap = jnp.einsum(
       "nd,abdo->nabo", vector, kernel, preferred_element_type=jnp.float32
   )
@@ -379,8 +390,7 @@ def _space_to_depth_conv(
   sh, sw = strides
   (pt, pb), (pl, pr) = padding_pairs(padding, (kh, kw))
   n, h, w, _ = x.shape
-  out_h = (h + pt + pb - kh) // sh + 1
-  out_w = (w + pl + pr - kw) // sw + 1
+  out_h, out_w = output_hw((h, w), (kh, kw), strides, padding)
   blocks_h, blocks_w = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
   rows, cols = out_h + blocks_h - 1, out_w + blocks_w - 1  # input blocks
   # Pad (or crop: rows past the last window are never read) to whole blocks.

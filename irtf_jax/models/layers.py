@@ -130,15 +130,11 @@ def conv_function(
   """
   kh, kw = kernel_size
   (pt, pb), (pl, pr) = conv.padding_pairs(padding, (kh, kw))
-  output_hw = (
-      (input_hw[0] + pt + pb - kh) // strides[0] + 1,
-      (input_hw[1] + pl + pr - kw) // strides[1] + 1,
-  )
   chosen = resolve_conv_implementation(
       implementation,
       kernel_size=kernel_size,
       strides=strides,
-      output_hw=output_hw,
+      output_hw=conv.output_hw(input_hw, kernel_size, strides, padding),
       in_channels=in_channels,
       backend=backend,
   )
