@@ -158,6 +158,7 @@ def run_jax(args) -> dict:
   from irtf_jax import train_step  # pylint: disable=g-import-not-at-top
   from irtf_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from irtf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from irtf_jax.models import onednn  # pylint: disable=g-import-not-at-top
 
   config = mit_config(args)
   start = time.perf_counter()
@@ -222,6 +223,7 @@ def run_jax(args) -> dict:
       "image_size": config.data.options.image_size,
       "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
       "jax_version": jax.__version__,
+      "onednn_kernel_gradients": onednn.available(),
   }
 
 

@@ -144,6 +144,7 @@ def run_jax(args) -> dict:
 
   from irtf_jax import models  # pylint: disable=g-import-not-at-top
   from irtf_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from irtf_jax.models import onednn  # pylint: disable=g-import-not-at-top
 
   batch = jax.device_put(random_batch(0, args.batch_size, args.image_size))
 
@@ -178,6 +179,7 @@ def run_jax(args) -> dict:
       "version": jax.__version__,
       "backend": jax.default_backend(),
       "device": str(jax.devices()[0].device_kind),
+      "onednn_kernel_gradients": onednn.available(),
   }
 
 

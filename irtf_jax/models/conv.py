@@ -9,7 +9,9 @@ padding)` with NHWC/HWIO/NHWC dimensions and float32 accumulation:
                         gradient is pads, slices and matmuls;
   `conv_lax_dw_im2col`  (stride 1) native convolution and input gradient,
                         kernel gradient as shifted copies + one matmul
-                        (`kernel_gradient_im2col`);
+                        (`kernel_gradient_im2col`), or oneDNN's direct
+                        kernel where the `cpu-onednn` extra is installed
+                        (`irtf_jax.models.onednn`);
   `conv_space_to_depth` (strided) native convolution, derivatives through
                         s x s blocks stacked on channels and a stride-1
                         `conv_lax_dw_im2col` convolution.
@@ -30,6 +32,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from irtf_jax.models import onednn
 
 
 def padding_pairs(padding, kernel_size):
@@ -462,7 +466,7 @@ def conv_lax_dw_im2col(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
 
   Value and input gradient are XLA's native convolution (fast on CPU for
   stride 1 on maps of 8x8 and more); the kernel gradient is
-  `kernel_gradient_im2col`. The input gradient is itself this function on the
+  `kernel_gradient_im2col`, or oneDNN's where `onednn.applies`. The input gradient is itself this function on the
   cotangent (flipped, transposed kernel), so a second derivative (adversarial
   GA's double backprop) again takes the fast paths. Equal to
   `conv_lax(x, kernel, (1, 1), padding)` in value and derivatives.
@@ -490,7 +494,13 @@ def _conv_lax_dw_im2col_bwd(padding, residuals, cotangent):
       flipped,
       ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
   )
-  dw = kernel_gradient_im2col(x, cotangent.astype(x.dtype), (kh, kw), padding)
+  cotangent = cotangent.astype(x.dtype)
+  if onednn.applies(x, cotangent):
+    dw = onednn.kernel_gradient(
+        x, cotangent, (kh, kw), padding, kernel_gradient_im2col
+    )
+  else:
+    dw = kernel_gradient_im2col(x, cotangent, (kh, kw), padding)
   return dx, dw.astype(kernel.dtype)
 
 
