@@ -15,13 +15,16 @@ import pytest
 from irtf_jax.models import conv
 from irtf_jax.models import onednn
 
-# (N, H, W, C, O, (kh, kw), ((top, bottom), (left, right)))
+# (N, H, W, C, O, (kh, kw), (s_h, s_w), ((top, bottom), (left, right)))
 CASES = [
-    (2, 7, 7, 3, 4, (3, 3), ((1, 1), (1, 1))),
-    (3, 6, 5, 2, 3, (3, 3), ((0, 0), (0, 0))),
-    (2, 8, 6, 4, 2, (3, 3), ((0, 2), (2, 1))),
-    (1, 9, 9, 5, 3, (5, 5), ((2, 2), (2, 2))),
-    (2, 5, 8, 3, 6, (1, 3), ((0, 0), (1, 1))),
+    (2, 7, 7, 3, 4, (3, 3), (1, 1), ((1, 1), (1, 1))),
+    (3, 6, 5, 2, 3, (3, 3), (1, 1), ((0, 0), (0, 0))),
+    (2, 8, 6, 4, 2, (3, 3), (1, 1), ((0, 2), (2, 1))),
+    (1, 9, 9, 5, 3, (5, 5), (1, 1), ((2, 2), (2, 2))),
+    (2, 5, 8, 3, 6, (1, 3), (1, 1), ((0, 0), (1, 1))),
+    (2, 9, 8, 3, 4, (3, 3), (2, 2), ((1, 1), (1, 1))),
+    (2, 8, 8, 5, 3, (1, 1), (2, 2), ((0, 0), (0, 0))),
+    (1, 11, 10, 2, 3, (3, 2), (2, 3), ((0, 2), (1, 0))),
 ]
 
 
@@ -32,9 +35,9 @@ def _required(monkeypatch):
   monkeypatch.setenv("IRTF_JAX_ONEDNN", "1")
 
 
-def reference_float64(x, cotangent, kernel_size, padding):
-  """dw[a, b, c, o] = sum_{n, i, j} xpad[n, i + a, j + b, c] ct[n, i, j, o],
-  one tap at a time, in float64."""
+def reference_float64(x, cotangent, kernel_size, padding, strides=(1, 1)):
+  """dw[a, b, c, o] = sum_{n, i, j} xpad[n, s_h i + a, s_w j + b, c]
+  ct[n, i, j, o], one tap at a time, in float64."""
   x = np.asarray(x, np.float64)
   cotangent = np.asarray(cotangent, np.float64)
   kh, kw = kernel_size
@@ -43,9 +46,19 @@ def reference_float64(x, cotangent, kernel_size, padding):
   dw = np.zeros((kh, kw, x.shape[-1], cotangent.shape[-1]))
   for a in range(kh):
     for b in range(kw):
-      window = xpad[:, a : a + ho, b : b + wo]
+      sh, sw = strides
+      window = xpad[
+          :, a : a + sh * (ho - 1) + 1 : sh, b : b + sw * (wo - 1) + 1 : sw
+      ]
       dw[a, b] = np.einsum("nijc,nijo->co", window, cotangent)
   return dw
+
+
+def im2col_kernel_gradient(x, cotangent, kernel_size, strides, padding):
+  """The kernel gradient of `conv.conv_im2col`, by autodiff (any stride)."""
+  kernel = jnp.zeros(tuple(kernel_size) + (x.shape[-1], cotangent.shape[-1]))
+  _, vjp = jax.vjp(lambda k: conv.conv_im2col(x, k, strides, padding), kernel)
+  return vjp(cotangent)[0]
 
 
 def small_integers(seed, shape):
@@ -54,10 +67,10 @@ def small_integers(seed, shape):
   )
 
 
-def output_shape(n, h, w, o, kernel_size, padding):
+def output_shape(n, h, w, o, kernel_size, padding, strides=(1, 1)):
   (pt, pb), (pl, pr) = padding
-  kh, kw = kernel_size
-  return (n, h + pt + pb - kh + 1, w + pl + pr - kw + 1, o)
+  (kh, kw), (sh, sw) = kernel_size, strides
+  return (n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o)
 
 
 def test_builds_and_registers():
@@ -68,16 +81,19 @@ def test_builds_and_registers():
 def test_exact_on_integers(case):
   # Every partial sum is an integer below 2**24, so any summation order gives
   # the exact result: a wrong tap, padding or layout cannot hide in rounding.
-  n, h, w, c, o, kernel_size, padding = case
+  n, h, w, c, o, kernel_size, strides, padding = case
   x = small_integers(0, (n, h, w, c))
-  ct = small_integers(1, output_shape(n, h, w, o, kernel_size, padding))
+  ct = small_integers(
+      1, output_shape(n, h, w, o, kernel_size, padding, strides)
+  )
   dw = jax.jit(
       lambda x, ct: onednn.kernel_gradient(
-          x, ct, kernel_size, padding, conv.kernel_gradient_im2col
+          x, ct, kernel_size, strides, padding, im2col_kernel_gradient
       )
   )(x, ct)
   np.testing.assert_array_equal(
-      np.asarray(dw, np.float64), reference_float64(x, ct, kernel_size, padding)
+      np.asarray(dw, np.float64),
+      reference_float64(x, ct, kernel_size, padding, strides),
   )
 
 
@@ -92,7 +108,7 @@ def test_float_within_the_summation_bound_twice_in_one_program():
   both = jax.jit(
       lambda x, a, b: [
           onednn.kernel_gradient(
-              x, ct, (3, 3), pad, conv.kernel_gradient_im2col
+              x, ct, (3, 3), (1, 1), pad, conv._stride1_kernel_gradient
           )
           for ct in (a, b)
       ]
@@ -127,10 +143,13 @@ def test_conv_gradient_takes_it_and_equals_the_pure_path(monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_second_order_is_the_pure_formulations():
-  n, h, w, c, o, kernel_size, padding = CASES[2]
+@pytest.mark.parametrize("case", [CASES[2], CASES[7]])
+def test_second_order_is_the_pure_formulations(case):
+  n, h, w, c, o, kernel_size, strides, padding = case
   x = small_integers(6, (n, h, w, c))
-  ct = small_integers(7, output_shape(n, h, w, o, kernel_size, padding))
+  ct = small_integers(
+      7, output_shape(n, h, w, o, kernel_size, padding, strides)
+  )
   weights = small_integers(8, kernel_size + (c, o))
 
   def through(kernel_gradient):
@@ -141,11 +160,11 @@ def test_second_order_is_the_pure_formulations():
 
   got = through(
       lambda x, ct: onednn.kernel_gradient(
-          x, ct, kernel_size, padding, conv.kernel_gradient_im2col
+          x, ct, kernel_size, strides, padding, im2col_kernel_gradient
       )
   )
   want = through(
-      lambda x, ct: conv.kernel_gradient_im2col(x, ct, kernel_size, padding)
+      lambda x, ct: im2col_kernel_gradient(x, ct, kernel_size, strides, padding)
   )
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -158,8 +177,9 @@ def test_mismatched_shapes_are_refused():
         x,
         jnp.zeros((2, 6, 7, 4)),
         (3, 3),
+        (1, 1),
         ((1, 1), (1, 1)),
-        conv.kernel_gradient_im2col,
+        im2col_kernel_gradient,
     )
 
 

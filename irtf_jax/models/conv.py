@@ -484,6 +484,12 @@ def _conv_lax_dw_im2col_fwd(x, kernel, padding):
   return conv_lax_dw_im2col(x, kernel, padding), (x, kernel)
 
 
+def _stride1_kernel_gradient(x, cotangent, kernel_size, strides, padding):
+  """`kernel_gradient_im2col` (oneDNN's reference at stride 1)."""
+  del strides  # (1, 1)
+  return kernel_gradient_im2col(x, cotangent, kernel_size, padding)
+
+
 def _conv_lax_dw_im2col_bwd(padding, residuals, cotangent):
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
@@ -497,7 +503,7 @@ def _conv_lax_dw_im2col_bwd(padding, residuals, cotangent):
   cotangent = cotangent.astype(x.dtype)
   if onednn.applies(x, cotangent):
     dw = onednn.kernel_gradient(
-        x, cotangent, (kh, kw), padding, kernel_gradient_im2col
+        x, cotangent, (kh, kw), (1, 1), padding, _stride1_kernel_gradient
     )
   else:
     dw = kernel_gradient_im2col(x, cotangent, (kh, kw), padding)

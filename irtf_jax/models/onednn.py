@@ -15,9 +15,10 @@ layer3 30 against 44; the base train step 0.91x the time (README).
 
 `IRTF_JAX_ONEDNN` selects: "auto" (default) uses it where it applies,
 "0" never, "1" insists (an error naming what is missing instead of the
-fallback). It applies to float32 kernel gradients of stride-1
-convolutions (`conv.conv_lax_dw_im2col`) on the CPU backend in a process
-with one device: under the "jit" strategy with several devices the batch is
+fallback). It applies to float32 kernel gradients of the stride-1
+convolutions on maps of 8 x 8 and more (`conv.conv_lax_dw_im2col`, which
+`layers.Conv` picks for them on CPU) on the CPU backend, in a process with
+one device: under the "jit" strategy with several devices the batch is
 sharded, and XLA would gather it to run a custom call whole on every device.
 
 Each call runs on one thread: XLA calls it from its own thread pool while
@@ -186,6 +187,9 @@ def applies(x: jax.Array, cotangent: jax.Array) -> bool:
 
 
 def _call(x, cotangent, kernel_size, strides, padding):
+  error = _registration_error()
+  if error is not None:
+    raise error
   (pad_top, _), (pad_left, _) = padding
   out = jax.ShapeDtypeStruct(
       tuple(kernel_size) + (x.shape[-1], cotangent.shape[-1]), jnp.float32
@@ -200,28 +204,30 @@ def _call(x, cotangent, kernel_size, strides, padding):
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def kernel_gradient(
     x: jax.Array,
     cotangent: jax.Array,
     kernel_size: Sequence[int],
+    strides: Sequence[int],
     padding,
     reference: Callable,
 ) -> jax.Array:
-  """Gradient w.r.t. the kernel of a stride-1 NHWC/HWIO convolution:
+  """Gradient w.r.t. the kernel of an NHWC/HWIO convolution:
 
-    dw[a, b, c, o] = sum_{n, i, j} xpad[n, i + a, j + b, c] * ct[n, i, j, o]
+    dw[a, b, c, o] = sum_{n, i, j} xpad[n, s_h i + a, s_w j + b, c] ct[n, i, j, o]
 
   computed by oneDNN (`available()` must hold). Its derivatives are those
-  of `reference(x, cotangent, kernel_size, padding)`, the same function in
-  JAX (`conv.kernel_gradient_im2col`).
+  of `reference(x, cotangent, kernel_size, strides, padding)`, the same
+  function in JAX.
 
   Args:
     x: (N, H, W, C) float32 input of the convolution.
     cotangent: (N, H', W', O) float32 cotangent of its output.
     kernel_size: (kh, kw) (hashable).
-    padding: ((top, bottom), (left, right)) (hashable); bottom and right
-      must be what the shapes imply.
+    strides: (s_h, s_w) (hashable).
+    padding: ((top, bottom), (left, right)) (hashable); H' and W' must be
+      the output size they give.
     reference: the pure-JAX kernel gradient, for the derivatives.
 
   Returns:
@@ -229,25 +235,33 @@ def kernel_gradient(
   """
   del reference
   (pt, pb), (pl, pr) = padding
-  kh, kw = kernel_size
+  (kh, kw), (sh, sw) = kernel_size, strides
   n, h, w, _ = x.shape
-  if cotangent.shape[:3] != (n, h + pt + pb - kh + 1, w + pl + pr - kw + 1):
+  expected = (n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1)
+  if cotangent.shape[:3] != expected:
     raise ValueError(
         f"onednn.kernel_gradient: cotangent {cotangent.shape} does not fit "
-        f"x {x.shape}, a {kh}x{kw} kernel and padding {padding}"
+        f"x {x.shape}, a {kh}x{kw} kernel, strides {strides} and padding "
+        f"{padding}"
     )
-  return _call(x, cotangent, kernel_size, (1, 1), padding)
+  return _call(x, cotangent, kernel_size, strides, padding)
 
 
-def _kernel_gradient_fwd(x, cotangent, kernel_size, padding, reference):
-  dw = kernel_gradient(x, cotangent, kernel_size, padding, reference)
+def _kernel_gradient_fwd(
+    x, cotangent, kernel_size, strides, padding, reference
+):
+  dw = kernel_gradient(x, cotangent, kernel_size, strides, padding, reference)
   return dw, (x, cotangent)
 
 
-def _kernel_gradient_bwd(kernel_size, padding, reference, residuals, dw_bar):
+def _kernel_gradient_bwd(
+    kernel_size, strides, padding, reference, residuals, dw_bar
+):
   x, cotangent = residuals
   _, vjp = jax.vjp(
-      lambda x, ct: reference(x, ct, kernel_size, padding), x, cotangent
+      lambda x, ct: reference(x, ct, kernel_size, strides, padding),
+      x,
+      cotangent,
   )
   return vjp(dw_bar)
 
