@@ -194,7 +194,8 @@ def _call(x, cotangent, kernel_size, strides, padding):
   out = jax.ShapeDtypeStruct(
       tuple(kernel_size) + (x.shape[-1], cotangent.shape[-1]), jnp.float32
   )
-  return jax.ffi.ffi_call(_TARGET, out)(
+  # Under vmap (nothing vmaps a model here), one call per element.
+  return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
       x,
       cotangent,
       stride_h=np.int64(strides[0]),
