@@ -200,3 +200,19 @@ def test_off_means_off(monkeypatch):
   x = jnp.zeros((1, 4, 4, 2), jnp.float32)
   assert not onednn.available()
   assert not onednn.applies(x, x)
+
+
+def test_a_failed_build_with_the_extra_installed_is_a_warning(
+    monkeypatch, caplog
+):
+  def fail():
+    raise onednn.OnednnUnavailable("no compiler here")
+
+  monkeypatch.setattr(onednn, "build_library", fail)
+  # The uncached function: the process's registration stays as it is.
+  error = onednn._registration_error.__wrapped__()
+  assert isinstance(error, onednn.OnednnUnavailable)
+  assert any(
+      r.levelname == "WARNING" and "no compiler here" in r.getMessage()
+      for r in caplog.records
+  )

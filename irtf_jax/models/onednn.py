@@ -84,6 +84,14 @@ def _dist_file(distribution: str, suffix: str) -> pathlib.Path:
   raise OnednnUnavailable(f"{distribution} has no {suffix}; {_FIX}")
 
 
+def _installed(distribution: str) -> bool:
+  try:
+    importlib.metadata.distribution(distribution)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
+
+
 def _cache_folder() -> pathlib.Path:
   root = os.environ.get("IRTF_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "irtf_jax"
@@ -148,12 +156,15 @@ def _registration_error() -> OnednnUnavailable | None:
   failed, if anything."""
   try:
     library = ctypes.cdll.LoadLibrary(str(build_library()))
-  except OnednnUnavailable as e:
-    logging.info("oneDNN kernel gradients off: %s", e)
-    return e
-  except OSError as e:
-    error = OnednnUnavailable(f"loading the built library failed: {e}; {_FIX}")
-    logging.info("oneDNN kernel gradients off: %s", error)
+  except (OnednnUnavailable, OSError) as e:
+    error = (
+        e
+        if isinstance(e, OnednnUnavailable)
+        else OnednnUnavailable(f"loading the built library failed: {e}; {_FIX}")
+    )
+    # Without the extra this is the expected state; with it, a surprise.
+    log = logging.warning if _installed(_RUNTIME) else logging.info
+    log("oneDNN kernel gradients off: %s", error)
     return error
   jax.ffi.register_ffi_target(
       _TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu"
