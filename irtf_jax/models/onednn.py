@@ -52,7 +52,7 @@ _SYMBOL = "IrtfOnednnConvBackwardWeights"
 _RUNTIME = "onednn-cpu-gomp"
 _HEADERS = "onednn-devel-cpu-gomp"
 _FIX = (
-    "install the extra (pip install -e '.[cpu-onednn]') and a C++ compiler,"
+    "install the extra (pip install '.[cpu-onednn]') and a C++ compiler,"
     " or set IRTF_JAX_ONEDNN=0"
 )
 
