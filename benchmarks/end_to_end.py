@@ -223,7 +223,7 @@ def run_jax(args) -> dict:
       "image_size": config.data.options.image_size,
       "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
       "jax_version": jax.__version__,
-      "onednn_kernel_gradients": onednn.available(),
+      "onednn_kernel_gradients": onednn.enabled(),
   }
 
 

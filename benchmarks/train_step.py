@@ -179,7 +179,7 @@ def run_jax(args) -> dict:
       "version": jax.__version__,
       "backend": jax.default_backend(),
       "device": str(jax.devices()[0].device_kind),
-      "onednn_kernel_gradients": onednn.available(),
+      "onednn_kernel_gradients": onednn.enabled(),
   }
 
 

@@ -40,13 +40,12 @@ def reference_float64(x, cotangent, kernel_size, padding, strides=(1, 1)):
   ct[n, i, j, o], one tap at a time, in float64."""
   x = np.asarray(x, np.float64)
   cotangent = np.asarray(cotangent, np.float64)
-  kh, kw = kernel_size
+  (kh, kw), (sh, sw) = kernel_size, strides
   xpad = np.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
   _, ho, wo, _ = cotangent.shape
   dw = np.zeros((kh, kw, x.shape[-1], cotangent.shape[-1]))
   for a in range(kh):
     for b in range(kw):
-      sh, sw = strides
       window = xpad[
           :, a : a + sh * (ho - 1) + 1 : sh, b : b + sw * (wo - 1) + 1 : sw
       ]
@@ -68,9 +67,7 @@ def small_integers(seed, shape):
 
 
 def output_shape(n, h, w, o, kernel_size, padding, strides=(1, 1)):
-  (pt, pb), (pl, pr) = padding
-  (kh, kw), (sh, sw) = kernel_size, strides
-  return (n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o)
+  return (n, *conv.output_hw((h, w), kernel_size, strides, padding), o)
 
 
 def test_builds_and_registers():

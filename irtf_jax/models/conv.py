@@ -466,10 +466,11 @@ def conv_lax_dw_im2col(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
 
   Value and input gradient are XLA's native convolution (fast on CPU for
   stride 1 on maps of 8x8 and more); the kernel gradient is
-  `kernel_gradient_im2col`, or oneDNN's where `onednn.applies`. The input gradient is itself this function on the
-  cotangent (flipped, transposed kernel), so a second derivative (adversarial
-  GA's double backprop) again takes the fast paths. Equal to
-  `conv_lax(x, kernel, (1, 1), padding)` in value and derivatives.
+  `kernel_gradient_im2col`, or oneDNN's where `onednn.applies`. The input
+  gradient is itself this function on the cotangent (flipped, transposed
+  kernel), so a second derivative (adversarial GA's double backprop) again
+  takes the fast paths. Equal to `conv_lax(x, kernel, (1, 1), padding)` in
+  value and derivatives.
 
   Args:
     x: (N, H, W, C).

@@ -185,16 +185,22 @@ def available() -> bool:
   return error is None
 
 
+def enabled() -> bool:
+  """Whether this process takes float32 kernel gradients from oneDNN: the
+  CPU backend, one device (or IRTF_JAX_ONEDNN=1) and `available()`."""
+  setting = mode()
+  if setting == "0" or jax.default_backend() != "cpu":
+    return False
+  if jax.device_count() > 1 and setting != "1":
+    return False
+  return available()
+
+
 def applies(x: jax.Array, cotangent: jax.Array) -> bool:
   """Whether `conv.conv_lax_dw_im2col` takes this kernel gradient from
   oneDNN (see the module docstring)."""
-  if mode() == "0" or jax.default_backend() != "cpu":
-    return False
-  if x.dtype != jnp.float32 or cotangent.dtype != jnp.float32:
-    return False
-  if jax.device_count() > 1 and mode() != "1":
-    return False
-  return available()
+  float32 = x.dtype == jnp.float32 and cotangent.dtype == jnp.float32
+  return float32 and enabled()
 
 
 def _call(x, cotangent, kernel_size, strides, padding):
